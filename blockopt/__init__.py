@@ -1,0 +1,29 @@
+"""blockopt: blockwise Hessian spectra for PyTorch models.
+
+``partition`` splits a model's parameters into blocks, ``block_spectra`` estimates each diagonal
+Hessian block's spectrum with Lanczos (stochastic Lanczos quadrature) from one gradient graph.
+"""
+
+from .blocks import Block, BlockPart, partition
+from .hvp import BlockHessian, DoubleBackwardError
+from .lanczos import LanczosResult, gaussian_density, lanczos, lanczos_many
+from .spectra import BlockSpectrum, Spectra, block_spectra, model_spectrum
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Block",
+    "BlockHessian",
+    "BlockPart",
+    "BlockSpectrum",
+    "DoubleBackwardError",
+    "LanczosResult",
+    "Spectra",
+    "__version__",
+    "block_spectra",
+    "gaussian_density",
+    "lanczos",
+    "lanczos_many",
+    "model_spectrum",
+    "partition",
+]

@@ -1,0 +1,183 @@
+"""Hessian-vector products restricted to diagonal Hessian blocks, from one gradient graph.
+
+``BlockHessian(loss, blocks)`` differentiates ``loss`` once with ``create_graph=True``; every
+product afterwards is one more backward pass through that graph, never a new forward pass.
+For block ``b`` with coordinates ``theta_b`` and a vector ``v_b`` it returns ``H_bb v_b =
+d/d theta_b (g_b . v_b)``: the product is taken only over the block's own coordinates, so the
+cross-block terms ``H_cb`` are never formed or returned. By default each product is its own
+backward pass through the shared graph; ``vectorize=True`` computes many in one vmapped pass
+(``is_grads_batched``), trading memory for fewer, larger kernels; on CPU the plain loop measured
+faster (see docs/BENCHMARKS.md), so it is off by default.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .blocks import Block
+
+__all__ = ["BlockHessian", "DoubleBackwardError"]
+
+
+class DoubleBackwardError(RuntimeError):
+    """An operation in the probe's graph cannot be differentiated twice."""
+
+
+def _explain(err: RuntimeError) -> DoubleBackwardError:
+    return DoubleBackwardError(
+        "a Hessian-vector product needs a second derivative, and an operation in the probe's "
+        f"graph has none ({err}). blockopt already forces the math attention kernel and disables "
+        "cuDNN while probing; other fused kernels (custom CUDA/Triton ops, torch.compile'd "
+        "modules, checkpointed segments) must be replaced by their eager, differentiable "
+        "equivalents in the probe closure, e.g. probe the eager module (model._orig_mod)"
+    )
+
+
+class BlockHessian:
+    """Products ``H_bb v`` for the diagonal Hessian blocks of ``loss`` over ``blocks``.
+
+    Vectors are flat, of length ``blocks[i].numel``, laid out part by part, each part in the
+    row-major order of its (slice of the) parameter. With ``vectorize``, ``max_batch`` bounds how
+    many products share one backward pass (memory grows with it: activations and parameters times
+    the batch); operations without a batching rule make it fall back to one pass per product.
+    """
+
+    def __init__(
+        self,
+        loss: torch.Tensor,
+        blocks: Sequence[Block],
+        *,
+        vectorize: bool = False,
+        max_batch: int = 32,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.blocks = list(blocks)
+        self.max_batch = max_batch if vectorize else 1
+        self.products = 0
+        params: dict[int, torch.Tensor] = {}
+        for block in self.blocks:
+            for p in block.params:
+                params.setdefault(id(p), p)
+        self._params = list(params.values())
+        try:
+            grads = torch.autograd.grad(
+                loss, self._params, create_graph=True, allow_unused=True, materialize_grads=False
+            )
+        except RuntimeError as err:
+            if "second time" in str(err) or "already been freed" in str(err):
+                raise RuntimeError(
+                    "the probe's loss graph was already freed: the probe closure called "
+                    ".backward() on it. A probe must only compute and return the loss; blockopt "
+                    "differentiates it itself"
+                ) from err
+            raise
+        # A parameter whose gradient has no graph has a zero row and column in the Hessian
+        # (unused, or entering the loss linearly): its products are exactly zero.
+        self._grads = {
+            id(p): g for p, g in zip(self._params, grads) if g is not None and g.requires_grad
+        }
+        self._batched = vectorize
+
+    def dtype(self, index: int) -> torch.dtype:
+        dtype = self.blocks[index].parts[0].param.dtype
+        for part in self.blocks[index].parts[1:]:
+            dtype = torch.promote_types(dtype, part.param.dtype)
+        return dtype
+
+    def device(self, index: int) -> torch.device:
+        return self.blocks[index].parts[0].param.device
+
+    def matvec(self, index: int, vector: torch.Tensor) -> torch.Tensor:
+        """``H_bb v`` for block ``blocks[index]``."""
+        return self.matvec_many([index], [vector])[0]
+
+    def matvec_many(
+        self, indices: Sequence[int], vectors: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``H_bb v`` for each pair (block index, vector); indices may repeat."""
+        if len(indices) != len(vectors):
+            raise ValueError(f"{len(indices)} block indices but {len(vectors)} vectors")
+        for i, v in zip(indices, vectors):
+            n = self.blocks[i].numel
+            if v.shape != (n,):
+                raise ValueError(
+                    f"block {self.blocks[i].name!r} has {n} coordinates, got a vector of shape "
+                    f"{tuple(v.shape)}"
+                )
+        out: list[torch.Tensor] = []
+        for start in range(0, len(indices), self.max_batch):
+            stop = start + self.max_batch
+            chunk = list(zip(indices[start:stop], vectors[start:stop]))
+            out.extend(self._products(chunk))
+        self.products += len(indices)
+        return out
+
+    def _products(self, chunk: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        if self._batched and len(chunk) > 1:
+            try:
+                with warnings.catch_warnings():
+                    # vmap warns when it falls back to a loop for an op; that is still correct.
+                    warnings.filterwarnings("ignore", message=".*batching rule.*")
+                    return self._backward(chunk, batched=True)
+            except DoubleBackwardError:
+                raise
+            except RuntimeError:
+                self._batched = False  # some op has no batching rule: one pass per product
+        return [r for item in chunk for r in self._backward([item], batched=False)]
+
+    def _backward(
+        self, chunk: list[tuple[int, torch.Tensor]], *, batched: bool
+    ) -> list[torch.Tensor]:
+        k = len(chunk)
+        involved: dict[int, torch.Tensor] = {}
+        for i, _ in chunk:
+            for p in self.blocks[i].params:
+                if id(p) in self._grads:
+                    involved.setdefault(id(p), p)
+        results: dict[int, torch.Tensor | None] = {}
+        if involved:
+            seeds = {
+                pid: torch.zeros((k, *p.shape) if batched else p.shape, dtype=p.dtype, device=p.device)
+                for pid, p in involved.items()
+            }
+            for j, (i, v) in enumerate(chunk):
+                offset = 0
+                for part in self.blocks[i].parts:
+                    n = part.numel
+                    if id(part.param) in seeds:
+                        target = seeds[id(part.param)]
+                        part.view(target[j] if batched else target).copy_(
+                            v[offset : offset + n].reshape(part.shape)
+                        )
+                    offset += n
+            pids = list(involved)
+            try:
+                grads = torch.autograd.grad(
+                    [self._grads[pid] for pid in pids],
+                    [involved[pid] for pid in pids],
+                    grad_outputs=[seeds[pid] for pid in pids],
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=batched,
+                )
+            except RuntimeError as err:
+                text = str(err)
+                if "double backward" in text or ("derivative" in text and "not implemented" in text):
+                    raise _explain(err) from err
+                raise
+            results = dict(zip(pids, grads))
+        out = []
+        for j, (i, v) in enumerate(chunk):
+            pieces = []
+            for part in self.blocks[i].parts:
+                r = results.get(id(part.param))
+                if r is None:
+                    pieces.append(torch.zeros(part.numel, dtype=v.dtype, device=v.device))
+                else:
+                    pieces.append(part.view(r[j] if batched else r).reshape(-1).to(v.dtype))
+            out.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+        return out

@@ -1,0 +1,216 @@
+"""Lanczos with full reorthogonalisation and stochastic Lanczos quadrature (SLQ).
+
+Pure numerics on abstract symmetric operators given as matrix-vector products; nothing here knows
+about ``nn.Module``. Several operators (of different sizes) can run in lockstep, so that one call
+of a batched matvec advances all of them by one step: this is how one gradient graph serves every
+block of a model at once.
+
+For a symmetric ``A`` (n x n) and a start vector ``v`` with ``|v| = 1``, m Lanczos steps give a
+tridiagonal ``T`` (m x m) with ``V^T A V = T``. Its eigenvalues (Ritz values) ``theta_i`` and the
+squared first components ``tau_i^2`` of its eigenvectors are the nodes and weights of a Gauss
+quadrature for the spectral measure of ``A`` seen from ``v``: ``v^T f(A) v ~ sum_i tau_i^2
+f(theta_i)``. Averaging over random ``v`` estimates the spectral density (SLQ).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_BANDWIDTH",
+    "LanczosResult",
+    "gaussian_density",
+    "lanczos",
+    "lanczos_many",
+    "random_start",
+    "ritz",
+]
+
+# Matvec over several operators: (operator indices, vectors) -> products, one per index.
+ManyMatvec = Callable[[Sequence[int], Sequence[torch.Tensor]], Sequence[torch.Tensor]]
+
+DEFAULT_BANDWIDTH = 0.01
+"""Gaussian smoothing width as a fraction of the spectrum's scale ``max |theta|`` (see
+:func:`gaussian_density`)."""
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """The tridiagonal ``T`` of one Lanczos run and its Ritz pairs.
+
+    ``alphas`` (length m) and ``betas`` (length m-1) define ``T``; ``ritz_values`` ascend and
+    ``ritz_weights`` (squared first eigenvector components) sum to 1. ``breakdown`` is True when
+    the Krylov space became invariant before ``steps`` were taken (then the Ritz values are exact
+    eigenvalues of the operator).
+    """
+
+    alphas: tuple[float, ...]
+    betas: tuple[float, ...]
+    ritz_values: tuple[float, ...]
+    ritz_weights: tuple[float, ...]
+    breakdown: bool
+
+    @property
+    def steps(self) -> int:
+        return len(self.alphas)
+
+
+def ritz(alphas: Sequence[float], betas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and squared first eigenvector components of a tridiagonal."""
+    a = np.asarray(alphas, dtype=np.float64)
+    b = np.asarray(betas, dtype=np.float64)
+    t = np.diag(a)
+    if b.size:
+        t += np.diag(b, 1) + np.diag(b, -1)
+    values, vectors = np.linalg.eigh(t)
+    weights = vectors[0] ** 2
+    return values, weights / weights.sum()
+
+
+def random_start(
+    n: int, *, generator: torch.Generator, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """A Rademacher vector scaled to unit norm: ``|v|^2 = 1`` and ``n E[v v^T] = I``."""
+    signs = torch.randint(0, 2, (n,), generator=generator, device="cpu", dtype=torch.int8)
+    v = signs.to(dtype=dtype, device=device).mul_(2).sub_(1)
+    return v.div_(math.sqrt(n))
+
+
+def lanczos(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    v0: torch.Tensor,
+    steps: int,
+    *,
+    reorthogonalize: bool = True,
+) -> LanczosResult:
+    """Run ``steps`` Lanczos iterations of the symmetric operator ``matvec`` from ``v0``."""
+    return lanczos_many(
+        lambda _, vs: [matvec(vs[0])], [v0], steps, reorthogonalize=reorthogonalize
+    )[0]
+
+
+def lanczos_many(
+    matvec: ManyMatvec,
+    starts: Sequence[torch.Tensor],
+    steps: int,
+    *,
+    reorthogonalize: bool = True,
+) -> list[LanczosResult]:
+    """Lanczos on several symmetric operators in lockstep.
+
+    ``matvec(indices, vectors)`` returns ``A_i v`` for each operator index ``i`` still running;
+    operator ``i`` starts from ``starts[i]`` (normalised here). Each run stops after ``steps``
+    iterations, at its own dimension, or at breakdown (``beta_j <= tol * |T|``, with ``tol`` a
+    small multiple of the working precision), whichever comes first.
+
+    With ``reorthogonalize`` (the default) every new vector is orthogonalised twice against all
+    previous ones (classical Gram-Schmidt, "twice is enough"), so Ritz values do not repeat as
+    ghosts; the memory cost is ``steps`` vectors per operator.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    k = len(starts)
+    if k == 0:
+        return []
+    basis: list[list[torch.Tensor]] = []
+    current: list[torch.Tensor] = []
+    limits: list[int] = []
+    tols: list[float] = []
+    for v0 in starts:
+        if v0.dim() != 1 or v0.numel() == 0:
+            raise ValueError(f"start vectors must be non-empty 1-D tensors, got shape {tuple(v0.shape)}")
+        if not v0.is_floating_point():
+            raise TypeError(f"start vectors must be floating point, got {v0.dtype}")
+        norm = torch.linalg.vector_norm(v0)
+        if not torch.isfinite(norm) or norm == 0:
+            raise ValueError("a start vector is zero or not finite")
+        v = v0 / norm
+        current.append(v)
+        basis.append([v])
+        limits.append(min(steps, v0.numel()))
+        eps = torch.finfo(v0.dtype).eps
+        tols.append(100.0 * eps * math.sqrt(v0.numel()))
+    alphas: list[list[float]] = [[] for _ in range(k)]
+    betas: list[list[float]] = [[] for _ in range(k)]
+    scale = [0.0] * k  # running estimate of |T| for the breakdown test
+    done = [False] * k
+    broke = [False] * k
+    active = list(range(k))
+    while active:
+        products = matvec(active, [current[i] for i in active])
+        if len(products) != len(active):
+            raise ValueError(f"matvec returned {len(products)} products for {len(active)} vectors")
+        still = []
+        for i, w in zip(active, products):
+            v = current[i]
+            w = w.reshape(-1).to(v.dtype)
+            alpha = float(torch.dot(w, v))
+            if not math.isfinite(alpha):
+                raise FloatingPointError(
+                    f"operator {i} produced a non-finite value at Lanczos step {len(alphas[i]) + 1}"
+                )
+            alphas[i].append(alpha)
+            w = w - alpha * v
+            if len(basis[i]) > 1:
+                w = w - betas[i][-1] * basis[i][-2]
+            if reorthogonalize:
+                stack = torch.stack(basis[i])
+                for _ in range(2):
+                    w = w - stack.T @ (stack @ w)
+            beta = float(torch.linalg.vector_norm(w))
+            scale[i] = max(scale[i], abs(alpha) + beta + (betas[i][-1] if betas[i] else 0.0))
+            if len(alphas[i]) >= limits[i]:
+                done[i] = True
+                continue
+            if not math.isfinite(beta):
+                raise FloatingPointError(f"operator {i} produced a non-finite Lanczos vector")
+            if beta <= tols[i] * scale[i] or beta == 0.0:
+                done[i] = broke[i] = True
+                continue
+            betas[i].append(beta)
+            v_next = w / beta
+            if reorthogonalize:
+                basis[i].append(v_next)
+            else:
+                basis[i] = [basis[i][-1], v_next]
+            current[i] = v_next
+            still.append(i)
+        active = still
+    results = []
+    for i in range(k):
+        values, weights = ritz(alphas[i], betas[i])
+        results.append(
+            LanczosResult(
+                alphas=tuple(alphas[i]),
+                betas=tuple(betas[i]),
+                ritz_values=tuple(float(x) for x in values),
+                ritz_weights=tuple(float(x) for x in weights),
+                breakdown=broke[i] or limits[i] < steps,
+            )
+        )
+    return results
+
+
+def gaussian_density(
+    nodes: Sequence[float] | np.ndarray,
+    weights: Sequence[float] | np.ndarray,
+    grid: Sequence[float] | np.ndarray,
+    sigma: float,
+) -> np.ndarray:
+    """Smoothed spectral density ``sum_i w_i N(x; theta_i, sigma^2)`` evaluated on ``grid``.
+
+    With weights summing to 1 this is a probability density on the real line: it integrates to
+    1 over any grid that extends a few ``sigma`` beyond the extreme nodes.
+    """
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+    x = np.asarray(grid, dtype=np.float64)[:, None]
+    t = np.asarray(nodes, dtype=np.float64)[None, :]
+    w = np.asarray(weights, dtype=np.float64)
+    kernel = np.exp(-0.5 * ((x - t) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    return kernel @ w

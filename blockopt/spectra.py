@@ -1,0 +1,314 @@
+"""Blockwise Hessian spectra of a model: ``block_spectra(model, probe)``.
+
+For each block (see :func:`blockopt.partition`) the diagonal Hessian block ``H_bb`` of the
+probe's loss is explored with Lanczos from ``probes`` random Rademacher start vectors; the Ritz
+values and weights of all runs form the block's stochastic Lanczos quadrature (SLQ) estimate of
+its spectral density. One gradient graph serves every block and every step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .blocks import Block, Strategy, partition
+from .hvp import BlockHessian
+from .isolation import isolated
+from .lanczos import DEFAULT_BANDWIDTH, LanczosResult, gaussian_density, lanczos_many, random_start
+
+__all__ = ["BlockSpectrum", "Spectra", "block_spectra", "evaluate_probe", "model_spectrum"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BlockSpectrum:
+    """The SLQ estimate of one diagonal Hessian block's spectrum.
+
+    ``ritz_values`` (nodes) and ``ritz_weights`` (weights, summing to 1) pool all start vectors,
+    each run's weights divided by the number of runs. ``lambda_max``/``lambda_min`` are the
+    extreme Ritz values, which converge to the block's extreme eigenvalues from inside as
+    ``steps`` grows (exact once ``steps >= numel``). ``trace`` is the Hutchinson estimate
+    ``numel * mean(v^T H_bb v)`` over the unit start vectors, exact for diagonal blocks.
+    """
+
+    name: str
+    numel: int
+    ritz_values: tuple[float, ...]
+    ritz_weights: tuple[float, ...]
+    lambda_max: float
+    lambda_min: float
+    trace: float
+    steps: int = 0
+    probes: int = 1
+
+    def bandwidth(self) -> float:
+        """Default Gaussian smoothing width: ``DEFAULT_BANDWIDTH`` times ``max |lambda|``."""
+        scale = max(abs(self.lambda_max), abs(self.lambda_min))
+        return DEFAULT_BANDWIDTH * (scale if scale > 0 else 1.0)
+
+    def grid(self, points: int = 2001, *, sigma: float | None = None) -> np.ndarray:
+        """An evenly spaced grid covering the Ritz values and 6 smoothing widths beyond."""
+        s = self.bandwidth() if sigma is None else sigma
+        return np.linspace(self.lambda_min - 6 * s, self.lambda_max + 6 * s, points)
+
+    def density(self, grid: Sequence[float] | np.ndarray, sigma: float | None = None) -> np.ndarray:
+        """The spectral density smoothed by a Gaussian of width ``sigma`` (default
+        :meth:`bandwidth`), evaluated on ``grid``; it integrates to 1 over :meth:`grid`."""
+        return gaussian_density(
+            self.ritz_values, self.ritz_weights, grid, self.bandwidth() if sigma is None else sigma
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "numel": self.numel,
+            "ritz_values": list(self.ritz_values),
+            "ritz_weights": list(self.ritz_weights),
+            "lambda_max": self.lambda_max,
+            "lambda_min": self.lambda_min,
+            "trace": self.trace,
+            "steps": self.steps,
+            "probes": self.probes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BlockSpectrum:
+        return cls(
+            name=str(data["name"]),
+            numel=int(data["numel"]),
+            ritz_values=tuple(float(x) for x in data["ritz_values"]),
+            ritz_weights=tuple(float(x) for x in data["ritz_weights"]),
+            lambda_max=float(data["lambda_max"]),
+            lambda_min=float(data["lambda_min"]),
+            trace=float(data["trace"]),
+            steps=int(data.get("steps", 0)),
+            probes=int(data.get("probes", 1)),
+        )
+
+    @classmethod
+    def from_runs(cls, name: str, numel: int, runs: Sequence[LanczosResult]) -> BlockSpectrum:
+        """Pool several Lanczos runs (unit start vectors) into one SLQ estimate."""
+        values = [x for r in runs for x in r.ritz_values]
+        weights = [w / len(runs) for r in runs for w in r.ritz_weights]
+        return cls(
+            name=name,
+            numel=numel,
+            ritz_values=tuple(values),
+            ritz_weights=tuple(weights),
+            lambda_max=max(values),
+            lambda_min=min(values),
+            trace=numel * math.fsum(r.alphas[0] for r in runs) / len(runs),
+            steps=max(r.steps for r in runs),
+            probes=len(runs),
+        )
+
+
+class Spectra(Mapping[str, BlockSpectrum]):
+    """Block name -> :class:`BlockSpectrum`, in partition order, with the probe's settings.
+
+    ``hvps`` counts the Hessian-vector products the probe took and ``seconds`` its wall time.
+    """
+
+    def __init__(
+        self,
+        spectra: Sequence[BlockSpectrum],
+        *,
+        steps: int,
+        probes: int,
+        seed: int,
+        hvps: int = 0,
+        seconds: float = 0.0,
+    ) -> None:
+        self._items = {s.name: s for s in spectra}
+        if len(self._items) != len(spectra):
+            raise ValueError("block names in a Spectra must be unique")
+        self.steps, self.probes, self.seed = steps, probes, seed
+        self.hvps, self.seconds = hvps, seconds
+
+    def __getitem__(self, name: str) -> BlockSpectrum:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Spectra({len(self)} blocks, steps={self.steps}, probes={self.probes})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; :meth:`from_dict` reads it back."""
+        return {
+            "format": FORMAT_VERSION,
+            "steps": self.steps,
+            "probes": self.probes,
+            "seed": self.seed,
+            "hvps": self.hvps,
+            "seconds": self.seconds,
+            "blocks": [s.to_dict() for s in self._items.values()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Spectra:
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT_VERSION:
+            raise ValueError(
+                f"not a blockopt spectra dict of format {FORMAT_VERSION} "
+                "(expected the output of Spectra.to_dict())"
+            )
+        return cls(
+            [BlockSpectrum.from_dict(b) for b in data["blocks"]],
+            steps=int(data["steps"]),
+            probes=int(data["probes"]),
+            seed=int(data["seed"]),
+            hvps=int(data.get("hvps", 0)),
+            seconds=float(data.get("seconds", 0.0)),
+        )
+
+
+def evaluate_probe(probe: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Call ``probe`` and check it returned a finite, differentiable scalar tensor."""
+    if not callable(probe):
+        raise TypeError(
+            f"probe must be a zero-argument callable returning the loss, got {type(probe).__name__}"
+        )
+    loss = probe()
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"the probe returned {type(loss).__name__}, not a tensor; return the loss tensor "
+            "itself (not loss.item())"
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"the probe returned a tensor of shape {tuple(loss.shape)}; it must return a scalar "
+            "loss (reduce it, e.g. with .mean())"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "the probe's loss does not depend on any trainable parameter (requires_grad=False); "
+            "compute it through the model, outside torch.no_grad(), and do not detach it"
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"the probe returned a {loss.dtype} tensor; a loss must be floating point")
+    if not torch.isfinite(loss.detach()).all():
+        raise FloatingPointError(
+            f"the probe's loss is {loss.item()}; curvature is undefined there. Check the batch and "
+            "the model for NaN/Inf"
+        )
+    return loss.reshape(())
+
+
+def block_spectra(
+    model: nn.Module,
+    probe: Callable[[], torch.Tensor],
+    blocks: Sequence[Block] | Strategy | None = None,
+    *,
+    steps: int = 30,
+    probes: int = 1,
+    seed: int = 0,
+    vectorize: bool = False,
+) -> Spectra:
+    """Estimate the spectrum of every diagonal Hessian block of ``probe()``'s loss.
+
+    ``probe`` is a zero-argument callable returning a scalar loss computed through ``model`` on a
+    batch of the caller's choosing. ``blocks`` is a list from :func:`partition`, a partition
+    strategy, or ``None`` for ``partition(model)``. Each block gets ``probes`` Lanczos runs of up
+    to ``steps`` steps. Start vectors depend only on ``seed`` and the block's name, so a block's
+    estimate does not change when other blocks are added or removed.
+
+    The probe leaves ``.grad``, buffers, train/eval modes and global RNG states as it found them.
+    """
+    for label, value in (("steps", steps), ("probes", probes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if blocks is None or isinstance(blocks, (str, Mapping)) or callable(blocks):
+        blocks = partition(model, "tensor" if blocks is None else blocks)
+    blocks = list(blocks)
+    _check_blocks(model, blocks)
+    start = time.perf_counter()
+    with isolated(model):
+        loss = evaluate_probe(probe)
+        hessian = BlockHessian(loss, blocks, vectorize=vectorize)
+        starts = []
+        for i, block in enumerate(blocks):
+            generator = torch.Generator().manual_seed(_block_seed(seed, block.name))
+            for _ in range(probes):
+                starts.append(
+                    random_start(
+                        block.numel,
+                        generator=generator,
+                        dtype=hessian.dtype(i),
+                        device=hessian.device(i),
+                    )
+                )
+        runs = lanczos_many(
+            lambda ops, vs: hessian.matvec_many([op // probes for op in ops], vs), starts, steps
+        )
+        del loss, hessian
+    spectra = [
+        BlockSpectrum.from_runs(b.name, b.numel, runs[i * probes : (i + 1) * probes])
+        for i, b in enumerate(blocks)
+    ]
+    hvps = sum(r.steps for r in runs)
+    return Spectra(
+        spectra,
+        steps=steps,
+        probes=probes,
+        seed=seed,
+        hvps=hvps,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def model_spectrum(
+    model: nn.Module,
+    probe: Callable[[], torch.Tensor],
+    *,
+    steps: int = 30,
+    probes: int = 1,
+    seed: int = 0,
+) -> BlockSpectrum:
+    """The spectrum of the whole Hessian (one block of all trainable parameters), comparable
+    with full-Hessian tools."""
+    return block_spectra(model, probe, "model", steps=steps, probes=probes, seed=seed)["model"]
+
+
+def _block_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def _check_blocks(model: nn.Module, blocks: Sequence[Block]) -> None:
+    if not blocks:
+        raise ValueError("no blocks to probe: the block list is empty")
+    owned = {id(p) for p in model.parameters()}
+    names = set()
+    for block in blocks:
+        if not isinstance(block, Block):
+            raise TypeError(
+                f"blocks must be Block objects from blockopt.partition(), got {type(block).__name__}"
+            )
+        if block.name in names:
+            raise ValueError(f"two blocks are named {block.name!r}; block names must be unique")
+        names.add(block.name)
+        for part in block.parts:
+            if id(part.param) not in owned:
+                raise ValueError(
+                    f"block {block.name!r} holds {part.param_name!r}, which is not a parameter of "
+                    "this model; partition the model you probe"
+                )
+            if not part.param.requires_grad:
+                raise ValueError(
+                    f"block {block.name!r} holds {part.param_name!r}, which is frozen "
+                    "(requires_grad=False); re-partition after freezing"
+                )
