@@ -252,9 +252,12 @@ def _attention_splits(model: nn.Module) -> dict[str, tuple[str, int, int | None]
                 rules[f"{child_prefix}weight"] = ("qkv", dim, heads)
                 if getattr(child, "bias", None) is not None:
                     rules[f"{child_prefix}bias"] = ("qkv", 0, heads)
-            elif (_QUERY_NAMES.match(child_name) or _KEY_NAMES.match(child_name)) and heads:
-                if weight.shape[dim] % heads == 0:
-                    rules[f"{child_prefix}weight"] = ("qk", dim, heads)
+            elif (
+                (_QUERY_NAMES.match(child_name) or _KEY_NAMES.match(child_name))
+                and heads
+                and weight.shape[dim] % heads == 0
+            ):
+                rules[f"{child_prefix}weight"] = ("qk", dim, heads)
     return rules
 
 

@@ -141,7 +141,9 @@ class BlockHessian:
         results: dict[int, torch.Tensor | None] = {}
         if involved:
             seeds = {
-                pid: torch.zeros((k, *p.shape) if batched else p.shape, dtype=p.dtype, device=p.device)
+                pid: torch.zeros(
+                    (k, *p.shape) if batched else p.shape, dtype=p.dtype, device=p.device
+                )
                 for pid, p in involved.items()
             }
             for j, (i, v) in enumerate(chunk):
@@ -166,7 +168,9 @@ class BlockHessian:
                 )
             except RuntimeError as err:
                 text = str(err)
-                if "double backward" in text or ("derivative" in text and "not implemented" in text):
+                if "double backward" in text or (
+                    "derivative" in text and "not implemented" in text
+                ):
                     raise _explain(err) from err
                 raise
             results = dict(zip(pids, grads))

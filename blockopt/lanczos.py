@@ -123,7 +123,9 @@ def lanczos_many(
     tols: list[float] = []
     for v0 in starts:
         if v0.dim() != 1 or v0.numel() == 0:
-            raise ValueError(f"start vectors must be non-empty 1-D tensors, got shape {tuple(v0.shape)}")
+            raise ValueError(
+                f"start vectors must be non-empty 1-D tensors, got shape {tuple(v0.shape)}"
+            )
         if not v0.is_floating_point():
             raise TypeError(f"start vectors must be floating point, got {v0.dtype}")
         norm = torch.linalg.vector_norm(v0)

@@ -7,6 +7,7 @@ Each is a plain ``nn.Module`` sized to train on two CPU cores in seconds: a GPT-
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -120,8 +121,13 @@ class TinyViT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
         self.pos = nn.Parameter(0.02 * torch.randn(1, n_tokens + 1, d_model))
         layer = nn.TransformerEncoderLayer(
-            d_model, n_heads, dim_feedforward=2 * d_model, dropout=0.0,
-            activation="gelu", batch_first=True, norm_first=True,
+            d_model,
+            n_heads,
+            dim_feedforward=2 * d_model,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
@@ -166,7 +172,7 @@ class MLP(nn.Module):
         if len(sizes) < 2:
             raise ValueError(f"sizes needs at least an input and an output size, got {sizes}")
         layers: list[nn.Module] = []
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(n_in, n_out))
             if i < len(sizes) - 2:
                 layers.append(nn.Tanh())

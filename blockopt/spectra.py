@@ -255,7 +255,6 @@ def block_spectra(
         runs = lanczos_many(
             lambda ops, vs: hessian.matvec_many([op // probes for op in ops], vs), starts, steps
         )
-        del loss, hessian
     spectra = [
         BlockSpectrum.from_runs(b.name, b.numel, runs[i * probes : (i + 1) * probes])
         for i, b in enumerate(blocks)
@@ -296,7 +295,8 @@ def _check_blocks(model: nn.Module, blocks: Sequence[Block]) -> None:
     for block in blocks:
         if not isinstance(block, Block):
             raise TypeError(
-                f"blocks must be Block objects from blockopt.partition(), got {type(block).__name__}"
+                "blocks must be Block objects from blockopt.partition(), "
+                f"got {type(block).__name__}"
             )
         if block.name in names:
             raise ValueError(f"two blocks are named {block.name!r}; block names must be unique")
