@@ -22,6 +22,10 @@ from .blocks import Block
 __all__ = ["BlockHessian", "DoubleBackwardError"]
 
 
+# Fragments of PyTorch's messages for operations that cannot be differentiated twice.
+_NO_SECOND_DERIVATIVE = ("double backward", "differentiate twice", "is not implemented")
+
+
 class DoubleBackwardError(RuntimeError):
     """An operation in the probe's graph cannot be differentiated twice."""
 
@@ -75,12 +79,26 @@ class BlockHessian:
                     "differentiates it itself"
                 ) from err
             raise
-        # A parameter whose gradient has no graph has a zero row and column in the Hessian
-        # (unused, or entering the loss linearly): its products are exactly zero.
+        # A parameter the loss does not use, or whose gradient carries no graph, has a zero row
+        # and column in the Hessian as autograd sees it: its products are exactly zero.
         self._grads = {
             id(p): g for p, g in zip(self._params, grads) if g is not None and g.requires_grad
         }
+        self._unused = {id(p) for p, g in zip(self._params, grads) if g is None}
         self._batched = vectorize
+
+    def status(self, index: int) -> str:
+        """``"ok"``; ``"unused"`` when the loss does not depend on any of the block's parameters;
+        ``"no_graph"`` when their gradients carry no graph, so autograd sees a zero Hessian: the
+        loss is linear in them, or an operation without a second derivative (a custom
+        ``autograd.Function`` marked ``once_differentiable``, a ``.detach()``, a ``no_grad``
+        region in the forward) cut it."""
+        params = self.blocks[index].params
+        if any(id(p) in self._grads for p in params):
+            return "ok"
+        if all(id(p) in self._unused for p in params):
+            return "unused"
+        return "no_graph"
 
     def dtype(self, index: int) -> torch.dtype:
         dtype = self.blocks[index].parts[0].param.dtype

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ class BlockSpectrum:
     extreme Ritz values, which converge to the block's extreme eigenvalues from inside as
     ``steps`` grows (exact once ``steps >= numel``). ``trace`` is the Hutchinson estimate
     ``numel * mean(v^T H_bb v)`` over the unit start vectors, exact for diagonal blocks.
+    ``status`` is ``"ok"``, ``"unused"`` (the loss does not depend on the block) or
+    ``"no_graph"`` (its gradient has no graph, so the block reads as zero; see
+    :meth:`blockopt.BlockHessian.status`).
     """
 
     name: str
@@ -49,6 +53,7 @@ class BlockSpectrum:
     trace: float
     steps: int = 0
     probes: int = 1
+    status: str = "ok"
 
     def bandwidth(self) -> float:
         """Default Gaussian smoothing width: ``DEFAULT_BANDWIDTH`` times ``max |lambda|``."""
@@ -78,6 +83,7 @@ class BlockSpectrum:
             "trace": self.trace,
             "steps": self.steps,
             "probes": self.probes,
+            "status": self.status,
         }
 
     @classmethod
@@ -92,10 +98,13 @@ class BlockSpectrum:
             trace=float(data["trace"]),
             steps=int(data.get("steps", 0)),
             probes=int(data.get("probes", 1)),
+            status=str(data.get("status", "ok")),
         )
 
     @classmethod
-    def from_runs(cls, name: str, numel: int, runs: Sequence[LanczosResult]) -> BlockSpectrum:
+    def from_runs(
+        cls, name: str, numel: int, runs: Sequence[LanczosResult], status: str = "ok"
+    ) -> BlockSpectrum:
         """Pool several Lanczos runs (unit start vectors) into one SLQ estimate."""
         values = [x for r in runs for x in r.ritz_values]
         weights = [w / len(runs) for r in runs for w in r.ritz_weights]
@@ -109,6 +118,7 @@ class BlockSpectrum:
             trace=numel * math.fsum(r.alphas[0] for r in runs) / len(runs),
             steps=max(r.steps for r in runs),
             probes=len(runs),
+            status=status,
         )
 
 
@@ -255,8 +265,19 @@ def block_spectra(
         runs = lanczos_many(
             lambda ops, vs: hessian.matvec_many([op // probes for op in ops], vs), starts, steps
         )
+        status = [hessian.status(i) for i in range(len(blocks))]
+    cut = [b.name for b, s in zip(blocks, status) if s == "no_graph"]
+    if cut:
+        warnings.warn(
+            f"the gradients of {len(cut)} block(s) ({', '.join(cut[:5])}"
+            f"{', ...' if len(cut) > 5 else ''}) carry no graph, so their Hessian reads as zero. "
+            "Either the loss is linear in them, or an operation without a second derivative "
+            "(a custom autograd.Function marked once_differentiable, a .detach(), a no_grad "
+            "region) cut it; compute the probe's loss with differentiable operations",
+            stacklevel=2,
+        )
     spectra = [
-        BlockSpectrum.from_runs(b.name, b.numel, runs[i * probes : (i + 1) * probes])
+        BlockSpectrum.from_runs(b.name, b.numel, runs[i * probes : (i + 1) * probes], status[i])
         for i, b in enumerate(blocks)
     ]
     hvps = sum(r.steps for r in runs)
