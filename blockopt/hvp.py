@@ -85,6 +85,11 @@ class BlockHessian:
             id(p): g for p, g in zip(self._params, grads) if g is not None and g.requires_grad
         }
         self._unused = {id(p) for p, g in zip(self._params, grads) if g is None}
+        if len(self._unused) == len(self._params):
+            raise ValueError(
+                "the probe's loss does not depend on any parameter of the blocks probed; compute "
+                "it through the model being probed (not a copy of it or another model)"
+            )
         self._batched = vectorize
 
     def status(self, index: int) -> str:

@@ -1,0 +1,181 @@
+"""Lanczos and SLQ against numpy.linalg.eigvalsh on random symmetric matrices."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blockopt.lanczos import gaussian_density, lanczos, lanczos_many, random_start, ritz
+
+
+@st.composite
+def symmetric_matrices(draw):
+    """Random orthogonal Q times a diagonal drawn from one of several eigenvalue patterns."""
+    n = draw(st.integers(1, 40))
+    kind = draw(st.sampled_from(["random", "repeated", "clustered", "rank_deficient", "scaled"]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        lam = rng.standard_normal(n)
+    elif kind == "repeated":
+        lam = rng.choice(rng.standard_normal(draw(st.integers(1, 4))), size=n)
+    elif kind == "clustered":
+        centres = rng.standard_normal(draw(st.integers(1, 3)))
+        lam = rng.choice(centres, size=n) + 1e-9 * rng.standard_normal(n)
+    elif kind == "rank_deficient":
+        lam = rng.standard_normal(n) * (rng.random(n) < 0.3)
+    else:  # eigenvalues spread over many decades, both signs
+        lam = np.sign(rng.standard_normal(n)) * 10.0 ** rng.uniform(-6, 4, n)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return q @ np.diag(lam) @ q.T, rng.standard_normal(n)
+
+
+def _run(a: np.ndarray, v0: np.ndarray, steps: int, **kw):
+    at = torch.from_numpy(a)
+    return lanczos(lambda v: at @ v, torch.from_numpy(v0), steps, **kw)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(symmetric_matrices())
+def test_full_run_finds_the_extreme_eigenvalues_and_only_eigenvalues(mat):
+    a, v0 = mat
+    n = a.shape[0]
+    eig = np.linalg.eigvalsh(a)
+    scale = max(np.abs(eig).max(), 1e-300)
+    res = _run(a, v0, n)
+    assert res.steps <= n
+    values, weights = np.array(res.ritz_values), np.array(res.ritz_weights)
+    assert (weights >= 0).all() and math.isclose(weights.sum(), 1.0, abs_tol=1e-12)
+    assert np.all(np.diff(values) >= 0)
+    tol = 1e-8 * scale
+    # Each Ritz value with weight is an eigenvalue; the extremes are found.
+    for theta, w in zip(values, weights):
+        if w > 1e-10:
+            assert np.abs(eig - theta).min() <= tol
+    # The extremes are seen unless the start vector is (numerically) orthogonal to them.
+    q = np.linalg.eigh(a)[1]
+    proj = (q.T @ (v0 / np.linalg.norm(v0))) ** 2
+    if proj[-1] > 1e-6:
+        assert abs(values.max() - eig[-1]) <= tol
+    if proj[0] > 1e-6:
+        assert abs(values.min() - eig[0]) <= tol
+
+
+@settings(max_examples=100, deadline=None)
+@given(symmetric_matrices(), st.integers(1, 8))
+def test_quadrature_reproduces_moments(mat, steps):
+    """Gauss quadrature with m nodes is exact for polynomials of degree < 2m: for k <= 2m-1,
+    sum_i w_i theta_i^k = u^T A^k u with u the unit start vector."""
+    a, v0 = mat
+    u = v0 / np.linalg.norm(v0)
+    res = _run(a, v0, steps)
+    values, weights = np.array(res.ritz_values), np.array(res.ritz_weights)
+    scale = max(np.abs(np.linalg.eigvalsh(a)).max(), 1e-300)
+    for k in range(1, min(2 * res.steps, 4)):
+        exact = u @ np.linalg.matrix_power(a, k) @ u
+        assert abs((weights * values**k).sum() - exact) <= 1e-8 * scale**k
+
+
+@settings(max_examples=60, deadline=None)
+@given(symmetric_matrices(), symmetric_matrices(), st.integers(1, 12))
+def test_lockstep_runs_equal_independent_runs(m1, m2, steps):
+    (a1, v1), (a2, v2) = m1, m2
+    mats = [torch.from_numpy(a1), torch.from_numpy(a2)]
+    together = lanczos_many(
+        lambda ids, vs: [mats[i] @ v for i, v in zip(ids, vs)],
+        [torch.from_numpy(v1), torch.from_numpy(v2)],
+        steps,
+    )
+    assert together[0] == _run(a1, v1, steps)
+    assert together[1] == _run(a2, v2, steps)
+
+
+def test_without_reorthogonalisation_ghosts_appear_but_extremes_hold():
+    rng = np.random.default_rng(0)
+    lam = np.concatenate([[100.0], np.linspace(0, 1, 99)])
+    q, _ = np.linalg.qr(rng.standard_normal((100, 100)))
+    a = q @ np.diag(lam) @ q.T
+    plain = _run(a, rng.standard_normal(100), 60, reorthogonalize=False)
+    full = _run(a, rng.standard_normal(100), 60)
+    assert plain.ritz_values[-1] == pytest.approx(100.0, rel=1e-10)
+    assert full.ritz_values[-1] == pytest.approx(100.0, rel=1e-10)
+    ghosts = sum(abs(t - 100.0) < 1e-6 for t in plain.ritz_values)
+    assert ghosts >= 2  # the converged top eigenvalue reappears without reorthogonalisation
+    assert sum(abs(t - 100.0) < 1e-6 for t in full.ritz_values) == 1
+
+
+def test_zero_matrix_breaks_down_at_once():
+    res = lanczos(lambda v: torch.zeros_like(v), torch.ones(5, dtype=torch.float64), 10)
+    assert res.breakdown and res.steps == 1
+    assert res.ritz_values == (0.0,) and res.ritz_weights == (1.0,)
+
+
+def test_identity_breaks_down_at_once_with_its_eigenvalue():
+    res = lanczos(lambda v: 3.0 * v, torch.arange(1.0, 6.0, dtype=torch.float64), 10)
+    assert res.breakdown and res.steps == 1 and res.ritz_values == (3.0,)
+
+
+def test_float32_runs_match_float64():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((30, 30))
+    a = a + a.T
+    v0 = rng.standard_normal(30)
+    r64 = _run(a, v0, 30)
+    a32 = torch.from_numpy(a).float()
+    r32 = lanczos(lambda v: a32 @ v, torch.from_numpy(v0).float(), 30)
+    eig = np.linalg.eigvalsh(a)
+    assert r64.ritz_values[-1] == pytest.approx(eig[-1], rel=1e-12)
+    assert r32.ritz_values[-1] == pytest.approx(eig[-1], rel=1e-5)
+    assert r32.ritz_values[0] == pytest.approx(eig[0], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("start", "steps", "error"),
+    [
+        (torch.zeros(3), 2, ValueError),
+        (torch.ones(3), 0, ValueError),
+        (torch.ones(3), 2.5, ValueError),
+        (torch.ones(2, 2), 2, ValueError),
+        (torch.ones(3, dtype=torch.int64), 2, TypeError),
+        (torch.tensor([1.0, float("nan")]), 2, ValueError),
+    ],
+)
+def test_bad_arguments_are_clear_errors(start, steps, error):
+    with pytest.raises(error):
+        lanczos(lambda v: v, start, steps)
+
+
+def test_non_finite_products_are_reported():
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        lanczos(lambda v: v * float("inf"), torch.ones(3), 3)
+
+
+def test_random_start_is_unit_rademacher():
+    v = random_start(100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.linalg.vector_norm(v).item() == pytest.approx(1.0, abs=1e-15)
+    assert set((v * 10).round().tolist()) == {-1.0, 1.0}
+
+
+def test_ritz_of_a_2x2_tridiagonal():
+    values, weights = ritz([0.0, 0.0], [1.0])
+    assert np.allclose(values, [-1.0, 1.0]) and np.allclose(weights, [0.5, 0.5])
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.floats(-500, 500), min_size=1, max_size=20),
+    st.floats(1e-3, 10.0),
+)
+def test_gaussian_density_integrates_to_one(offsets, sigma):
+    """On any grid that reaches 8 sigma beyond the nodes with a step of at most sigma / 5."""
+    nodes = [sigma * k for k in offsets]
+    weights = np.full(len(nodes), 1.0 / len(nodes))
+    lo, hi = min(nodes) - 8 * sigma, max(nodes) + 8 * sigma
+    grid = np.linspace(lo, hi, int((hi - lo) / (sigma / 5)) + 2)
+    d = gaussian_density(nodes, weights, grid, sigma)
+    assert np.trapezoid(d, grid) == pytest.approx(1.0, abs=1e-6)
