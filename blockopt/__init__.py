@@ -1,10 +1,12 @@
 """blockopt: blockwise Hessian spectra for PyTorch models.
 
 ``partition`` splits a model's parameters into blocks, ``block_spectra`` estimates each diagonal
-Hessian block's spectrum with Lanczos (stochastic Lanczos quadrature) from one gradient graph.
+Hessian block's spectrum with Lanczos (stochastic Lanczos quadrature) from one gradient graph,
+``heterogeneity`` scores how far apart those spectra are.
 """
 
 from .blocks import Block, BlockPart, partition
+from .heterogeneity import Heterogeneity, heterogeneity
 from .hvp import BlockHessian, DoubleBackwardError
 from .lanczos import LanczosResult, gaussian_density, lanczos, lanczos_many
 from .spectra import BlockSpectrum, Spectra, block_spectra, model_spectrum
@@ -17,11 +19,13 @@ __all__ = [
     "BlockPart",
     "BlockSpectrum",
     "DoubleBackwardError",
+    "Heterogeneity",
     "LanczosResult",
     "Spectra",
     "__version__",
     "block_spectra",
     "gaussian_density",
+    "heterogeneity",
     "lanczos",
     "lanczos_many",
     "model_spectrum",

@@ -125,7 +125,9 @@ class BlockSpectrum:
 class Spectra(Mapping[str, BlockSpectrum]):
     """Block name -> :class:`BlockSpectrum`, in partition order, with the probe's settings.
 
-    ``hvps`` counts the Hessian-vector products the probe took and ``seconds`` its wall time.
+    ``hvps`` counts the Hessian-vector products the probe took, ``seconds`` its wall time and
+    ``dtype`` the (widest) floating-point type the products were computed in, which sets how
+    small a curvature can be told apart from round-off.
     """
 
     def __init__(
@@ -137,12 +139,15 @@ class Spectra(Mapping[str, BlockSpectrum]):
         seed: int,
         hvps: int = 0,
         seconds: float = 0.0,
+        dtype: str = "float64",
     ) -> None:
         self._items = {s.name: s for s in spectra}
         if len(self._items) != len(spectra):
             raise ValueError("block names in a Spectra must be unique")
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must name a torch floating-point type, got {dtype!r}")
         self.steps, self.probes, self.seed = steps, probes, seed
-        self.hvps, self.seconds = hvps, seconds
+        self.hvps, self.seconds, self.dtype = hvps, seconds, dtype
 
     def __getitem__(self, name: str) -> BlockSpectrum:
         return self._items[name]
@@ -165,6 +170,7 @@ class Spectra(Mapping[str, BlockSpectrum]):
             "seed": self.seed,
             "hvps": self.hvps,
             "seconds": self.seconds,
+            "dtype": self.dtype,
             "blocks": [s.to_dict() for s in self._items.values()],
         }
 
@@ -182,6 +188,7 @@ class Spectra(Mapping[str, BlockSpectrum]):
             seed=int(data["seed"]),
             hvps=int(data.get("hvps", 0)),
             seconds=float(data.get("seconds", 0.0)),
+            dtype=str(data.get("dtype", "float32")),
         )
 
 
@@ -266,6 +273,9 @@ def block_spectra(
             lambda ops, vs: hessian.matvec_many([op // probes for op in ops], vs), starts, steps
         )
         status = [hessian.status(i) for i in range(len(blocks))]
+        dtype = hessian.dtype(0)
+        for i in range(1, len(blocks)):
+            dtype = torch.promote_types(dtype, hessian.dtype(i))
     cut = [b.name for b, s in zip(blocks, status) if s == "no_graph"]
     if cut:
         warnings.warn(
@@ -288,6 +298,7 @@ def block_spectra(
         seed=seed,
         hvps=hvps,
         seconds=time.perf_counter() - start,
+        dtype=str(dtype).removeprefix("torch."),
     )
 
 
