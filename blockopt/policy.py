@@ -1,0 +1,216 @@
+"""From heterogeneity scores to a mode, and when to probe next.
+
+Pure decision logic, no tensors: :class:`SwitchPolicy` maps a score history to ``"sgd"``,
+``"block_sgd"`` or ``"adam"`` with hysteresis, and :class:`ProbeSchedule` says at which step the
+next probe runs.
+
+Default thresholds (calibrated in docs/REPRODUCTION.md, "Calibration"): the score is the
+``spread`` of :func:`blockopt.heterogeneity`, in decades.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Decision", "ProbeSchedule", "SwitchPolicy", "Thresholds"]
+
+MODES = ("sgd", "block_sgd", "adam")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Scores below ``sgd_below`` suit SGD, above ``adam_above`` Adam, in between blockwise-lr
+    SGD. A switch needs the score beyond a boundary by ``margin`` decades, and at least
+    ``min_interval`` steps since the last switch."""
+
+    sgd_below: float = 1.0
+    adam_above: float = 2.0
+    margin: float = 0.25
+    min_interval: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("sgd_below", "adam_above", "margin"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        if self.sgd_below > self.adam_above:
+            raise ValueError(
+                f"sgd_below ({self.sgd_below}) must not exceed adam_above ({self.adam_above}): "
+                "scores below sgd_below choose SGD, scores above adam_above choose Adam"
+            )
+        if isinstance(self.min_interval, bool) or not isinstance(self.min_interval, int):
+            raise TypeError(f"min_interval must be an int, got {self.min_interval!r}")
+        if self.min_interval < 0:
+            raise ValueError(f"min_interval must be non-negative, got {self.min_interval}")
+
+    def target(self, score: float) -> str:
+        """The mode a score calls for, without hysteresis."""
+        return _target(score, self.sgd_below, self.adam_above)
+
+    def reason(self, score: float) -> str:
+        mode = self.target(score)
+        if mode == "sgd":
+            return (
+                f"score {score:.2f} < {self.sgd_below:g}: block curvatures within "
+                f"{self.sgd_below:g} decade(s), one learning rate suits every block"
+            )
+        if mode == "adam":
+            return (
+                f"score {score:.2f} > {self.adam_above:g}: block curvatures span more than "
+                f"{self.adam_above:g} decades, per-coordinate learning rates needed"
+            )
+        return (
+            f"{self.sgd_below:g} <= score {score:.2f} <= {self.adam_above:g}: blocks differ in "
+            "scale, one learning rate per block"
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One policy decision, kept in the optimizer's history."""
+
+    step: int
+    score: float
+    old_mode: str
+    new_mode: str
+    reason: str
+
+    @property
+    def switched(self) -> bool:
+        return self.old_mode != self.new_mode
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "score": self.score,
+            "old_mode": self.old_mode,
+            "new_mode": self.new_mode,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class SwitchPolicy:
+    """Score -> mode with hysteresis: leave the current mode only when the score lies beyond the
+    boundary by ``margin`` and ``min_interval`` steps have passed since the last switch."""
+
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    last_switch: int | None = None
+
+    def decide(self, step: int, score: float, mode: str) -> Decision:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
+        if not math.isfinite(score):
+            return Decision(step, score, mode, mode, "stay: the score is not finite")
+        t = self.thresholds
+        wanted = t.target(score)
+        if wanted == mode:
+            return Decision(step, score, mode, mode, f"stay: {t.reason(score)}")
+        # Hysteresis: moving towards Adam needs the score above a boundary plus the margin,
+        # moving towards SGD below a boundary minus the margin.
+        shift = t.margin if MODES.index(wanted) > MODES.index(mode) else -t.margin
+        confirmed = _target(score, t.sgd_below + shift, t.adam_above + shift)
+        if confirmed == mode:
+            return Decision(
+                step, score, mode, mode, f"stay: score {score:.2f} within the {t.margin:g} margin"
+            )
+        if self.last_switch is not None and step - self.last_switch < t.min_interval:
+            return Decision(
+                step,
+                score,
+                mode,
+                mode,
+                f"stay: last switch {step - self.last_switch} steps ago, fewer than "
+                f"min_interval={t.min_interval}",
+            )
+        self.last_switch = step
+        return Decision(step, score, mode, confirmed, t.reason(score))
+
+
+def _target(score: float, sgd_below: float, adam_above: float) -> str:
+    if score < sgd_below:
+        return "sgd"
+    if score > adam_above:
+        return "adam"
+    return "block_sgd"
+
+
+@dataclass
+class ProbeSchedule:
+    """When to probe: at step ``first``, then every ``every`` steps if given; otherwise at
+    intervals that start at ``base``, grow by ``growth`` (up to ``max_interval``) while the score
+    moves less than ``stable_tol`` decades between probes, and fall back to ``base`` after a
+    switch. A loss spike (a loss above ``spike_factor`` times its running average) brings the
+    next probe forward to the next step."""
+
+    every: int | None = None
+    first: int = 0
+    base: int = 50
+    max_interval: int = 1000
+    growth: float = 2.0
+    stable_tol: float = 0.25
+    spike_factor: float = 2.0
+    interval: int = 0
+    next_step: int = 0
+    last_score: float | None = None
+    loss_avg: float | None = None
+    losses_seen: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("first", "base", "max_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.every is not None and (
+            isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1
+        ):
+            raise ValueError(f"probe_every must be a positive int or None, got {self.every!r}")
+        if self.base < 1 or self.max_interval < self.base:
+            raise ValueError("need 1 <= base <= max_interval")
+        if self.growth < 1 or self.spike_factor <= 1 or self.stable_tol < 0:
+            raise ValueError("need growth >= 1, spike_factor > 1 and stable_tol >= 0")
+        if not self.interval:
+            self.interval = self.every or self.base
+            self.next_step = self.first
+
+    def due(self, step: int) -> bool:
+        return step >= self.next_step
+
+    def after_probe(self, step: int, score: float | None, switched: bool) -> None:
+        """Set the next probe step; ``score`` is None when the probe failed."""
+        if self.every is not None:
+            self.interval = self.every
+        elif score is None or switched or self.last_score is None:
+            self.interval = self.base
+        elif abs(score - self.last_score) <= self.stable_tol:
+            self.interval = min(int(self.interval * self.growth), self.max_interval)
+        else:
+            self.interval = self.base
+        if score is not None:
+            self.last_score = score
+        self.next_step = step + self.interval
+
+    def observe_loss(self, step: int, loss: float) -> None:
+        """Track the training loss; a spike makes the next step a probe step."""
+        if not math.isfinite(loss):
+            return
+        spike = self.loss_avg is not None and loss > self.spike_factor * self.loss_avg
+        if spike and self.losses_seen >= 10 and self.every is None:
+            self.next_step = min(self.next_step, step + 1)
+            self.interval = self.base
+        self.losses_seen += 1
+        weight = max(0.05, 1.0 / self.losses_seen)
+        self.loss_avg = (
+            loss if self.loss_avg is None else (1 - weight) * self.loss_avg + weight * loss
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - set(self.__dict__)
+        if unknown:
+            raise ValueError(f"unknown probe-schedule state keys: {sorted(unknown)}")
+        self.__dict__.update(state)

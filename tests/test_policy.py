@@ -1,0 +1,94 @@
+"""Switching policy and probe schedule."""
+
+from __future__ import annotations
+
+import pytest
+
+from blockopt.policy import ProbeSchedule, SwitchPolicy, Thresholds
+
+
+@pytest.mark.parametrize(
+    ("score", "mode"),
+    [(0.0, "sgd"), (0.99, "sgd"), (1.0, "block_sgd"), (2.0, "block_sgd"), (2.01, "adam")],
+)
+def test_targets(score, mode):
+    assert Thresholds().target(score) == mode
+
+
+def test_hysteresis_margin_and_min_interval():
+    policy = SwitchPolicy(Thresholds(sgd_below=1.0, adam_above=2.0, margin=0.25, min_interval=10))
+    d = policy.decide(0, 2.1, "sgd")  # beyond 2.0 but not 2.25: only the block boundary cleared
+    assert (d.new_mode, d.switched) == ("block_sgd", True)
+    d = policy.decide(5, 3.0, "block_sgd")  # clears the margin, but only 5 steps later
+    assert not d.switched and "min_interval=10" in d.reason
+    d = policy.decide(10, 3.0, "block_sgd")
+    assert d.new_mode == "adam" and d.old_mode == "block_sgd" and "> 2" in d.reason
+    d = policy.decide(30, 1.9, "adam")  # below 2.0 but within the margin
+    assert not d.switched and "margin" in d.reason
+    d = policy.decide(31, 0.5, "adam")
+    assert d.new_mode == "sgd"
+    assert policy.decide(100, 0.5, "sgd").reason.startswith("stay: score 0.50 < 1")
+    assert not policy.decide(101, float("nan"), "sgd").switched
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sgd_below": 3.0, "adam_above": 2.0}, "must not exceed"),
+        ({"margin": -1.0}, "margin"),
+        ({"sgd_below": float("nan")}, "sgd_below"),
+        ({"min_interval": -1}, "min_interval"),
+        ({"min_interval": 2.5}, "min_interval"),
+    ],
+)
+def test_bad_thresholds(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        Thresholds(**kwargs)
+
+
+def test_unknown_mode_is_an_error():
+    with pytest.raises(ValueError, match="unknown mode 'rmsprop'"):
+        SwitchPolicy().decide(0, 1.0, "rmsprop")
+
+
+def test_schedule_grows_while_stable_and_resets_after_a_switch():
+    s = ProbeSchedule(base=10, max_interval=40, growth=2.0, stable_tol=0.1)
+    assert s.due(0) and not ProbeSchedule(first=5).due(4)
+    s.after_probe(0, 1.0, switched=False)
+    assert s.next_step == 10
+    s.after_probe(10, 1.05, switched=False)
+    assert s.next_step == 30
+    s.after_probe(30, 1.0, switched=False)
+    assert s.next_step == 70
+    s.after_probe(70, 1.0, switched=False)
+    assert s.next_step == 110  # capped at max_interval
+    s.after_probe(110, 1.0, switched=True)
+    assert s.next_step == 120
+    s.after_probe(120, 2.0, switched=False)  # score moved: back to base
+    assert s.next_step == 130
+
+
+def test_fixed_interval_and_loss_spike():
+    fixed = ProbeSchedule(every=7)
+    fixed.after_probe(0, 1.0, switched=True)
+    assert fixed.next_step == 7
+    s = ProbeSchedule(base=100)
+    s.after_probe(0, 1.0, switched=False)
+    for step in range(1, 20):
+        s.observe_loss(step, 1.0)
+    assert s.next_step == 100
+    s.observe_loss(20, 5.0)
+    assert s.next_step == 21
+    restored = ProbeSchedule()
+    restored.load_state_dict(s.state_dict())
+    assert restored == s
+    with pytest.raises(ValueError, match="unknown probe-schedule state"):
+        restored.load_state_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"every": 0}, {"base": 0}, {"max_interval": 5, "base": 10}, {"growth": 0.5}]
+)
+def test_bad_schedule(kwargs):
+    with pytest.raises(ValueError):
+        ProbeSchedule(**kwargs)
