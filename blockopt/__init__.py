@@ -9,19 +9,25 @@ from .blocks import Block, BlockPart, partition
 from .heterogeneity import Heterogeneity, heterogeneity
 from .hvp import BlockHessian, DoubleBackwardError
 from .lanczos import LanczosResult, gaussian_density, lanczos, lanczos_many
+from .optimizer import BlockOptimizer, wrap
+from .policy import Decision, Thresholds
 from .spectra import BlockSpectrum, Spectra, block_spectra, model_spectrum
+from .tuning import tune_block_lrs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Block",
     "BlockHessian",
+    "BlockOptimizer",
     "BlockPart",
     "BlockSpectrum",
+    "Decision",
     "DoubleBackwardError",
     "Heterogeneity",
     "LanczosResult",
     "Spectra",
+    "Thresholds",
     "__version__",
     "block_spectra",
     "gaussian_density",
@@ -30,4 +36,6 @@ __all__ = [
     "lanczos_many",
     "model_spectrum",
     "partition",
+    "tune_block_lrs",
+    "wrap",
 ]

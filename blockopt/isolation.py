@@ -4,7 +4,8 @@
 and backward passes could change: every parameter's ``.grad``, every buffer (BatchNorm running
 statistics and counters), every module's train/eval mode, and the global RNG streams of torch
 (CPU and CUDA), numpy and ``random``. Inside it, scaled-dot-product attention is pinned to the
-math kernel and cuDNN is disabled, because the fused kernels have no double backward.
+math kernel, cuDNN is disabled and ``torch.compile``'d modules run eagerly, because fused kernels
+and compiled graphs have no double backward.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ __all__ = ["isolated", "second_order_kernels"]
 
 @contextlib.contextmanager
 def second_order_kernels() -> Iterator[None]:
-    """Select kernels that support double backward: math SDPA, no cuDNN."""
+    """Select kernels that support double backward: math SDPA, no cuDNN, and torch.compile'd
+    modules run eagerly (compiled graphs have no double backward)."""
     with contextlib.ExitStack() as stack:
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if set_stance is not None:  # torch >= 2.6
+            stack.enter_context(set_stance("force_eager"))
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
         except ImportError:  # torch < 2.3

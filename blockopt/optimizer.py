@@ -1,0 +1,501 @@
+"""``BlockOptimizer`` and ``wrap()``: a drop-in optimizer that probes blockwise curvature and
+switches between SGD, blockwise-learning-rate SGD and Adam on it.
+
+The wrapper is a ``torch.optim.Optimizer``. Its ``param_groups`` are the single source of truth
+for learning rates: a scheduler that changes ``group["lr"]`` changes the learning rate of
+whichever mode is active, because each mode's learning rate is ``group["lr"]`` times a per-mode
+factor (1 for the mode training started in). The modes are ordinary optimizers over the same
+parameters; only the active one steps. On a switch, state is carried over
+(:func:`blockopt.modes.transfer_state`) and, unless the user fixed the new mode's learning rate,
+its factor is chosen so that the first step in the new mode has the same norm as a step in the
+old one would have had: a switch changes the direction of the update, not its size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .blocks import Strategy, partition
+from .heterogeneity import Heterogeneity, heterogeneity
+from .modes import MODES, BlockSGD, resolve_optimizer_class, transfer_state
+from .policy import Decision, ProbeSchedule, SwitchPolicy, Thresholds
+from .spectra import Spectra, block_spectra
+from .tuning import DEFAULT_MAX_FACTOR, block_lr_factors
+
+__all__ = ["BlockOptimizer", "wrap"]
+
+STATE_VERSION = 1
+_SGD_KEYS = ("momentum", "dampening", "weight_decay", "nesterov")
+_ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+
+
+def _eager(model: nn.Module) -> nn.Module:
+    """The module to probe: the eager module under DDP / torch.compile wrappers."""
+    for attr in ("_orig_mod", "module"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and type(model).__name__ in (
+            "OptimizedModule",
+            "DistributedDataParallel",
+            "DataParallel",
+        ):
+            return _eager(inner)
+    return model
+
+
+class BlockOptimizer(Optimizer):
+    """Train with SGD, blockwise-lr SGD or AdamW, chosen from probes of blockwise curvature.
+
+    Args:
+        model: the module being trained (a ``torch.compile``'d module is probed eagerly).
+        probe: zero-argument callable returning a scalar loss through ``model`` on a batch of
+            your choice; ``None`` disables probing (the optimizer then stays in its mode).
+        lr: learning rate of the starting mode.
+        params: parameters or param groups (default: the model's trainable parameters).
+        mode: the starting mode, ``"sgd"``, ``"block_sgd"`` or ``"adam"``.
+        momentum, dampening, weight_decay, nesterov: SGD hyperparameters (also block SGD's).
+        betas, eps, adam_weight_decay: AdamW hyperparameters.
+        lrs: fixed learning rates per mode (at schedule factor 1), e.g. ``{"adam": 1e-3}``;
+            modes not named get theirs by step-norm matching at the switch.
+        optimizers: per mode, a class or name (``torch.optim`` or ``torch_optimizer``) or a
+            ``(class_or_name, kwargs)`` pair replacing the default class and hyperparameters.
+        strategy: block partition strategy (see :func:`blockopt.partition`).
+        steps, probes, seed: Lanczos steps, start vectors per block, and the probes' seed.
+        probe_every: probe every this many steps; default: an adaptive schedule
+            (:class:`blockopt.policy.ProbeSchedule`).
+        thresholds: :class:`blockopt.policy.Thresholds` for switching.
+        monitor_only: probe and record, never switch.
+        pin_mode: stay in this mode whatever the score (implies no switching).
+        max_factor: bound on block SGD's per-block learning-rate factors.
+        history: how many decisions and spectra to keep (oldest dropped first).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: Callable[[], torch.Tensor] | None = None,
+        lr: float = 0.1,
+        *,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
+        mode: str = "sgd",
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        adam_weight_decay: float = 0.0,
+        lrs: Mapping[str, float] | None = None,
+        optimizers: Mapping[str, Any] | None = None,
+        strategy: Strategy = "tensor",
+        steps: int = 20,
+        probes: int = 1,
+        seed: int = 0,
+        probe_every: int | None = None,
+        thresholds: Thresholds | None = None,
+        monitor_only: bool = False,
+        pin_mode: str | None = None,
+        max_factor: float = DEFAULT_MAX_FACTOR,
+        history: int = 1000,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if probe is not None and not callable(probe):
+            raise TypeError(f"probe must be a zero-argument callable, got {type(probe).__name__}")
+        for name, value in (("mode", mode), ("pin_mode", pin_mode)):
+            if value is not None and value not in MODES:
+                raise ValueError(f"unknown {name} {value!r}; modes are {MODES}")
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"history must be a positive int, got {history!r}")
+        for label, value in (("steps", steps), ("probes", probes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        self.model = model
+        self.probe_model = _eager(model)
+        self.probe = probe
+        self.blocks = partition(self.probe_model, strategy)
+        if params is None:
+            params = [p for p in self.probe_model.parameters() if p.requires_grad]
+        # The groups hold the starting mode's hyperparameters, as the user's optimizer did.
+        self._native = _family(pin_mode or mode)
+        if self._native == "adam":
+            defaults = {
+                "lr": lr,
+                "betas": tuple(betas),
+                "eps": eps,
+                "weight_decay": adam_weight_decay,
+            }
+        else:
+            defaults = {
+                "lr": lr,
+                "momentum": momentum,
+                "dampening": dampening,
+                "weight_decay": weight_decay,
+                "nesterov": nesterov,
+            }
+        super().__init__(params, defaults)
+        self._sgd_hyper = {
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+        }
+        self._mode_specs = self._build_specs(
+            optimizers or {}, betas=betas, eps=eps, adam_weight_decay=adam_weight_decay
+        )
+        self._fixed_lrs = dict(lrs or {})
+        for m, value in self._fixed_lrs.items():
+            if m not in MODES:
+                raise ValueError(f"lrs names unknown mode {m!r}; modes are {MODES}")
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"lrs[{m!r}] must be a positive finite number, got {value!r}")
+        self._start_lr = lr
+        self._scales = {mode: 1.0}
+        for m, value in self._fixed_lrs.items():
+            if m != mode:
+                self._scales[m] = value / lr
+        self.mode = pin_mode or mode
+        self._scales.setdefault(self.mode, self._fixed_lrs.get(self.mode, lr) / lr)
+        self._inner: dict[str, Optimizer] = {}
+        self.steps, self.probes, self.seed = steps, probes, seed
+        self.monitor_only = monitor_only
+        self.pin_mode = pin_mode
+        self.max_factor = max_factor
+        self.policy = SwitchPolicy(thresholds or Thresholds())
+        self.schedule = ProbeSchedule(every=probe_every)
+        self.history: deque[Decision] = deque(maxlen=history)
+        self.spectra_history: deque[tuple[int, Spectra]] = deque(maxlen=history)
+        self.last_score: Heterogeneity | None = None
+        self.block_factors = dict.fromkeys((b.name for b in self.blocks), 1.0)
+        self.step_count = 0
+        self.probe_seconds = 0.0
+        self._active()  # build the starting mode now, so errors in its settings surface here
+
+    # -- modes -------------------------------------------------------------------------------
+
+    def _build_specs(
+        self, optimizers: Mapping[str, Any], *, betas, eps, adam_weight_decay
+    ) -> dict[str, tuple[type[Optimizer], dict[str, Any]]]:
+        specs: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
+            "sgd": (torch.optim.SGD, {}),
+            "block_sgd": (BlockSGD, {}),
+            "adam": (
+                torch.optim.AdamW,
+                {"betas": tuple(betas), "eps": eps, "weight_decay": adam_weight_decay},
+            ),
+        }
+        for m, spec in optimizers.items():
+            if m not in MODES:
+                raise ValueError(f"optimizers names unknown mode {m!r}; modes are {MODES}")
+            cls_spec, kwargs = spec if isinstance(spec, tuple) else (spec, {})
+            if not isinstance(kwargs, Mapping):
+                raise TypeError(f"the kwargs for mode {m!r} must be a mapping, got {kwargs!r}")
+            cls = resolve_optimizer_class(cls_spec)
+            if "lr" in kwargs:
+                raise ValueError(
+                    f"give mode {m!r}'s learning rate with lrs={{{m!r}: ...}}, not in its kwargs"
+                )
+            specs[m] = (cls, dict(kwargs))
+        return specs
+
+    def _make(self, mode: str) -> Optimizer:
+        """Build ``mode``'s optimizer over the wrapper's groups. Modes of the starting mode's
+        family (SGD and block SGD, or Adam) take every per-group hyperparameter they know from
+        the groups; the other family takes its class's settings and only the learning rate."""
+        cls, kwargs = self._mode_specs[mode]
+        if cls in (torch.optim.SGD, BlockSGD) and self._native != "sgd":
+            kwargs = {**{k: v for k, v in self._sgd_hyper.items()}, **kwargs}
+        groups = [
+            {"params": g["params"], "lr": g["lr"] * self._scales.get(mode, 1.0)}
+            for g in self.param_groups
+        ]
+        try:
+            if cls is BlockSGD:
+                opt = BlockSGD(groups, self.blocks, self.block_factors, **kwargs)
+            else:
+                opt = cls(groups, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"could not build mode {mode!r} with {cls.__name__}: {err}") from err
+        if _family(mode) == self._native:
+            for group, inner in zip(self.param_groups, opt.param_groups):
+                for key in opt.defaults:
+                    if key not in ("lr", "params") and key in group:
+                        inner[key] = group[key]
+        return opt
+
+    def _active(self) -> Optimizer:
+        if self.mode not in self._inner:
+            self._inner[self.mode] = self._make(self.mode)
+        return self._inner[self.mode]
+
+    def _sync_lr(self, opt: Optimizer, mode: str) -> None:
+        scale = self._scales[mode]
+        for group, inner in zip(self.param_groups, opt.param_groups):
+            inner["lr"] = group["lr"] * scale
+
+    @property
+    def active_optimizer(self) -> Optimizer:
+        """The optimizer of the current mode."""
+        return self._active()
+
+    @property
+    def mode_lrs(self) -> dict[str, float]:
+        """Each mode's learning rate for the first param group, at the current schedule."""
+        lr = self.param_groups[0]["lr"]
+        return {m: lr * s for m, s in self._scales.items()}
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        """One optimisation step; probes first when one is due. ``closure`` (optional) is
+        called exactly once and its loss returned, as with any ``torch.optim`` optimizer."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                self.schedule.observe_loss(self.step_count, float(loss.detach()))
+        if self.probe is not None and self.schedule.due(self.step_count):
+            with torch.enable_grad():
+                self.probe_now()
+        opt = self._active()
+        self._sync_lr(opt, self.mode)
+        opt.step()
+        self.step_count += 1
+        return loss
+
+    def observe_loss(self, loss: float | torch.Tensor) -> None:
+        """Report the training loss when stepping without a closure (enables spike detection)."""
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        self.schedule.observe_loss(self.step_count, value)
+
+    def probe_now(self) -> Decision | None:
+        """Probe immediately, record the result and act on it; returns the decision."""
+        if self.probe is None:
+            raise RuntimeError("this optimizer has no probe; pass probe=... to probe")
+        spectra = block_spectra(
+            self.probe_model,
+            self.probe,
+            self.blocks,
+            steps=self.steps,
+            probes=self.probes,
+            seed=self.seed + len(self.spectra_history),
+        )
+        self.probe_seconds += spectra.seconds
+        score = heterogeneity(spectra)
+        self.last_score = score
+        self.spectra_history.append((self.step_count, spectra))
+        self.block_factors = block_lr_factors(spectra, max_factor=self.max_factor)
+        if "block_sgd" in self._inner:
+            self._inner["block_sgd"].set_factors(self.block_factors)
+        if self.pin_mode is not None or self.monitor_only:
+            reason = "pinned mode" if self.pin_mode is not None else "monitor only"
+            decision = Decision(self.step_count, float(score), self.mode, self.mode, reason)
+        else:
+            decision = self.policy.decide(self.step_count, float(score), self.mode)
+        self.history.append(decision)
+        if decision.switched:
+            self.switch(decision.new_mode)
+        self.schedule.after_probe(self.step_count, float(score), decision.switched)
+        return decision
+
+    def switch(self, mode: str) -> None:
+        """Switch to ``mode`` now, carrying state and matching the step size (see module doc)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
+        if mode == self.mode:
+            return
+        old = self._active()
+        self._sync_lr(old, self.mode)
+        old_norm = _step_norm(old)
+        new = self._inner.get(mode) or self._make(mode)
+        transfer_state(old, new)
+        if mode not in self._fixed_lrs:
+            self._scales[mode] = 1.0
+            self._sync_lr(new, mode)
+            new_norm = _step_norm(new)
+            if old_norm > 0 and new_norm > 0 and math.isfinite(old_norm / new_norm):
+                self._scales[mode] = old_norm / new_norm
+            else:
+                self._scales.setdefault(mode, 1.0)
+        self._inner[mode] = new
+        self.mode = mode
+        self._sync_lr(new, mode)
+        # The old mode's state is stale from now on; it is rebuilt from this mode's on return.
+        self._inner = {mode: new}
+
+    # -- torch.optim conventions --------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["blockopt"] = {
+            "version": STATE_VERSION,
+            "mode": self.mode,
+            "scales": dict(self._scales),
+            "inner": {m: opt.state_dict() for m, opt in self._inner.items()},
+            "schedule": self.schedule.state_dict(),
+            "last_switch": self.policy.last_switch,
+            "history": [d.to_dict() for d in self.history],
+            "spectra": [[step, s.to_dict()] for step, s in self.spectra_history],
+            "block_factors": dict(self.block_factors),
+            "step_count": self.step_count,
+            "probe_seconds": self.probe_seconds,
+            "blocks": [b.name for b in self.blocks],
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("blockopt") if isinstance(state_dict, Mapping) else None
+        if not isinstance(extra, Mapping) or extra.get("version") != STATE_VERSION:
+            raise ValueError(
+                "not a blockopt optimizer state dict (no 'blockopt' entry of version "
+                f"{STATE_VERSION}); load a plain optimizer's state into that optimizer, or "
+                "wrap it first and load its state_dict before wrapping"
+            )
+        names = [b.name for b in self.blocks]
+        if list(extra["blocks"]) != names:
+            raise ValueError(
+                "the state dict was saved for a model with different blocks "
+                f"({len(extra['blocks'])} blocks, first {list(extra['blocks'])[:3]}) than this "
+                f"one ({len(names)} blocks, first {names[:3]}); load it into the same model"
+            )
+        if extra["mode"] not in MODES:
+            raise ValueError(f"the state dict holds an unknown mode {extra['mode']!r}")
+        base = {k: v for k, v in state_dict.items() if k != "blockopt"}
+        super().load_state_dict(base)
+        self.mode = extra["mode"]
+        self._scales = {k: float(v) for k, v in extra["scales"].items()}
+        self.block_factors = {k: float(v) for k, v in extra["block_factors"].items()}
+        inner = {}
+        for m, sd in extra["inner"].items():
+            opt = self._make(m)
+            opt.load_state_dict(sd)
+            inner[m] = opt
+        self._inner = inner
+        self.schedule.load_state_dict(dict(extra["schedule"]))
+        self.policy.last_switch = extra["last_switch"]
+        self.history.clear()
+        self.history.extend(Decision(**d) for d in extra["history"])
+        self.spectra_history.clear()
+        self.spectra_history.extend((int(t), Spectra.from_dict(s)) for t, s in extra["spectra"])
+        self.step_count = int(extra["step_count"])
+        self.probe_seconds = float(extra["probe_seconds"])
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockOptimizer(mode={self.mode!r}, lr={self.param_groups[0]['lr']:g}, "
+            f"blocks={len(self.blocks)}, step={self.step_count})"
+        )
+
+
+def _family(mode: str) -> str:
+    return "adam" if mode == "adam" else "sgd"
+
+
+def _step_norm(opt: Optimizer) -> float:
+    """The norm of the update ``opt`` would make on its next step, from its state and the
+    current gradients: exact for SGD, block SGD and Adam(W) (weight decay aside), a sign-like
+    step for other adaptive classes and a gradient step for the rest."""
+    total = 0.0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad.double()
+            state = opt.state.get(p, {})
+            if isinstance(opt, (torch.optim.SGD, BlockSGD)):
+                update = _sgd_update(g, p, group, state)
+                scale = opt._scales.get(id(p), 1.0) if isinstance(opt, BlockSGD) else 1.0
+                update = update * (scale.double() if isinstance(scale, torch.Tensor) else scale)
+            elif isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+                update = _adam_update(g, group, state)
+            elif "betas" in group:
+                update = g / (g.abs() + group.get("eps", 1e-8))
+            else:
+                update = g
+            total += float(update.pow(2).sum()) * group["lr"] ** 2
+    return math.sqrt(total)
+
+
+def _sgd_update(g, p, group, state):
+    if group.get("weight_decay"):
+        g = g + group["weight_decay"] * p.detach().double()
+    mu = group.get("momentum", 0.0)
+    if not mu:
+        return g
+    buf = state.get("momentum_buffer")
+    buf = g if buf is None else mu * buf.double() + (1 - group.get("dampening", 0.0)) * g
+    return g + mu * buf if group.get("nesterov") else buf
+
+
+def _adam_update(g, group, state):
+    beta1, beta2 = group["betas"]
+    step = float(state["step"]) if "step" in state else 0.0
+    m = state["exp_avg"].double() if "exp_avg" in state else torch.zeros_like(g)
+    v = state["exp_avg_sq"].double() if "exp_avg_sq" in state else torch.zeros_like(g)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    m_hat = m / (1 - beta1 ** (step + 1))
+    v_hat = v / (1 - beta2 ** (step + 1))
+    return m_hat / (v_hat.sqrt() + group["eps"])
+
+
+def wrap(
+    optimizer: Optimizer,
+    model: nn.Module,
+    probe: Callable[[], torch.Tensor] | None = None,
+    **options: Any,
+) -> BlockOptimizer:
+    """Wrap an existing optimizer: keep its parameters, groups and hyperparameters, start in the
+    mode it implements (SGD-like classes: ``"sgd"``; others: ``"adam"`` with that class), and
+    carry its state. ``options`` are those of :class:`BlockOptimizer`."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, BlockOptimizer):
+        raise TypeError("this optimizer is already a BlockOptimizer")
+    defaults = dict(optimizer.defaults)
+    groups = [dict(g) for g in optimizer.param_groups]
+    sgd_like = isinstance(optimizer, torch.optim.SGD) or (
+        "momentum" in defaults and "betas" not in defaults
+    )
+    mode = options.pop("mode", "sgd" if sgd_like else "adam")
+    opts = dict(options)
+    optimizers = dict(opts.pop("optimizers", {}) or {})
+    kwargs = {k: v for k, v in defaults.items() if k not in ("lr", "params", "foreach", "fused")}
+    if mode == "sgd" and not isinstance(optimizer, torch.optim.SGD):
+        optimizers.setdefault("sgd", (type(optimizer), kwargs))
+    elif mode == "adam" and type(optimizer) is not torch.optim.AdamW:
+        optimizers.setdefault("adam", (type(optimizer), kwargs))
+    elif mode == "adam":
+        opts.setdefault("betas", defaults.get("betas", _ADAM_DEFAULTS["betas"]))
+        opts.setdefault("eps", defaults.get("eps", _ADAM_DEFAULTS["eps"]))
+        opts.setdefault("adam_weight_decay", defaults.get("weight_decay", 0.0))
+    if sgd_like:
+        for key in _SGD_KEYS:
+            if key in defaults:
+                opts.setdefault(key, defaults[key])
+    wrapped = BlockOptimizer(
+        model,
+        probe,
+        lr=float(defaults.get("lr", groups[0]["lr"])),
+        params=groups,
+        mode=mode,
+        optimizers=optimizers,
+        **opts,
+    )
+    inner = wrapped._active()
+    inner.load_state_dict(optimizer.state_dict())
+    wrapped._scales[mode] = 1.0
+    return wrapped
