@@ -1,0 +1,351 @@
+"""BlockOptimizer / wrap(): torch.optim conventions, switching, and non-perturbation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_optimizer
+from torch import nn
+
+import blockopt
+from blockopt import data as bdata
+from blockopt.models import MLP, SmallCNN, TinyGPT
+from blockopt.modes import BlockSGD
+
+
+def _task(seed=0):
+    torch.manual_seed(seed)
+    model = MLP((6, 16, 4))
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(64, 6, generator=gen), torch.randint(0, 4, (64,), generator=gen)
+    return model, x, y, (lambda: F.cross_entropy(model(x), y))
+
+
+def _train(opt, model, x, y, steps, start=0):
+    losses = []
+    for i in range(start, start + steps):
+        idx = torch.arange(i * 8, i * 8 + 16) % len(y)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_is_a_torch_optimizer_and_wrap_keeps_hyperparameters():
+    model, _x, _y, probe = _task()
+    sgd = torch.optim.SGD(
+        model.parameters(), lr=0.05, momentum=0.8, weight_decay=1e-4, nesterov=True
+    )
+    opt = blockopt.wrap(sgd, model, probe)
+    assert isinstance(opt, torch.optim.Optimizer) and opt.mode == "sgd"
+    inner = opt.active_optimizer
+    assert type(inner) is torch.optim.SGD
+    g = inner.param_groups[0]
+    assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (0.05, 0.8, 1e-4, True)
+    adam = blockopt.wrap(
+        torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.8, 0.99)), model, probe
+    )
+    assert adam.mode == "adam" and type(adam.active_optimizer) is torch.optim.Adam
+    assert adam.active_optimizer.param_groups[0]["betas"] == (0.8, 0.99)
+    lamb = blockopt.wrap(torch_optimizer.Lamb(model.parameters(), lr=1e-2), model, probe)
+    assert lamb.mode == "adam" and type(lamb.active_optimizer) is torch_optimizer.Lamb
+
+
+def test_wrap_carries_the_existing_state():
+    model, x, y, probe = _task()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    _train(sgd, model, x, y, 3)
+    buf = sgd.state[model.net[0].weight]["momentum_buffer"].clone()
+    opt = blockopt.wrap(sgd, model, probe)
+    assert torch.equal(opt.active_optimizer.state[model.net[0].weight]["momentum_buffer"], buf)
+
+
+def test_monitor_only_probes_do_not_change_training_bitwise():
+    runs = []
+    for probing in (False, True):
+        model, x, y, probe = _task()
+        opt = blockopt.BlockOptimizer(
+            model, probe if probing else None, lr=0.05, probe_every=3, monitor_only=True
+        )
+        _train(opt, model, x, y, 12)
+        runs.append([p.detach().clone() for p in model.parameters()])
+        if probing:
+            assert len(opt.history) == 4 and not any(d.switched for d in opt.history)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_scheduler_factor_applies_to_the_active_mode():
+    model, x, y, probe = _task()
+    opt = blockopt.BlockOptimizer(model, probe, lr=0.1, lrs={"adam": 1e-3}, pin_mode=None)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _train(opt, model, x, y, 2)
+    sched.step()
+    sched.step()  # two epochs: factor 0.25
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    opt.switch("adam")
+    _train(opt, model, x, y, 1)
+    assert opt.active_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
+    opt.switch("block_sgd")
+    _train(opt, model, x, y, 1)
+    assert opt.mode_lrs["block_sgd"] == opt.param_groups[0]["lr"] * opt._scales["block_sgd"]
+    assert opt.active_optimizer.param_groups[0]["lr"] == pytest.approx(opt.mode_lrs["block_sgd"])
+
+
+def test_closure_called_exactly_once_and_loss_returned():
+    model, x, y, probe = _task()
+    opt = blockopt.BlockOptimizer(model, probe, lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    out = opt.step(closure)
+    assert len(calls) == 1 and isinstance(out, torch.Tensor)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad(set_to_none):
+    model, x, y, probe = _task()
+    opt = blockopt.BlockOptimizer(model, probe)
+    F.cross_entropy(model(x), y).backward()
+    opt.zero_grad(set_to_none=set_to_none)
+    for p in model.parameters():
+        assert (p.grad is None) if set_to_none else torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_grad_scaler_and_gradient_accumulation_match_plain_sgd():
+    results = []
+    for use_blockopt in (False, True):
+        model, x, y, probe = _task()
+        if use_blockopt:
+            opt = blockopt.BlockOptimizer(model, probe, lr=0.05, probe_every=2, monitor_only=True)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for step in range(4):
+            opt.zero_grad()
+            for micro in range(2):  # accumulate two micro-batches
+                idx = torch.arange(16) + 16 * micro + step
+                loss = F.cross_entropy(model(x[idx]), y[idx]) / 2
+                scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_skipped_scaler_steps_are_tolerated():
+    model, x, y, probe = _task()
+    opt = blockopt.BlockOptimizer(model, probe, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    (scaler.scale(F.cross_entropy(model(x), y)) * float("inf")).backward()
+    scaler.step(opt)  # non-finite gradients: the step is skipped
+    scaler.update()
+    assert opt.step_count == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_frozen_parameters_and_param_groups():
+    model, x, y, probe = _task()
+    model.net[0].bias.requires_grad_(False)
+    frozen = model.net[0].bias.detach().clone()
+    groups = [
+        {"params": [model.net[0].weight], "lr": 0.1},
+        {"params": [model.net[2].weight, model.net[2].bias], "lr": 0.01, "momentum": 0.5},
+    ]
+    opt = blockopt.BlockOptimizer(model, probe, params=groups)
+    assert [b.name for b in opt.blocks] == ["net.0.weight", "net.2.weight", "net.2.bias"]
+    _train(opt, model, x, y, 2)
+    inner = opt.active_optimizer.param_groups
+    assert (inner[0]["lr"], inner[0]["momentum"]) == (0.1, 0.9)
+    assert (inner[1]["lr"], inner[1]["momentum"]) == (0.01, 0.5)
+    assert torch.equal(model.net[0].bias, frozen)
+
+
+def test_compiled_model_is_probed_eagerly():
+    model, x, y, _ = _task()
+    compiled = torch.compile(model)
+    opt = blockopt.BlockOptimizer(
+        compiled, lambda: F.cross_entropy(compiled(x), y), lr=0.05, monitor_only=True
+    )
+    assert opt.probe_model is model
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert len(opt.spectra_history) == 1 and opt.last_score is not None
+
+
+@pytest.mark.parametrize(("factory", "data"), [(SmallCNN, "digits"), (TinyGPT, "text")])
+@pytest.mark.parametrize("path", [("sgd", "adam"), ("sgd", "block_sgd"), ("adam", "sgd")])
+def test_forced_switch_keeps_the_loss_within_noise(factory, data, path):
+    start, target = path
+    torch.manual_seed(0)
+    model = factory()
+    gen = torch.Generator().manual_seed(0)
+    if data == "digits":
+        d = bdata.digits()
+
+        def batch():
+            idx = torch.randint(0, len(d.y_train), (64,), generator=gen)
+            return d.x_train[idx], d.y_train[idx]
+
+        def loss_of(xb, yb):
+            return F.cross_entropy(model(xb), yb)
+
+        lr = 0.05 if start != "adam" else 2e-3
+    else:
+        corpus = bdata.text_corpus()
+
+        def batch():
+            return bdata.text_batches(corpus, 16, 32, generator=gen)
+
+        def loss_of(xb, yb):
+            return F.cross_entropy(model(xb).flatten(0, 1), yb.flatten())
+
+        lr = 0.3 if start != "adam" else 3e-3
+    px, py = batch()
+    opt = blockopt.BlockOptimizer(model, lambda: loss_of(px, py), lr=lr, mode=start, pin_mode=start)
+    losses = []
+    for step in range(60):
+        if step == 40:
+            opt.pin_mode = None
+            opt.switch(target)
+            assert opt.mode == target
+        xb, yb = batch()
+        opt.zero_grad()
+        loss = loss_of(xb, yb)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    before = torch.tensor(losses[20:40])
+    after = torch.tensor(losses[40:])
+    noise = 3 * before.std().item() + 0.02 * before.mean().item()
+    assert after.max().item() <= before[-10:].mean().item() + noise, (losses[30:], noise)
+
+
+def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys, torch, torch.nn.functional as F, blockopt
+        from blockopt.models import MLP
+        torch.manual_seed(0)
+        model = MLP((6, 16, 4))
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(64, 6, generator=gen), torch.randint(0, 4, (64,), generator=gen)
+        probe = lambda: F.cross_entropy(model(x), y)
+        opt = blockopt.BlockOptimizer(model, probe, lr=0.05, probe_every=3,
+                                      thresholds=blockopt.Thresholds(0.0, 0.0, 0.0, 0))
+        sched = torch.optim.lr_scheduler.StepLR(opt, 4, gamma=0.7)
+        def run(start, stop):
+            for i in range(start, stop):
+                if i == 5:
+                    opt.switch("block_sgd")
+                idx = torch.arange(i * 8, i * 8 + 16) % 64
+                opt.zero_grad()
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+                sched.step()
+        mode, path = sys.argv[1], sys.argv[2]
+        if mode == "straight":
+            run(0, 20)
+        elif mode == "save":
+            run(0, 10)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict()}, path)
+            sys.exit(0)
+        else:
+            ck = torch.load(path, weights_only=True)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            sched.load_state_dict(ck["sched"])
+            run(10, 20)
+        torch.save({"params": [p.detach() for p in model.parameters()],
+                    "mode": opt.mode, "history": len(opt.history)}, path + "." + mode)
+        """
+    )
+    file = tmp_path / "resume.py"
+    file.write_text(script)
+    ck = str(tmp_path / "ck.pt")
+    for mode in ("straight", "save", "resume"):
+        subprocess.run([sys.executable, str(file), mode, ck], check=True, timeout=120)
+    a = torch.load(ck + ".straight", weights_only=True)
+    b = torch.load(ck + ".resume", weights_only=True)
+    assert a["mode"] == b["mode"] and a["history"] == b["history"] and a["history"] >= 6
+    for p, q in zip(a["params"], b["params"]):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"mode": "rmsprop"}, ValueError, "unknown mode 'rmsprop'"),
+        ({"lr": -1.0}, ValueError, "lr must be a positive"),
+        ({"steps": 0}, ValueError, "steps must be a positive"),
+        ({"optimizers": {"adam": "adahessian"}}, ValueError, "create_graph"),
+        ({"optimizers": {"adam": ("lamb", {"lr": 1.0})}}, ValueError, "lrs="),
+        ({"lrs": {"adam": 0.0}}, ValueError, "positive finite"),
+        ({"probe": 3}, TypeError, "zero-argument callable"),
+    ],
+)
+def test_bad_options(kwargs, error, message):
+    model, *_ = _task()
+    with pytest.raises(error, match=message):
+        blockopt.BlockOptimizer(model, **kwargs)
+
+
+def test_load_state_dict_refuses_foreign_states():
+    model, x, _y, probe = _task()
+    opt = blockopt.BlockOptimizer(model, probe)
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="not a blockopt optimizer state dict"):
+        opt.load_state_dict(plain.state_dict())
+    other = MLP((6, 8, 8, 4))
+    other_opt = blockopt.BlockOptimizer(other, lambda: other(x).sum())
+    with pytest.raises(ValueError, match="different blocks"):
+        opt.load_state_dict(other_opt.state_dict())
+
+
+def test_block_sgd_factors_follow_the_probe():
+    model, x, y, probe = _task()
+    opt = blockopt.BlockOptimizer(model, probe, lr=0.05, mode="block_sgd", pin_mode="block_sgd")
+    _train(opt, model, x, y, 1)
+    inner = opt.active_optimizer
+    assert isinstance(inner, BlockSGD)
+    assert inner.factors == opt.block_factors
+    assert max(opt.block_factors.values()) > 1.0 and min(opt.block_factors.values()) == 1.0
+
+
+def test_switch_to_adam_matches_the_step_norm():
+    model, x, y, probe = _task()
+    opt = blockopt.BlockOptimizer(model, probe, lr=0.05)
+    _train(opt, model, x, y, 5)
+    from blockopt.optimizer import _step_norm
+
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    before = _step_norm(opt.active_optimizer)
+    opt.switch("adam")
+    after = _step_norm(opt.active_optimizer)
+    assert after == pytest.approx(before, rel=1e-9)
+    # The step actually taken has that norm (AdamW without weight decay).
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    taken = sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), params)).sqrt().item()
+    assert taken == pytest.approx(before, rel=1e-5)
+    assert isinstance(nn.Module(), nn.Module) and Path(__file__).exists()
