@@ -5,15 +5,19 @@ product afterwards is one more backward pass through that graph, never a new for
 For block ``b`` with coordinates ``theta_b`` and a vector ``v_b`` it returns ``H_bb v_b =
 d/d theta_b (g_b . v_b)``: the product is taken only over the block's own coordinates, so the
 cross-block terms ``H_cb`` are never formed or returned. By default each product is its own
-backward pass through the shared graph; ``vectorize=True`` computes many in one vmapped pass
-(``is_grads_batched``), trading memory for fewer, larger kernels; on CPU the plain loop measured
-faster (see docs/BENCHMARKS.md), so it is off by default.
+backward pass through the shared graph, and on CPU the products of different blocks run
+concurrently on ``workers`` threads (the passes are independent and mostly small, memory-bound
+kernels that one intra-op thread serves no faster than several); ``vectorize=True`` computes
+many in one vmapped pass (``is_grads_batched``), trading memory for fewer, larger kernels; on
+CPU it measured slower than the plain passes (see docs/BENCHMARKS.md), so it is off by default.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -40,6 +44,18 @@ def _explain(err: RuntimeError) -> DoubleBackwardError:
     )
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads, created once and reused by every probe."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="blockopt-hvp")
+        return _POOLS[workers]
+
+
 class BlockHessian:
     """Products ``H_bb v`` for the diagonal Hessian blocks of ``loss`` over ``blocks``.
 
@@ -47,6 +63,9 @@ class BlockHessian:
     row-major order of its (slice of the) parameter. With ``vectorize``, ``max_batch`` bounds how
     many products share one backward pass (memory grows with it: activations and parameters times
     the batch); operations without a batching rule make it fall back to one pass per product.
+    Without it, ``workers`` threads (default ``torch.get_num_threads()``) run the separate passes
+    of one :meth:`matvec_many` call concurrently when the parameters live on the CPU; each result
+    is the same to the bit as when run alone. ``workers=1`` runs them one after another.
     """
 
     def __init__(
@@ -56,9 +75,14 @@ class BlockHessian:
         *,
         vectorize: bool = False,
         max_batch: int = 32,
+        workers: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if workers is None:
+            workers = torch.get_num_threads()
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
         self.blocks = list(blocks)
         self.max_batch = max_batch if vectorize else 1
         self.products = 0
@@ -91,6 +115,8 @@ class BlockHessian:
                 "it through the model being probed (not a copy of it or another model)"
             )
         self._batched = vectorize
+        on_cpu = all(p.device.type == "cpu" for p in self._params)
+        self.workers = workers if on_cpu else 1
 
     def status(self, index: int) -> str:
         """``"ok"``; ``"unused"`` when the loss does not depend on any of the block's parameters;
@@ -132,12 +158,18 @@ class BlockHessian:
                     f"{tuple(v.shape)}"
                 )
         out: list[torch.Tensor] = []
-        for start in range(0, len(indices), self.max_batch):
-            stop = start + self.max_batch
-            chunk = list(zip(indices[start:stop], vectors[start:stop]))
-            out.extend(self._products(chunk))
+        if not self._batched and self.workers > 1 and len(indices) > 1:
+            out = list(_pool(self.workers).map(self._single, zip(indices, vectors)))
+        else:
+            for start in range(0, len(indices), self.max_batch):
+                stop = start + self.max_batch
+                chunk = list(zip(indices[start:stop], vectors[start:stop]))
+                out.extend(self._products(chunk))
         self.products += len(indices)
         return out
+
+    def _single(self, item: tuple[int, torch.Tensor]) -> torch.Tensor:
+        return self._backward([item], batched=False)[0]
 
     def _products(self, chunk: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
         if self._batched and len(chunk) > 1:

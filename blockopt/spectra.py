@@ -233,6 +233,7 @@ def block_spectra(
     probes: int = 1,
     seed: int = 0,
     vectorize: bool = False,
+    workers: int | None = None,
 ) -> Spectra:
     """Estimate the spectrum of every diagonal Hessian block of ``probe()``'s loss.
 
@@ -240,7 +241,9 @@ def block_spectra(
     batch of the caller's choosing. ``blocks`` is a list from :func:`partition`, a partition
     strategy, or ``None`` for ``partition(model)``. Each block gets ``probes`` Lanczos runs of up
     to ``steps`` steps. Start vectors depend only on ``seed`` and the block's name, so a block's
-    estimate does not change when other blocks are added or removed.
+    estimate does not change when other blocks are added or removed. ``vectorize`` and
+    ``workers`` choose how the products are computed (see :class:`blockopt.BlockHessian`); the
+    results do not depend on ``workers``.
 
     The probe leaves ``.grad``, buffers, train/eval modes and global RNG states as it found them.
     """
@@ -256,7 +259,7 @@ def block_spectra(
     start = time.perf_counter()
     with isolated(model):
         loss = evaluate_probe(probe)
-        hessian = BlockHessian(loss, blocks, vectorize=vectorize)
+        hessian = BlockHessian(loss, blocks, vectorize=vectorize, workers=workers)
         starts = []
         for i, block in enumerate(blocks):
             generator = torch.Generator().manual_seed(_block_seed(seed, block.name))

@@ -13,14 +13,16 @@ from blockopt.isolation import isolated
 
 
 @pytest.mark.parametrize("strategy", ["tensor", "head", "module", "model"])
-@pytest.mark.parametrize("vectorize", [False, True])
-def test_block_products_match_dense_diagonal_blocks(case, strategy, vectorize):
+@pytest.mark.parametrize(
+    ("vectorize", "workers"), [(False, 1), (False, 3), (True, 1)], ids=["loop", "threads", "vmap"]
+)
+def test_block_products_match_dense_diagonal_blocks(case, strategy, vectorize, workers):
     hessian, offsets = dense_hessian(case.model, case.loss_of)
     blocks = blockopt.partition(case.model, strategy)
     gen = torch.Generator().manual_seed(0)
     vectors = [torch.randn(b.numel, generator=gen, dtype=torch.float64) for b in blocks]
     with isolated(case.model):
-        op = BlockHessian(case.probe(), blocks, vectorize=vectorize, max_batch=4)
+        op = BlockHessian(case.probe(), blocks, vectorize=vectorize, max_batch=4, workers=workers)
         products = op.matvec_many(list(range(len(blocks))), vectors)
     assert op.products == len(blocks)
     scale = max(1.0, hessian.abs().max().item())
@@ -175,3 +177,38 @@ def test_default_cpu_attention_kernel_has_no_double_backward_but_probes_work():
         torch.autograd.grad(sum(g.sum() for g in grads), list(case.model.parameters()))
     spectra = blockopt.block_spectra(case.model, case.probe, steps=3)
     assert set(spectra) >= {"attn.qkv.weight.q", "attn.qkv.weight.k", "attn.qkv.weight.v"}
+
+
+def test_concurrent_products_are_bitwise_the_sequential_ones():
+    """Products run on several threads equal, to the bit, the same products run one by one."""
+    from blockopt.data import text_batches, text_corpus
+    from blockopt.models import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(n_layers=1, d_model=16, n_heads=2, context=8)
+    x, y = text_batches(text_corpus(64), 4, 8, generator=torch.Generator().manual_seed(0))
+
+    def probe() -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    blocks = blockopt.partition(model)
+    gen = torch.Generator().manual_seed(2)
+    vectors = [torch.randn(b.numel, generator=gen) for b in blocks]
+    results = []
+    for workers in (1, 4):
+        with isolated(model):
+            op = BlockHessian(probe(), blocks, workers=workers)
+            assert op.workers == workers
+            results.append(op.matvec_many(list(range(len(blocks))), vectors))
+    for block, a, b in zip(blocks, *results):
+        assert torch.equal(a, b), block.name
+    spectra = [blockopt.block_spectra(model, probe, steps=6, workers=w) for w in (1, 3)]
+    assert spectra[0].to_dict()["blocks"] == spectra[1].to_dict()["blocks"]
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_workers_must_be_a_positive_integer(workers):
+    model = torch.nn.Linear(2, 1)
+    blocks = blockopt.partition(model)
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        BlockHessian(model(torch.ones(1, 2)).pow(2).sum(), blocks, workers=workers)
