@@ -1,0 +1,192 @@
+"""TensorBoard logging: event files read back must hold exactly what the probes measured."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
+
+import blockopt
+from blockopt import tensorboard as tb
+from blockopt.data import digits
+from blockopt.models import SmallCNN
+from blockopt.policy import Decision
+from blockopt.tensorboard import ProbeCost, TensorBoardLogger, histogram_buckets
+
+EVERYTHING = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0, "compressedHistograms": 0}
+
+
+def read(logdir) -> EventAccumulator:
+    ea = EventAccumulator(str(logdir), size_guidance=EVERYTHING)
+    ea.Reload()
+    return ea
+
+
+@pytest.fixture(scope="module")
+def probed():
+    torch.manual_seed(0)
+    model = SmallCNN(channels=4)
+    d = digits(seed=0)
+    x, y = d.x_train[:32], d.y_train[:32]
+    spectra = blockopt.block_spectra(model, lambda: F.cross_entropy(model(x), y), steps=8)
+    return spectra, blockopt.heterogeneity(spectra)
+
+
+def test_scalars_histograms_and_figures_hold_the_probe(tmp_path, probed):
+    spectra, score = probed
+    lrs = {name: 0.01 * (i + 1) for i, name in enumerate(spectra)}
+    cost = ProbeCost(seconds=0.25, hvps=spectra.hvps, share=0.125)
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_probe(7, spectra, score, "block_sgd", lrs, cost)
+    logger.close()
+    ea = read(tmp_path)
+
+    def scalar(tag: str) -> tuple[int, float]:
+        (event,) = ea.Scalars(tag)
+        return event.step, event.value
+
+    assert scalar("blockopt/score") == (7, pytest.approx(score.spread, rel=1e-6))
+    assert scalar("blockopt/max_ratio")[1] == pytest.approx(score.max_ratio, rel=1e-6)
+    assert scalar("blockopt/js")[1] == pytest.approx(score.js, rel=1e-6)
+    assert scalar("blockopt/mode")[1] == 1.0
+    assert scalar("blockopt/probe_seconds")[1] == 0.25
+    assert scalar("blockopt/probe_hvps")[1] == spectra.hvps
+    assert scalar("blockopt/probe_share")[1] == 0.125
+    for name, s in spectra.items():
+        assert scalar(f"blockopt.lambda_max/{name}")[1] == pytest.approx(s.lambda_max, rel=1e-6)
+        assert scalar(f"blockopt.lambda_min/{name}")[1] == pytest.approx(s.lambda_min, rel=1e-6)
+        assert scalar(f"blockopt.trace/{name}")[1] == pytest.approx(s.trace, rel=1e-6)
+        assert scalar(f"blockopt.lr/{name}")[1] == pytest.approx(lrs[name], rel=1e-6)
+        (hist,) = ea.Histograms(f"blockopt.density/{name}")
+        h = hist.histogram_value
+        assert hist.step == 7
+        assert h.num == pytest.approx(s.numel)
+        assert h.min == pytest.approx(min(s.ritz_values))
+        assert h.max == pytest.approx(max(s.ritz_values))
+        mean = sum(v * w for v, w in zip(s.ritz_values, s.ritz_weights))
+        assert h.sum == pytest.approx(s.numel * mean, rel=1e-9, abs=1e-12)
+        assert sum(h.bucket) == pytest.approx(s.numel)
+    assert {"blockopt/densities", "blockopt/js_matrix"} <= set(ea.Tags()["images"])
+    (image,) = ea.Images("blockopt/densities")
+    assert image.step == 7 and image.width > 100 and image.height > 100
+
+
+def test_histogram_buckets_put_each_ritz_value_where_it_belongs():
+    s = blockopt.BlockSpectrum(
+        name="b",
+        numel=10,
+        ritz_values=(-1.0, 0.0, 3.0),
+        ritz_weights=(0.2, 0.3, 0.5),
+        lambda_max=3.0,
+        lambda_min=-1.0,
+        trace=1.2,
+    )
+    limits, counts = histogram_buckets(s, buckets=4)
+    assert limits == [0.0, 1.0, 2.0, 3.0]
+    assert counts == pytest.approx([2.0 + 3.0, 0.0, 0.0, 5.0])
+    single = blockopt.BlockSpectrum("c", 1, (2.5,), (1.0,), 2.5, 2.5, 2.5)
+    assert histogram_buckets(single) == ([2.5], [1.0])
+
+
+def test_switch_text_custom_scalars_and_hparams(tmp_path, probed):
+    spectra, score = probed
+    logger = TensorBoardLogger(tmp_path, figures=False)
+    logger.log_probe(0, spectra, score, "sgd", {}, ProbeCost(0.1, 1, 0.0))
+    logger.log_decision(Decision(0, 0.5, "sgd", "sgd", "stay: fine"))
+    logger.log_decision(Decision(50, 2.6, "sgd", "adam", "score 2.60 > 2"))
+    logger.close({"lr": 0.1, "mode": "sgd", "thresholds": (1.0, 2.0)}, {"final/loss": 0.75})
+    ea = read(tmp_path)
+    (text,) = ea.Tensors("blockopt/switches/text_summary")
+    assert text.step == 50
+    body = text.tensor_proto.string_val[0].decode()
+    assert "sgd → adam" in body and "score 2.60 > 2" in body
+    layout = Layout()
+    layout.ParseFromString(ea.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    titles = {c.title for c in layout.category}
+    assert "blockopt" in titles and "blockopt: lambda_max per block" in titles
+    per_block = next(c for c in layout.category if c.title == "blockopt: lambda_max per block")
+    regexes = [t for chart in per_block.chart for t in chart.multiline.tag]
+    assert r"blockopt\.lambda_max/.*" in regexes
+    assert r"blockopt\.lambda_max/features\.0\..*" in regexes
+    assert set(ea.PluginTagToContent("hparams")) == {
+        "_hparams_/experiment",
+        "_hparams_/session_start_info",
+        "_hparams_/session_end_info",
+    }
+    assert ea.Scalars("final/loss")[0].value == 0.75
+    assert not ea.Tags()["images"]
+
+
+def test_a_failing_writer_warns_once_and_training_goes_on(probed):
+    spectra, score = probed
+
+    class FullDisk:
+        calls = 0
+
+        def add_scalar(self, *args, **kwargs):
+            FullDisk.calls += 1
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    logger = TensorBoardLogger(writer=FullDisk())
+    with pytest.warns(RuntimeWarning, match="No space left on device") as caught:
+        logger.log_probe(0, spectra, score, "sgd", {}, ProbeCost(0.1, 1, 0.0))
+    assert len(caught) == 1 and "logging is off" in str(caught[0].message)
+    assert not logger.enabled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logger.log_probe(1, spectra, score, "sgd", {}, ProbeCost(0.1, 1, 0.0))
+        logger.log_decision(Decision(1, 3.0, "sgd", "adam", "r"))
+        logger.close({"lr": 0.1}, {"m": 1.0})
+    assert FullDisk.calls == 1
+
+
+def test_an_unwritable_log_directory_warns_once(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.warns(RuntimeWarning, match="could not create the writer"):
+        logger = TensorBoardLogger(blocker / "runs")
+    assert not logger.enabled and logger.logdir is None
+
+
+def test_only_rank_zero_writes(tmp_path, probed, monkeypatch):
+    spectra, score = probed
+    monkeypatch.setattr(tb, "_rank", lambda: 1)
+    logger = TensorBoardLogger(tmp_path / "rank1")
+    logger.log_probe(0, spectra, score, "sgd", {}, ProbeCost(0.1, 1, 0.0))
+    logger.close({"lr": 0.1}, {"m": 1.0})
+    assert not (tmp_path / "rank1").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, "exactly one of logdir"),
+        ({"logdir": "x", "writer": object()}, ValueError, "exactly one of logdir"),
+        ({"writer": object()}, TypeError, "SummaryWriter"),
+    ],
+)
+def test_bad_logger_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TensorBoardLogger(**kwargs)
+
+
+def test_density_figure_separates_blocks_by_decades():
+    """Two blocks four decades apart peak four decades apart in the drawn densities."""
+    spectra = {
+        "stiff": blockopt.BlockSpectrum("stiff", 4, (10.0,), (1.0,), 10.0, 10.0, 40.0),
+        "flat": blockopt.BlockSpectrum("flat", 4, (1e-3,), (1.0,), 1e-3, 1e-3, 4e-3),
+    }
+    fig = tb.density_figure(spectra)
+    peaks = {}
+    for line in fig.axes[0].get_lines():
+        x, y = line.get_data()
+        peaks[line.get_label()] = x[y.argmax()]
+    assert math.log10(peaks["stiff"] / peaks["flat"]) == pytest.approx(4.0, abs=0.02)
