@@ -26,7 +26,7 @@ class Thresholds:
     ``min_interval`` steps since the last switch."""
 
     sgd_below: float = 1.0
-    adam_above: float = 2.0
+    adam_above: float = 1.5
     margin: float = 0.25
     min_interval: int = 50
 

@@ -9,7 +9,7 @@ from blockopt.policy import ProbeSchedule, SwitchPolicy, Thresholds
 
 @pytest.mark.parametrize(
     ("score", "mode"),
-    [(0.0, "sgd"), (0.99, "sgd"), (1.0, "block_sgd"), (2.0, "block_sgd"), (2.01, "adam")],
+    [(0.0, "sgd"), (0.99, "sgd"), (1.0, "block_sgd"), (1.5, "block_sgd"), (1.51, "adam")],
 )
 def test_targets(score, mode):
     assert Thresholds().target(score) == mode
