@@ -44,6 +44,10 @@ def _explain(err: RuntimeError) -> DoubleBackwardError:
     )
 
 
+DEFAULT_WORKERS = 2
+"""At most this many concurrent products by default: each thread's kernels may start their own
+intra-op thread team, so more workers multiply the threads on the machine."""
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -63,9 +67,10 @@ class BlockHessian:
     row-major order of its (slice of the) parameter. With ``vectorize``, ``max_batch`` bounds how
     many products share one backward pass (memory grows with it: activations and parameters times
     the batch); operations without a batching rule make it fall back to one pass per product.
-    Without it, ``workers`` threads (default ``torch.get_num_threads()``) run the separate passes
-    of one :meth:`matvec_many` call concurrently when the parameters live on the CPU; each result
-    is the same to the bit as when run alone. ``workers=1`` runs them one after another.
+    Without it, ``workers`` threads (default ``min(2, torch.get_num_threads())``) run the
+    separate passes of one :meth:`matvec_many` call concurrently when the parameters live on the
+    CPU; each result is the same to the bit as when run alone. ``workers=1`` runs them one after
+    another.
     """
 
     def __init__(
@@ -80,7 +85,7 @@ class BlockHessian:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if workers is None:
-            workers = torch.get_num_threads()
+            workers = min(DEFAULT_WORKERS, torch.get_num_threads())
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
         self.blocks = list(blocks)
