@@ -12,6 +12,8 @@ State mapping on a switch (per parameter, in the optimizer's own state keys):
 - Adam's second moment starts at ``v = max(m^2, g^2)`` (the current gradient and the carried mean:
   no variance is known yet) and its step count at ``ceil(5 / (1 - beta2))``, where both bias
   corrections are within 1% of 1, so the carried moments are used as they are.
+- Without a running mean to carry (SGD without momentum, or before its first step) Adam starts
+  fresh, as a new Adam would, so that its first step is as long as its later ones.
 - A class with other state keys starts fresh; its hyperparameters are still kept.
 """
 
@@ -224,8 +226,14 @@ def _convert(old, src, src_kind, dst_kind, group, p):
             return None
         return {"momentum_buffer": (mean / (1.0 - mu)).detach().clone()}
     if dst_kind == "adam":
+        if mean is None:
+            # Nothing to carry: Adam's own start, whose bias correction makes the first step a
+            # full one. A zero first moment at a corrected step count would make the first ten
+            # or so steps up to ten times shorter than later ones, and the step-norm match at
+            # the switch would then pick a learning rate ten times too large.
+            return None
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        m = torch.zeros_like(p) if mean is None else mean.detach().clone()
+        m = mean.detach().clone()
         v = torch.maximum(m * m, grad * grad)
         beta2 = group["betas"][1]
         state: dict[str, Any] = {

@@ -93,12 +93,36 @@ def test_transfer_without_momentum_starts_fresh():
     _grads(model, 0)
     sgd.step()
     adam = torch.optim.AdamW(model.parameters())
-    transfer_state(sgd, adam)
-    st = adam.state[model.weight]
-    assert torch.equal(st["exp_avg"], torch.zeros_like(model.weight))
-    assert torch.equal(st["exp_avg_sq"], model.weight.grad**2)
+    assert transfer_state(sgd, adam) == 0 and len(adam.state) == 0
     lamb = torch_optimizer.Lamb(model.parameters())
     assert transfer_state(adam, lamb) == 0 and len(lamb.state) == 0
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_adam_from_sgd_without_a_running_mean_steps_as_a_new_adam(momentum):
+    # Before SGD's first step (or without momentum) there is no mean to carry: Adam starts as a
+    # new Adam, so its steps are exactly a fresh AdamW's, the first one a full sign step.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    twin = torch.nn.Linear(4, 3).double()
+    twin.load_state_dict(model.state_dict())
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    if not momentum:
+        _grads(model, 0)
+        sgd.step()
+        twin.load_state_dict(model.state_dict())
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    transfer_state(sgd, adam)
+    fresh = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.0)
+    for step in range(1, 4):
+        before = model.weight.detach().clone()
+        for m, opt in ((model, adam), (twin, fresh)):
+            _grads(m, step)
+            opt.step()
+        assert torch.equal(model.weight, twin.weight)
+        if step == 1:
+            moved = (model.weight - before).abs()
+            assert torch.allclose(moved, torch.full_like(moved, 1e-2), rtol=1e-6)
 
 
 @pytest.mark.parametrize(
