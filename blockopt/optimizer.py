@@ -4,18 +4,24 @@ switches between SGD, blockwise-learning-rate SGD and Adam on it.
 The wrapper is a ``torch.optim.Optimizer``. Its ``param_groups`` are the single source of truth
 for learning rates: a scheduler that changes ``group["lr"]`` changes the learning rate of
 whichever mode is active, because each mode's learning rate is ``group["lr"]`` times a per-mode
-factor (1 for the mode training started in). The modes are ordinary optimizers over the same
-parameters; only the active one steps. On a switch, state is carried over
+factor (1 for the mode training started in, unless cut as below). The modes are ordinary
+optimizers over the same parameters; only the active one steps. On a switch, state is carried over
 (:func:`blockopt.modes.transfer_state`) and, unless the user fixed the new mode's learning rate,
 its factor is chosen so that the first step in the new mode has the same norm as a step in the
-old one would have had: a switch changes the direction of the update, not its size.
+old one would have had: a switch changes the direction of the update, not its size. An SGD
+learning rate that a probe finds far beyond SGD's stability limit on the largest block curvature
+is cut first (:func:`blockopt.tuning.sgd_lr_cap`), so that the size carried over is one SGD
+could take.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +33,14 @@ from .heterogeneity import Heterogeneity, heterogeneity
 from .modes import MODES, BlockSGD, resolve_optimizer_class, transfer_state
 from .policy import Decision, ProbeSchedule, SwitchPolicy, Thresholds
 from .spectra import Spectra, block_spectra
-from .tuning import DEFAULT_MAX_FACTOR, block_lr_factors
+from .tensorboard import ProbeCost, TensorBoardLogger
+from .tuning import (
+    DEFAULT_MAX_FACTOR,
+    UNSTABLE_FACTOR,
+    block_lr_factors,
+    sgd_lr_cap,
+    sgd_stability_limit,
+)
 
 __all__ = ["BlockOptimizer", "wrap"]
 
@@ -74,6 +87,10 @@ class BlockOptimizer(Optimizer):
         pin_mode: stay in this mode whatever the score (implies no switching).
         max_factor: bound on block SGD's per-block learning-rate factors.
         history: how many decisions and spectra to keep (oldest dropped first).
+        logdir, writer: log every probe and switch to TensorBoard, into a new
+            ``SummaryWriter`` at ``logdir`` or into your own ``writer`` (see
+            :mod:`blockopt.tensorboard`); nothing is logged when neither is given.
+        log_figures: also draw the density and JS-matrix figures at every probe.
     """
 
     def __init__(
@@ -103,6 +120,9 @@ class BlockOptimizer(Optimizer):
         pin_mode: str | None = None,
         max_factor: float = DEFAULT_MAX_FACTOR,
         history: int = 1000,
+        logdir: str | Path | None = None,
+        writer: Any = None,
+        log_figures: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -177,6 +197,13 @@ class BlockOptimizer(Optimizer):
         self.block_factors = dict.fromkeys((b.name for b in self.blocks), 1.0)
         self.step_count = 0
         self.probe_seconds = 0.0
+        self._clock_start: float | None = None  # wall time of the first step
+        self._strategy = strategy
+        self.logger = (
+            TensorBoardLogger(logdir, writer, figures=log_figures)
+            if logdir is not None or writer is not None
+            else None
+        )
         self._active()  # build the starting mode now, so errors in its settings surface here
 
     # -- modes -------------------------------------------------------------------------------
@@ -259,6 +286,8 @@ class BlockOptimizer(Optimizer):
         """One optimisation step; probes first when one is due. ``closure`` (optional) is
         called exactly once and its loss returned, as with any ``torch.optim`` optimizer."""
         loss = None
+        if self._clock_start is None:
+            self._clock_start = time.perf_counter()
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -297,16 +326,109 @@ class BlockOptimizer(Optimizer):
         self.block_factors = block_lr_factors(spectra, max_factor=self.max_factor)
         if "block_sgd" in self._inner:
             self._inner["block_sgd"].set_factors(self.block_factors)
+        rho_max = max(score.scales, default=0.0)
+        notes: list[str] = []
         if self.pin_mode is not None or self.monitor_only:
             reason = "pinned mode" if self.pin_mode is not None else "monitor only"
             decision = Decision(self.step_count, float(score), self.mode, self.mode, reason)
         else:
+            # Cap a grossly unstable SGD learning rate first, so that a switch matches the
+            # step SGD would really take; then the new mode's, if it is an SGD mode.
+            notes += self._cap_lr(rho_max)
             decision = self.policy.decide(self.step_count, float(score), self.mode)
+            if decision.switched:
+                self.switch(decision.new_mode)
+                notes += self._cap_lr(rho_max)
+        if notes:
+            decision = dataclasses.replace(decision, reason="; ".join([decision.reason, *notes]))
         self.history.append(decision)
-        if decision.switched:
-            self.switch(decision.new_mode)
         self.schedule.after_probe(self.step_count, float(score), decision.switched)
+        if self.logger is not None:
+            elapsed = time.perf_counter() - (self._clock_start or time.perf_counter())
+            share = min(self.probe_seconds / elapsed, 1.0) if elapsed > 0 else 1.0
+            cost = ProbeCost(spectra.seconds, spectra.hvps, share)
+            self.logger.log_probe(
+                self.step_count, spectra, score, self.mode, self.block_lrs(), cost
+            )
+            self.logger.log_decision(decision)
         return decision
+
+    def _cap_lr(self, rho_max: float) -> list[str]:
+        """Scale the active SGD or block-SGD mode's learning rate down when ``lr * rho_max``
+        is far beyond SGD's stability limit (:func:`blockopt.tuning.sgd_lr_cap`); returns a note
+        for the decision's reason. Modes whose learning rate the user fixed are left alone."""
+        opt = self._active()
+        if self.mode in self._fixed_lrs or not isinstance(opt, (torch.optim.SGD, BlockSGD)):
+            return []
+        self._sync_lr(opt, self.mode)
+        factor, worst, limit_used = 1.0, 0.0, math.inf
+        for group in opt.param_groups:
+            mu = group.get("momentum") or 0.0
+            if not 0.0 <= mu < 1.0:  # heavy ball has no stable learning rate there
+                continue
+            limit = sgd_stability_limit(
+                mu, group.get("dampening") or 0.0, bool(group.get("nesterov"))
+            )
+            f = sgd_lr_cap(group["lr"], rho_max, limit)
+            if f < factor:
+                factor, worst, limit_used = f, group["lr"] * rho_max, limit
+        if factor >= 1.0:
+            return []
+        self._scales[self.mode] *= factor
+        self._sync_lr(opt, self.mode)
+        return [
+            f"{self.mode} learning rate times {factor:.3g}: lr * rho_max was {worst:.3g}, more "
+            f"than {UNSTABLE_FACTOR:g} times the stability limit {limit_used:.3g}"
+        ]
+
+    def block_lrs(self) -> dict[str, float]:
+        """Block name -> the learning rate the current mode applies to it: its param group's
+        lr (with the schedule) times the mode's factor, times the block's factor in block SGD.
+        For Adam this is the step size before the per-coordinate scaling."""
+        group_lr = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                group_lr[id(p)] = group["lr"] * self._scales.get(self.mode, 1.0)
+        lrs = {}
+        for block in self.blocks:
+            lr = group_lr.get(id(block.parts[0].param))
+            if lr is None:
+                continue
+            if self.mode == "block_sgd":
+                lr *= self.block_factors.get(block.name, 1.0)
+            lrs[block.name] = lr
+        return lrs
+
+    def close(self, metrics: Mapping[str, float] | None = None) -> None:
+        """End the TensorBoard run: write the settings and final ``metrics`` (yours, e.g.
+        ``{"final/loss": 0.1}``, plus blockopt's final score, mode, switches and probe share)
+        to the HParams tab, and flush or close the writer. A no-op without logging."""
+        if self.logger is None:
+            return
+        t = self.policy.thresholds
+        hparams = {
+            "start_mode": self.history[0].old_mode if self.history else self.mode,
+            "lr": self._start_lr,
+            "strategy": self._strategy if isinstance(self._strategy, str) else "custom",
+            "steps": self.steps,
+            "probes": self.probes,
+            "probe_every": self.schedule.every or 0,
+            "sgd_below": t.sgd_below,
+            "adam_above": t.adam_above,
+            "margin": t.margin,
+            "min_interval": t.min_interval,
+            "monitor_only": self.monitor_only,
+            "pin_mode": self.pin_mode or "none",
+        }
+        elapsed = time.perf_counter() - (self._clock_start or time.perf_counter())
+        final = {
+            "blockopt/final_score": float(self.last_score) if self.last_score else 0.0,
+            "blockopt/final_mode": float(MODES.index(self.mode)),
+            "blockopt/switch_count": float(sum(d.switched for d in self.history)),
+            "blockopt/final_probe_share": self.probe_seconds / elapsed if elapsed > 0 else 0.0,
+            **{k: float(v) for k, v in (metrics or {}).items()},
+        }
+        self.logger.close(hparams, final, step=self.step_count)
 
     def switch(self, mode: str) -> None:
         """Switch to ``mode`` now, carrying state and matching the step size (see module doc)."""

@@ -184,11 +184,14 @@ class TensorBoardLogger:
         self,
         hparams: Mapping[str, Any] | None = None,
         metrics: Mapping[str, float] | None = None,
+        step: int | None = None,
     ) -> None:
-        """Write ``hparams`` and final ``metrics`` to the HParams tab (when given), then flush,
-        and close the writer if this logger created it."""
+        """Write ``hparams`` and final ``metrics`` (also as scalars at ``step``) to the HParams
+        tab when given, then flush, and close the writer if this logger created it."""
         if hparams:
-            self._guard("write the hyperparameters", lambda: self._hparams(hparams, metrics or {}))
+            self._guard(
+                "write the hyperparameters", lambda: self._hparams(hparams, metrics or {}, step)
+            )
         if self.writer is not None and self.enabled:
             self._guard(
                 "close the event file",
@@ -262,19 +265,21 @@ class TensorBoardLogger:
         if len(score.blocks) > 1:
             self.writer.add_figure("blockopt/js_matrix", js_figure(score), step, close=False)
 
-    def _hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    def _hparams(
+        self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int | None
+    ) -> None:
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         clean = {k: _hparam_value(v) for k, v in hparams.items()}
         final = {k: float(v) for k, v in metrics.items()}
         file_writer = getattr(self.writer, "_get_file_writer", None)
         if not callable(file_writer):
-            self.writer.add_hparams(clean, final)
+            self.writer.add_hparams(clean, final, global_step=step)
             return
         for summary in hparams_summary(clean, final):
-            file_writer().add_summary(summary)
+            file_writer().add_summary(summary, step)
         for k, v in final.items():
-            self.writer.add_scalar(k, v)
+            self.writer.add_scalar(k, v, step)
 
 
 def density_figure(spectra: Mapping[str, BlockSpectrum]):
@@ -291,6 +296,7 @@ def density_figure(spectra: Mapping[str, BlockSpectrum]):
         top = max(mags)
         lo = max(min(mags), top * 1e-9)
         grid = np.linspace(math.log10(lo) - 0.5, math.log10(top) + 0.5, 600)
+        peak = 0.0
         cmap = matplotlib.colormaps["viridis"].resampled(max(len(spectra), 2))
         for i, (name, s) in enumerate(spectra.items()):
             theta = np.abs(np.asarray(s.ritz_values, dtype=np.float64))
@@ -302,10 +308,13 @@ def density_figure(spectra: Mapping[str, BlockSpectrum]):
             kernel = np.exp(-0.5 * ((grid[:, None] - x[None, :]) / 0.1) ** 2) / (
                 0.1 * math.sqrt(2 * math.pi)
             )
-            ax.plot(10**grid, kernel @ w, color=cmap(i), lw=1.0, label=name)
+            curve = kernel @ w
+            peak = max(peak, float(curve.max()))
+            ax.plot(10**grid, curve, color=cmap(i), lw=1.0, label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_ylim(1e-3, None)
+        if peak > 0:
+            ax.set_ylim(1e-3 * peak, 2 * peak)
     ax.set_xlabel("|eigenvalue| of the diagonal Hessian block")
     ax.set_ylabel("density per decade")
     ax.set_title("Blockwise Hessian spectra (SLQ, Gaussian smoothing 0.1 decade)")

@@ -190,3 +190,106 @@ def test_density_figure_separates_blocks_by_decades():
         x, y = line.get_data()
         peaks[line.get_label()] = x[y.argmax()]
     assert math.log10(peaks["stiff"] / peaks["flat"]) == pytest.approx(4.0, abs=0.02)
+
+
+def _cnn_task(seed: int = 0):
+    torch.manual_seed(seed)
+    model = SmallCNN(channels=4)
+    d = digits(seed=0)
+    x, y = d.x_train[:32], d.y_train[:32]
+    return model, x, y, (lambda: F.cross_entropy(model(x), y))
+
+
+def test_optimizer_logs_every_probe_and_switch(tmp_path):
+    model, x, y, probe = _cnn_task()
+    opt = blockopt.BlockOptimizer(
+        model,
+        probe,
+        lr=0.05,
+        steps=6,
+        probe_every=4,
+        thresholds=blockopt.Thresholds(sgd_below=0.0, adam_above=0.0, margin=0.0, min_interval=0),
+        logdir=tmp_path,
+        log_figures=False,
+    )
+    for _ in range(9):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.close({"final/loss": 0.5})
+    ea = read(tmp_path)
+    probes = list(opt.spectra_history)
+    assert [t for t, _ in probes] == [0, 4, 8]
+    scores = ea.Scalars("blockopt/score")
+    assert [e.step for e in scores] == [0, 4, 8]
+    for event, (step, spectra) in zip(scores, probes):
+        assert event.value == pytest.approx(blockopt.heterogeneity(spectra).spread, rel=1e-6)
+        for name, s in spectra.items():
+            (match,) = [e for e in ea.Scalars(f"blockopt.lambda_max/{name}") if e.step == step]
+            assert match.value == pytest.approx(s.lambda_max, rel=1e-6)
+    modes = [e.value for e in ea.Scalars("blockopt/mode")]
+    assert modes == [2.0, 2.0, 2.0]  # every threshold at 0: the first probe switches to Adam
+    (switch,) = ea.Tensors("blockopt/switches/text_summary")
+    decision = opt.history[0]
+    assert decision.switched and switch.step == decision.step == 0
+    assert decision.reason in switch.tensor_proto.string_val[0].decode()
+    (share,) = [e.value for e in ea.Scalars("blockopt/probe_share") if e.step == 8]
+    assert 0.0 < share <= 1.0
+    assert ea.Scalars("final/loss")[0].value == 0.5
+    assert ea.Scalars("blockopt/switch_count")[0].value == 1.0
+    assert ea.Scalars("blockopt/final_mode")[0].value == 2.0
+
+
+def test_block_learning_rates_in_effect_are_logged(tmp_path):
+    model, x, y, probe = _cnn_task(1)
+    opt = blockopt.BlockOptimizer(
+        model, probe, lr=0.05, steps=6, pin_mode="block_sgd", writer=None, logdir=tmp_path
+    )
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.close()
+    ea = read(tmp_path)
+    ((_, spectra),) = opt.spectra_history
+    expected = blockopt.tune_block_lrs(spectra, 0.05)
+    assert len(set(expected.values())) > 1
+    for name, lr in expected.items():
+        assert ea.Scalars(f"blockopt.lr/{name}")[0].value == pytest.approx(lr, rel=1e-6)
+
+
+def test_nothing_is_logged_without_logdir_or_writer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, x, y, probe = _cnn_task()
+    opt = blockopt.BlockOptimizer(model, probe, lr=0.05, steps=4)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.close()
+    assert opt.logger is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_goes_on_when_the_writer_fails(probed):
+    class Broken:
+        def add_scalar(self, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+    model, x, y, probe = _cnn_task()
+    reference_model, *_ = _cnn_task()
+    opt = blockopt.BlockOptimizer(
+        model, probe, lr=0.05, steps=4, probe_every=2, monitor_only=True, writer=Broken()
+    )
+    plain = torch.optim.SGD(reference_model.parameters(), lr=0.05, momentum=0.9)
+    with pytest.warns(RuntimeWarning, match="logging is off") as caught:
+        for _ in range(5):
+            for o, m in ((opt, model), (plain, reference_model)):
+                o.zero_grad()
+                F.cross_entropy(m(x), y).backward()
+                o.step()
+    assert len([w for w in caught if "logging is off" in str(w.message)]) == 1
+    assert len(opt.history) == 3
+    for a, b in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(a, b)

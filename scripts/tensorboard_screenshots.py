@@ -1,0 +1,183 @@
+"""Screenshots of blockopt's TensorBoard dashboards, for the README.
+
+Trains the bundled tiny GPT (on the text of ``pydoc_data.topics``) and the CNN (on scikit-learn
+digits) for a few hundred steps under ``blockopt.BlockOptimizer`` with TensorBoard logging,
+serves the runs with a real ``tensorboard`` on a free localhost port, and photographs its
+dashboards with headless Chromium (Debian's ``chromium`` package)::
+
+    python scripts/tensorboard_screenshots.py            # writes docs/images/tensorboard_*.png
+
+Needs the ``demo`` extra (scikit-learn) and ``chromium`` on the PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import blockopt
+from blockopt import data, models
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = {
+    "custom_scalars": "#custom_scalars",
+    "scalars": "#timeseries&tagFilter=blockopt%2F",
+    "images": "#images",
+    "histograms": "#histograms&tagFilter=blocks.1",
+    "text": "#text",
+    "hparams": "#hparams",
+}
+
+
+def train_gpt(logdir: Path, steps: int) -> None:
+    torch.manual_seed(0)
+    model = models.TinyGPT()
+    corpus = data.text_corpus(64)
+    gen = torch.Generator().manual_seed(0)
+    px, py = data.text_batches(corpus, 16, 32, generator=gen)
+
+    def probe() -> torch.Tensor:
+        return F.cross_entropy(model(px).flatten(0, 1), py.flatten())
+
+    opt = blockopt.wrap(
+        torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9),
+        model,
+        probe,
+        probe_every=50,
+        steps=20,
+        logdir=logdir / "tiny_gpt",
+    )
+    loss = torch.zeros(())
+    for _ in range(steps):
+        x, y = data.text_batches(corpus, 16, 32, generator=gen)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+    opt.close({"final/train_loss": loss.item()})
+
+
+def train_cnn(logdir: Path, steps: int) -> None:
+    torch.manual_seed(0)
+    model = models.SmallCNN()
+    d = data.digits(seed=0)
+    gen = torch.Generator().manual_seed(0)
+    probe_idx = torch.randperm(len(d.y_train), generator=gen)[:256]
+
+    def probe() -> torch.Tensor:
+        return F.cross_entropy(model(d.x_train[probe_idx]), d.y_train[probe_idx])
+
+    opt = blockopt.wrap(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        model,
+        probe,
+        probe_every=50,
+        steps=20,
+        logdir=logdir / "cnn",
+    )
+    loss = torch.zeros(())
+    for _ in range(steps):
+        idx = torch.randint(0, len(d.y_train), (64,), generator=gen)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(d.x_train[idx]), d.y_train[idx])
+        loss.backward()
+        opt.step()
+    opt.close({"final/train_loss": loss.item()})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(logdir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/data/runs", timeout=2) as r:
+                if b"tiny_gpt" in r.read():
+                    return server, url
+        except OSError:
+            pass
+        time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("tensorboard did not come up within 90 s")
+
+
+def screenshot(browser: str, url: str, out: Path, size: str) -> None:
+    subprocess.run(
+        [
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--window-size={size}",
+            "--virtual-time-budget=20000",
+            f"--screenshot={out}",
+            url,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=180,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per model")
+    parser.add_argument("--size", default="1400,1000", help="browser window, WIDTH,HEIGHT")
+    args = parser.parse_args(argv)
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        print("chromium not found: install Debian's chromium package", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        logdir = Path(tmp)
+        train_gpt(logdir, args.steps)
+        train_cnn(logdir, args.steps)
+        server, url = serve(logdir)
+        try:
+            for name, fragment in PAGES.items():
+                target = args.out / f"tensorboard_{name}.png"
+                screenshot(browser, f"{url}/{fragment}", target, args.size)
+                print(f"wrote {target}")
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
