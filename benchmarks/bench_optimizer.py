@@ -30,7 +30,6 @@ import math
 import multiprocessing
 import os
 import platform
-import re
 import resource
 import statistics
 import sys
@@ -44,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_docs import write_section
 from repro_quadratic import BlockQuadratic, make_problem
 from torch import nn
 
@@ -51,8 +51,6 @@ import blockopt
 from blockopt import data, models
 from blockopt.modes import BlockSGD
 
-ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Optimizer"
 COMMAND = "python benchmarks/bench_optimizer.py"
 
@@ -684,20 +682,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.json.write_text(json.dumps(raw, indent=1, default=str))
     if not (args.no_write or args.quick):
-        _write_section(text)
+        write_section(SECTION, text)
     return 0
-
-
-def _write_section(text: str) -> None:
-    """Replace the section in docs/BENCHMARKS.md (or append it), leaving the others as they are."""
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text + "\n", doc)
-    else:
-        doc = doc.rstrip() + "\n\n" + text
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
 
 
 if __name__ == "__main__":
