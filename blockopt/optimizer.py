@@ -344,7 +344,7 @@ class BlockOptimizer(Optimizer):
         self.history.append(decision)
         self.schedule.after_probe(self.step_count, float(score), decision.switched)
         if self.logger is not None:
-            elapsed = time.perf_counter() - (self._clock_start or time.perf_counter())
+            elapsed = self._training_seconds()
             share = min(self.probe_seconds / elapsed, 1.0) if elapsed > 0 else 1.0
             cost = ProbeCost(spectra.seconds, spectra.hvps, share)
             self.logger.log_probe(
@@ -380,6 +380,10 @@ class BlockOptimizer(Optimizer):
             f"{self.mode} learning rate times {factor:.3g}: lr * rho_max was {worst:.3g}, more "
             f"than {UNSTABLE_FACTOR:g} times the stability limit {limit_used:.3g}"
         ]
+
+    def _training_seconds(self) -> float:
+        """Wall time since the first step (0 before it), probes included."""
+        return 0.0 if self._clock_start is None else time.perf_counter() - self._clock_start
 
     def block_lrs(self) -> dict[str, float]:
         """Block name -> the learning rate the current mode applies to it: its param group's
@@ -420,7 +424,7 @@ class BlockOptimizer(Optimizer):
             "monitor_only": self.monitor_only,
             "pin_mode": self.pin_mode or "none",
         }
-        elapsed = time.perf_counter() - (self._clock_start or time.perf_counter())
+        elapsed = self._training_seconds()
         final = {
             "blockopt/final_score": float(self.last_score) if self.last_score else 0.0,
             "blockopt/final_mode": float(MODES.index(self.mode)),

@@ -160,7 +160,7 @@ class TensorBoardLogger:
             self._layout_written = True
         if self.figures:
             self._guard("draw the probe's figures", lambda: self._figures(step, spectra, score))
-        self._guard("flush the event file", self.writer.flush if self.writer else _nothing)
+        self._guard("flush the event file", lambda: self.writer.flush())
 
     def log_decision(self, decision: Decision) -> None:
         """A text entry for a switch (decisions that keep the mode are in the scalars)."""
@@ -192,11 +192,10 @@ class TensorBoardLogger:
             self._guard(
                 "write the hyperparameters", lambda: self._hparams(hparams, metrics or {}, step)
             )
-        if self.writer is not None and self.enabled:
-            self._guard(
-                "close the event file",
-                self.writer.close if self._owns_writer else self.writer.flush,
-            )
+        self._guard(
+            "close the event file",
+            lambda: self.writer.close() if self._owns_writer else self.writer.flush(),
+        )
         if self._owns_writer:
             self.enabled = False
 
@@ -359,7 +358,3 @@ def _hparam_value(value: Any) -> int | float | str | bool:
     if isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
-
-
-def _nothing() -> None:
-    return None
