@@ -90,6 +90,18 @@ def answer_positions() -> slice:
     return slice(2 * DIGITS + 1, 2 * DIGITS + 1 + DIGITS + 1)
 
 
+def add_attention_layers(module: nn.Module, d: int) -> None:
+    """Give ``module`` bias-free ``query``/``key``/``value`` maps and an ``out`` classifier, with
+    weights drawn at the 1/sqrt(d) scale and a zero output bias."""
+    module.query = nn.Linear(d, d, bias=False)
+    module.key = nn.Linear(d, d, bias=False)
+    module.value = nn.Linear(d, d, bias=False)
+    module.out = nn.Linear(d, CLASSES)
+    for layer in (module.query, module.key, module.value, module.out):
+        nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(d))
+    nn.init.zeros_(module.out.bias)
+
+
 class OneHeadAttention(nn.Module):
     """Embeddings times ``sigma``, one causal self-attention head (query, key, value ``d x d``,
     no biases), a residual connection and a linear readout of the answer digits.
@@ -109,13 +121,7 @@ class OneHeadAttention(nn.Module):
         self.tok = nn.Parameter(torch.randn(VOCAB, d))
         self.pos = nn.Parameter(torch.randn(tokens.shape[1], d))
         self.norm = nn.LayerNorm(d) if norm else nn.Identity()
-        self.query = nn.Linear(d, d, bias=False)
-        self.key = nn.Linear(d, d, bias=False)
-        self.value = nn.Linear(d, d, bias=False)
-        self.out = nn.Linear(d, CLASSES)
-        for layer in (self.query, self.key, self.value, self.out):
-            nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(d))
-        nn.init.zeros_(self.out.bias)
+        add_attention_layers(self, d)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.sigma * (self.tok[tokens] + self.pos[: tokens.shape[1]]) / math.sqrt(2.0)

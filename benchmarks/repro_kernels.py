@@ -22,7 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from repro_attention import CLASSES, VOCAB, addition_batch, answer_positions
+from repro_attention import (
+    CLASSES,
+    VOCAB,
+    add_attention_layers,
+    addition_batch,
+    answer_positions,
+)
 from repro_common import Section, save_figure, table
 from torch import nn
 
@@ -60,13 +66,7 @@ class KernelAttention(nn.Module):
         length = addition_batch(1, 0)[0].shape[1]
         self.tok = nn.Parameter(scale * torch.randn(VOCAB, d))
         self.pos = nn.Parameter(scale * torch.randn(length, d))
-        self.query = nn.Linear(d, d, bias=False)
-        self.key = nn.Linear(d, d, bias=False)
-        self.value = nn.Linear(d, d, bias=False)
-        self.out = nn.Linear(d, CLASSES)
-        for layer in (self.query, self.key, self.value, self.out):
-            nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(d))
-        nn.init.zeros_(self.out.bias)
+        add_attention_layers(self, d)
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights ``(n, t, t)`` of embedded inputs ``x``."""
