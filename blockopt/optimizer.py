@@ -111,7 +111,7 @@ class BlockOptimizer(Optimizer):
         lrs: Mapping[str, float] | None = None,
         optimizers: Mapping[str, Any] | None = None,
         strategy: Strategy = "tensor",
-        steps: int = 20,
+        steps: int = 10,
         probes: int = 1,
         seed: int = 0,
         probe_every: int | None = None,
