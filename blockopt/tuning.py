@@ -14,21 +14,36 @@ momentum ``mu`` and dampening ``d``; ``2 (1 + mu) / (1 + 2 mu)`` with Nesterov).
 block's ``lr * factor_b * rho_b`` is at most ``lr * rho_max``, so the same bound applies to the
 base learning rate. :func:`sgd_lr_cap` turns a measured ``rho_max`` into a cap for learning rates
 that are far beyond that bound.
+
+Keeping tuned learning rates without blockopt at run time: :func:`param_groups` turns the mapping
+block name -> learning rate (from :func:`tune_block_lrs`, or the JSON that ``blockopt tune --out``
+writes) into param groups for any ``torch.optim`` optimizer. A param group holds whole tensors, so
+a tensor split into several blocks (the Q, K and V thirds of a fused projection, per-head blocks)
+gets the smallest of its blocks' learning rates, with a warning naming what was lost.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import re
+import warnings
 from collections.abc import Mapping
+from typing import Any
 
+from torch import nn
+
+from .blocks import Block, Strategy, partition
 from .heterogeneity import heterogeneity
 from .spectra import BlockSpectrum
 
 __all__ = [
     "CAP_FRACTION",
     "DEFAULT_MAX_FACTOR",
+    "KNOWN_STRATEGIES",
     "UNSTABLE_FACTOR",
     "block_lr_factors",
+    "param_groups",
     "sgd_lr_cap",
     "sgd_stability_limit",
     "tune_block_lrs",
@@ -46,6 +61,10 @@ UNSTABLE_FACTOR = 10.0
 # flatter directions; the factor 2 covers the probe's estimate of rho_max (Lanczos approaches it
 # from below, and the diagonal blocks ignore the coupling between blocks).
 CAP_FRACTION = 0.5
+# The partition strategies :func:`param_groups` tries, in this order, when none is given.
+KNOWN_STRATEGIES = ("tensor", "head", "module", "model")
+# How partition() names a slice of a tensor: ``.q``/``.k``/``.v``, then ``.h<i>`` for a head.
+_SLICE_SUFFIX = re.compile(r"(\.[qkv])?(\.h\d+)?$")
 
 
 def block_lr_factors(
@@ -106,3 +125,198 @@ def sgd_lr_cap(
     if lr * rho_max <= unstable_factor * limit:
         return 1.0
     return fraction * limit / (lr * rho_max)
+
+
+def param_groups(
+    model: nn.Module,
+    lrs: Mapping[str, float],
+    *,
+    strategy: Strategy | None = None,
+    default_lr: float | None = None,
+) -> list[dict[str, Any]]:
+    """Param groups for any ``torch.optim`` optimizer that train each block at its own ``lrs``
+    entry, so tuned per-block learning rates need no blockopt at run time.
+
+    Usage: ``torch.optim.SGD(param_groups(model, lrs), lr=0.1, momentum=0.9)``, with ``lrs`` what
+    :func:`tune_block_lrs` returns or ``json.load`` of what ``blockopt tune --out`` writes.
+
+    Args:
+        model: the module the learning rates were tuned on (or one of the same architecture).
+        lrs: block name -> learning rate, each a positive finite number (bools are refused).
+        strategy: the partition strategy the block names come from (see
+            :func:`blockopt.partition`); ``None`` tries ``KNOWN_STRATEGIES`` in order and takes
+            the first whose block names include every name in ``lrs``; names from a callable or
+            regex strategy need that strategy passed here.
+        default_lr: the learning rate of trainable parameters that ``lrs`` does not cover;
+            ``None`` makes them an error.
+
+    Returns one group per distinct learning rate, in the order of ``model.named_parameters()``:
+    ``{"params": [...], "lr": lr, "blocks": [block names], "tensors": [parameter names]}``.
+    The extra keys are ignored by optimizers and schedulers and kept in ``state_dict()``.
+
+    A group holds whole tensors. A tensor split into blocks with different learning rates (the
+    Q, K and V slices of a fused ``qkv`` weight, per-head blocks) trains at the smallest of them,
+    the one that is stable for all its slices, and a ``UserWarning`` names each such tensor, its
+    smallest and largest block learning rate: the other slices train slower than tuned.
+    Frozen parameters are left out, and names in ``lrs`` that refer to frozen parameters
+    (tuned before they were frozen) are skipped. Names that match no block, and trainable
+    parameters without a learning rate when ``default_lr`` is ``None``, raise ``ValueError``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups() needs an nn.Module, got {type(model).__name__}")
+    rates = _checked_lrs(lrs)
+    if default_lr is not None:
+        default_lr = _checked_lr("default_lr", default_lr)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    frozen = _frozen_names(model, rates)
+    wanted = {k: v for k, v in rates.items() if k not in frozen}
+    blocks = _matching_blocks(model, set(wanted), strategy)
+
+    block_lr: dict[str, float] = {}
+    missing: list[str] = []
+    for block in blocks:
+        lr = wanted.get(block.name, default_lr)
+        if lr is None:
+            missing.append(block.name)
+        else:
+            block_lr[block.name] = lr
+    in_blocks = {id(p) for block in blocks for p in block.params}
+    loose = [n for n, p in trainable if id(p) not in in_blocks]
+    if default_lr is None and (missing or loose):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} block(s) of the model: {_listing(missing)}")
+        if loose:
+            parts.append(f"{len(loose)} parameter(s) the strategy leaves out: {_listing(loose)}")
+        raise ValueError(
+            f"lrs has no learning rate for {' and '.join(parts)}; add them to lrs, pass "
+            "default_lr= to train them at one learning rate, or freeze them (requires_grad=False)"
+        )
+
+    per_tensor: dict[int, list[tuple[str, float]]] = {}
+    for block in blocks:
+        for p in block.params:
+            per_tensor.setdefault(id(p), []).append((block.name, block_lr[block.name]))
+    groups: dict[float, dict[str, Any]] = {}
+    lowered: list[str] = []
+    for name, p in trainable:
+        entries = per_tensor.get(id(p), [])
+        lr = min((v for _, v in entries), default=default_lr)
+        assert lr is not None  # loose parameters without default_lr raised above
+        if len({v for _, v in entries}) > 1:
+            low = min(entries, key=lambda e: e[1])
+            high = max(entries, key=lambda e: e[1])
+            lowered.append(
+                f"{name} trains at {lr:.3g} (block {low[0]}), though block {high[0]} was tuned "
+                f"to {high[1]:.3g} ({high[1] / lr:.3g}x)"
+            )
+        group = groups.setdefault(lr, {"params": [], "lr": lr, "blocks": [], "tensors": []})
+        group["params"].append(p)
+        group["tensors"].append(name)
+        for block_name, _ in entries:
+            if block_name not in group["blocks"]:
+                group["blocks"].append(block_name)
+    if lowered:
+        warnings.warn(
+            f"param_groups: {len(lowered)} tensor(s) hold blocks with different learning rates, "
+            "and a param group holds whole tensors, so each trains at the smallest of its "
+            f"blocks' learning rates (stable for all of them): {'; '.join(lowered)}. Their other "
+            "blocks train slower than tuned; blockopt.BlockOptimizer(..., pin_mode='block_sgd') "
+            "tunes and applies per-slice learning rates while training",
+            UserWarning,
+            stacklevel=2,
+        )
+    return list(groups.values())
+
+
+def _checked_lr(label: str, value: Any) -> float:
+    """``value`` as a float, if it is a positive finite real number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{label} must be a positive finite number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{label} must be a positive finite number, got {value!r}")
+    return value
+
+
+def _checked_lrs(lrs: Any) -> dict[str, float]:
+    """``lrs`` as a dict of str -> float, or a clear error saying what it should be."""
+    if not isinstance(lrs, Mapping):
+        raise TypeError(
+            f"lrs must be a mapping block name -> learning rate (what tune_block_lrs returns, or "
+            f"json.load of `blockopt tune --out`), got {type(lrs).__name__}"
+        )
+    rates = {}
+    for name, value in lrs.items():
+        if not isinstance(name, str):
+            raise TypeError(f"lrs keys must be block names (str), got {name!r}")
+        rates[name] = _checked_lr(f"lrs[{name!r}]", value)
+    return rates
+
+
+def _frozen_names(model: nn.Module, rates: Mapping[str, float]) -> set[str]:
+    """The names in ``rates`` that refer to frozen parameters: a frozen tensor, a slice or head
+    of one (``<param>.q``, ``<param>.q.h0``, ``<param>.h0``), or a module whose own parameters
+    are all frozen."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if not frozen:
+        return set()
+    modules = dict(model.named_modules())
+    names = set()
+    for key in rates:
+        if key in frozen or _SLICE_SUFFIX.sub("", key) in frozen:
+            names.add(key)
+            continue
+        module = modules.get("" if key == "(root)" else key)
+        own = list(module.parameters(recurse=False)) if module is not None else []
+        if own and not any(p.requires_grad for p in own):
+            names.add(key)
+    return names
+
+
+def _matching_blocks(model: nn.Module, names: set[str], strategy: Strategy | None) -> list[Block]:
+    """The partition of ``model`` whose block names include ``names``: under ``strategy``, or
+    the first of ``KNOWN_STRATEGIES`` that has them all."""
+    if strategy is not None:
+        blocks = partition(model, strategy)
+        unknown = sorted(names - {b.name for b in blocks})
+        if unknown:
+            others = [s for s in KNOWN_STRATEGIES if s != strategy and _covers(model, s, names)]
+            hint = f"; they are the blocks of strategy={others[0]!r}" if others else ""
+            raise ValueError(
+                f"lrs names {len(unknown)} block(s) that {type(model).__name__} does not have "
+                f"under strategy={_label(strategy)}: {_listing(unknown)}{hint}. Pass the model "
+                "the learning rates were tuned on and the strategy they were tuned with"
+            )
+        return blocks
+    closest: tuple[str, list[str]] | None = None
+    for candidate in KNOWN_STRATEGIES:
+        blocks = partition(model, candidate)
+        unknown = sorted(names - {b.name for b in blocks})
+        if not unknown:
+            return blocks
+        if closest is None or len(unknown) < len(closest[1]):
+            closest = (candidate, unknown)
+    assert closest is not None
+    raise ValueError(
+        f"the names in lrs are not the blocks of {type(model).__name__} under any of the "
+        f"strategies {', '.join(KNOWN_STRATEGIES)}; the closest, {closest[0]!r}, lacks "
+        f"{len(closest[1])}: {_listing(closest[1])}. Pass the model the learning rates were "
+        "tuned on, and strategy= when they came from a callable or regex partition"
+    )
+
+
+def _covers(model: nn.Module, strategy: str, names: set[str]) -> bool:
+    """Whether ``strategy`` partitions ``model`` into blocks that include all ``names``."""
+    return names <= {b.name for b in partition(model, strategy)}
+
+
+def _label(strategy: Strategy) -> str:
+    """A strategy as an error message shows it: its name, or its type."""
+    return repr(strategy) if isinstance(strategy, str) else f"<{type(strategy).__name__}>"
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    """Up to ``limit`` names, then how many more."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"

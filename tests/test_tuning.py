@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,3 +138,238 @@ def test_no_cap_when_pinned_monitoring_fixed_or_stable():
         F.cross_entropy(net(x), y).backward()
         opt.step()
     assert opt.mode_lrs["sgd"] == 0.1 and len(opt.history) == 4
+
+
+# -- param_groups: tuned per-block learning rates in any torch.optim optimizer ---------------
+
+
+class BlockQuadratic(nn.Module):
+    """``sum_b 1/2 (w_b - t_b)^T H_b (w_b - t_b)`` over 3 tensors of 8 coordinates; block ``b``'s
+    eigenvalues are spread evenly over ``[c_b, 3 c_b]`` in a random basis, ``c = 1, 10, 100``."""
+
+    def __init__(self, curvatures: tuple[float, ...] = (1.0, 10.0, 100.0), n: int = 8) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        hessians, targets = [], []
+        for c in curvatures:
+            q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+            hessians.append(q @ torch.diag(c * torch.linspace(1, 3, n, dtype=torch.float64)) @ q.T)
+            targets.append(torch.randn(n, generator=g, dtype=torch.float64))
+        self.register_buffer("hessians", torch.stack(hessians))
+        self.register_buffer("targets", torch.stack(targets))
+        self.soft = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+        self.mid = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+        self.stiff = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+
+    def forward(self) -> torch.Tensor:
+        e = torch.stack([self.soft, self.mid, self.stiff]) - self.targets
+        return 0.5 * torch.einsum("bi,bij,bj->", e, self.hessians, e)
+
+
+def _gd_steps(model: nn.Module, opt: torch.optim.Optimizer, cap: int, gap: float = 1e-6) -> float:
+    """Steps of ``opt`` until the loss is below ``gap`` times its start (the minimum is 0);
+    ``inf`` when that takes more than ``cap`` steps or the loss diverges."""
+    start = model().item()
+    for k in range(cap + 1):
+        opt.zero_grad()
+        loss = model()
+        if not loss.item() <= 1e6 * start:  # diverged (or NaN)
+            return math.inf
+        if loss.item() <= gap * start:
+            return k
+        loss.backward()
+        opt.step()
+    return math.inf
+
+
+def test_kept_block_lrs_make_gd_converge_far_faster_than_the_best_single_lr():
+    model = BlockQuadratic()
+    spectra = blockopt.block_spectra(model, model, steps=8)  # 8 = numel: exact extremes
+    rho_max = max(s.lambda_max for s in spectra.values())
+    assert rho_max == pytest.approx(300.0, rel=1e-9)
+    lrs = blockopt.tune_block_lrs(spectra, 1.0 / rho_max)  # base: what suits the stiffest block
+    assert lrs == pytest.approx({"soft": 1 / 3, "mid": 1 / 30, "stiff": 1 / 300}, rel=1e-9)
+    tuned = _gd_steps(model, torch.optim.SGD(blockopt.param_groups(model, lrs), lr=1.0), 10_000)
+    # every block at lr = 1 / lambda_max(block): error factor 1 - 1/3 per step, 12 steps
+    assert tuned <= 15
+    # A single learning rate: a quarter-decade grid up to the stability limit 2 / 300, and
+    # points just below the limit, where GD is fastest on a problem of condition number 300.
+    grid = [10.0**e for e in np.arange(-5.0, 0.01, 0.25)]
+    grid += [f * 2.0 / rho_max for f in (0.5, 0.8, 0.9, 0.95, 0.99)]
+    single = {}
+    for lr in grid:
+        model = BlockQuadratic()
+        single[lr] = _gd_steps(model, torch.optim.SGD(model.parameters(), lr=lr), 10 * tuned)
+    # no single learning rate gets there within 10 times the steps
+    assert min(single.values()) > 10 * tuned
+    # the fastest, just below the limit, needs about 45 times the steps
+    model = BlockQuadratic()
+    fastest = _gd_steps(model, torch.optim.SGD(model.parameters(), lr=0.99 * 2 / rho_max), 1000)
+    assert 500 < fastest < 600
+
+
+def _quadratic_lrs() -> tuple[BlockQuadratic, dict[str, float]]:
+    model = BlockQuadratic()
+    return model, blockopt.tune_block_lrs(blockopt.block_spectra(model, model, steps=8), 0.003)
+
+
+def test_param_groups_hold_each_tensor_once_at_its_blocks_lr():
+    model, lrs = _quadratic_lrs()
+    groups = blockopt.param_groups(model, lrs)
+    assert [g["tensors"] for g in groups] == [["soft"], ["mid"], ["stiff"]]
+    assert [g["blocks"] for g in groups] == [["soft"], ["mid"], ["stiff"]]
+    assert [g["lr"] for g in groups] == [lrs["soft"], lrs["mid"], lrs["stiff"]]
+    assert [g["params"] for g in groups] == [[model.soft], [model.mid], [model.stiff]]
+    # blocks sharing a learning rate share a group, in the order of named_parameters()
+    same = blockopt.param_groups(model, {"stiff": 0.1, "mid": 0.2, "soft": 0.1})
+    assert [(g["lr"], g["tensors"]) for g in same] == [(0.1, ["soft", "stiff"]), (0.2, ["mid"])]
+
+
+def test_param_groups_survive_a_json_round_trip_of_tuned_lrs():
+    model, lrs = _quadratic_lrs()
+    loaded = json.loads(json.dumps(lrs))
+    assert blockopt.param_groups(model, loaded) == blockopt.param_groups(model, lrs)
+
+
+def _gpt_lrs(model: nn.Module, strategy: str = "tensor") -> dict[str, float]:
+    """Distinct learning rates 1e-3, 2e-3, ... in block order."""
+    return {b.name: 1e-3 * (i + 1) for i, b in enumerate(blockopt.partition(model, strategy))}
+
+
+def test_slices_of_a_fused_tensor_share_their_smallest_lr_with_a_warning():
+    from blockopt.models import TinyGPT
+
+    model = TinyGPT(n_layers=1, d_model=16, n_heads=2)
+    lrs = _gpt_lrs(model)
+    with pytest.warns(UserWarning, match="param group holds whole tensors") as caught:
+        groups = blockopt.param_groups(model, lrs)
+    text = str(caught[0].message)
+    assert "2 tensor(s)" in text  # the qkv weight and bias, each split into q, k, v
+    assert "blocks.0.attn.qkv.weight trains at 0.005 (block blocks.0.attn.qkv.weight.q)" in text
+    assert "block blocks.0.attn.qkv.weight.v was tuned to 0.007 (1.4x)" in text
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert len(lr_of) == len(params) == sum(len(g["params"]) for g in groups)
+    for name, p in params.items():
+        if ".qkv." in name:
+            assert lr_of[id(p)] == min(lrs[f"{name}.{s}"] for s in "qkv")
+        else:
+            assert lr_of[id(p)] == lrs[name]
+    qkv = next(g for g in groups if "blocks.0.attn.qkv.weight" in g["tensors"])
+    assert qkv["blocks"] == [f"blocks.0.attn.qkv.weight.{s}" for s in "qkv"]
+    # per-head blocks: found without naming the strategy, the weight at its smallest head's lr
+    heads = _gpt_lrs(model, "head")
+    with pytest.warns(UserWarning, match="blocks.0.attn.qkv.weight trains at"):
+        groups = blockopt.param_groups(model, heads)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(params["blocks.0.attn.qkv.weight"])] == heads["blocks.0.attn.qkv.weight.q.h0"]
+    # equal slices lose nothing: no warning
+    same = {k: 0.01 if ".qkv." in k else v for k, v in lrs.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = blockopt.param_groups(model, same)
+    assert sum(g["lr"] == 0.01 for g in groups) == 1
+
+
+def test_param_groups_find_the_strategy_or_take_the_one_given():
+    from blockopt.models import TinyGPT
+
+    model = TinyGPT(n_layers=1, d_model=16, n_heads=2)
+    for strategy in ("module", "model"):
+        lrs = _gpt_lrs(model, strategy)
+        groups = blockopt.param_groups(model, lrs)
+        assert sorted(b for g in groups for b in g["blocks"]) == sorted(lrs)
+        assert blockopt.param_groups(model, lrs, strategy=strategy) == groups
+    lrs = {"w": 0.1, "b": 0.2}
+    groups = blockopt.param_groups(model, lrs, strategy=lambda n, p: "w" if p.dim() > 1 else "b")
+    assert {g["lr"]: len(g["params"]) for g in groups} == {0.1: 7, 0.2: 10}
+    with pytest.raises(ValueError, match="they are the blocks of strategy='module'"):
+        blockopt.param_groups(model, _gpt_lrs(model, "module"), strategy="tensor")
+
+
+def test_param_groups_name_missing_and_unknown_blocks_and_the_fix():
+    model, lrs = _quadratic_lrs()
+    partial = {"soft": 0.5}
+    with pytest.raises(
+        ValueError, match=r"no learning rate for 2 block\(s\).*mid, stiff.*default_lr"
+    ):
+        blockopt.param_groups(model, partial)
+    groups = blockopt.param_groups(model, partial, default_lr=0.001)
+    assert [(g["lr"], g["tensors"]) for g in groups] == [(0.5, ["soft"]), (0.001, ["mid", "stiff"])]
+    with pytest.raises(ValueError, match=r"closest, 'tensor', lacks 1: sotf.*tuned on"):
+        blockopt.param_groups(model, {**lrs, "sotf": 0.1})
+    with pytest.raises(ValueError, match=r"does not have under strategy='tensor': sotf"):
+        blockopt.param_groups(model, {**lrs, "sotf": 0.1}, strategy="tensor")
+    # parameters a custom strategy leaves out need default_lr too
+    only_soft = lambda n, p: "s" if n == "soft" else None  # noqa: E731
+    with pytest.raises(ValueError, match=r"2 parameter\(s\) the strategy leaves out: mid, stiff"):
+        blockopt.param_groups(model, {"s": 0.1}, strategy=only_soft)
+    groups = blockopt.param_groups(model, {"s": 0.1}, strategy=only_soft, default_lr=0.2)
+    assert [(g["lr"], g["tensors"], g["blocks"]) for g in groups] == [
+        (0.1, ["soft"], ["s"]),
+        (0.2, ["mid", "stiff"], []),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(0.0, ValueError), (-0.1, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+     (True, TypeError), ("0.1", TypeError), (None, TypeError)],
+)  # fmt: skip
+def test_param_groups_refuse_bad_learning_rates(bad, error):
+    model, lrs = _quadratic_lrs()
+    with pytest.raises(error, match=r"lrs\['mid'\] must be a positive finite number"):
+        blockopt.param_groups(model, {**lrs, "mid": bad})
+    if bad is not None:  # default_lr=None means no default
+        with pytest.raises(error, match="default_lr must be a positive finite number"):
+            blockopt.param_groups(model, lrs, default_lr=bad)
+
+
+def test_param_groups_refuse_what_is_not_a_mapping_of_names():
+    model, lrs = _quadratic_lrs()
+    with pytest.raises(TypeError, match="lrs must be a mapping block name -> learning rate"):
+        blockopt.param_groups(model, list(lrs.values()))
+    with pytest.raises(TypeError, match="lrs keys must be block names"):
+        blockopt.param_groups(model, {0: 0.1})
+    with pytest.raises(TypeError, match=r"needs an nn\.Module"):
+        blockopt.param_groups(lrs, lrs)
+
+
+def test_param_groups_leave_frozen_parameters_out():
+    from blockopt.models import TinyGPT
+
+    model = TinyGPT(n_layers=1, d_model=16, n_heads=2)
+    lrs = {k: 0.01 for k in _gpt_lrs(model)}  # tuned before freezing
+    model.tok.requires_grad_(False)
+    model.blocks[0].attn.qkv.requires_grad_(False)
+    groups = blockopt.param_groups(model, lrs)
+    held = {n for g in groups for n in g["tensors"]}
+    assert held == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "tok.weight" not in held and "blocks.0.attn.qkv.weight" not in held
+    module_lrs = {k: 0.01 for k in _gpt_lrs(TinyGPT(n_layers=1, d_model=16, n_heads=2), "module")}
+    assert blockopt.param_groups(model, module_lrs)[0]["lr"] == 0.01  # "tok" is skipped
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        blockopt.param_groups(model, lrs)
+
+
+def test_param_groups_work_with_adam_a_scheduler_and_a_checkpoint():
+    model, lrs = _quadratic_lrs()
+    opt = torch.optim.Adam(blockopt.param_groups(model, lrs), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        model().backward()
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([lrs[n] / 4 for n in lrs])
+    assert [g["initial_lr"] for g in opt.param_groups] == [lrs[n] for n in lrs]
+    state = opt.state_dict()
+    assert [g["blocks"] for g in state["param_groups"]] == [["soft"], ["mid"], ["stiff"]]
+    again = torch.optim.Adam(blockopt.param_groups(model, lrs), lr=1.0)
+    again.load_state_dict(state)
+    assert [g["lr"] for g in again.param_groups] == [g["lr"] for g in opt.param_groups]
+    assert torch.equal(again.state[model.stiff]["exp_avg"], opt.state[model.stiff]["exp_avg"])
+    # blockopt's wrapper takes the groups too
+    wrapped = blockopt.wrap(torch.optim.SGD(blockopt.param_groups(model, lrs)), model)
+    assert [g["lr"] for g in wrapped.param_groups] == [lrs[n] for n in lrs]
