@@ -1,0 +1,357 @@
+"""``blockopt demo``: train the bundled models with fixed SGD, fixed Adam and blockopt's auto mode.
+
+Tasks: the tiny ViT and the BatchNorm CNN on scikit-learn's digits, the tiny GPT on the text of
+Python's ``pydoc_data.topics``. Every optimizer starts from the same initial weights and sees the
+same batches. The fixed optimizers use the best learning rates of the grid in docs/BENCHMARKS.md
+(:data:`LRS`); ``auto`` is ``BlockOptimizer(model, probe)`` with its defaults, stepped like any
+optimizer (``zero_grad``, ``backward``, ``step``), so it probes on its default schedule. Each run
+logs its losses to TensorBoard (``auto`` also logs every probe), and :func:`run_demo` returns what
+the summary table shows. Results depend only on the seed (and the machine's floating point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data, models
+from .heterogeneity import heterogeneity
+from .optimizer import BlockOptimizer
+from .spectra import block_spectra
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "LRS",
+    "QUICK_STEPS",
+    "TASKS",
+    "RunResult",
+    "demo_logdir",
+    "run_demo",
+]
+
+DEFAULT_STEPS = 400
+QUICK_STEPS = 100
+OPTIMIZERS = ("sgd", "adam", "auto")
+MOMENTUM = 0.9  # fixed SGD's momentum, as in the benchmark grid
+# Best or near-best learning rates of the grid in docs/BENCHMARKS.md (400 steps, seed 0); where the
+# best one sits at the edge of stability, its smaller neighbour.
+LRS: dict[str, dict[str, float]] = {
+    "gpt": {"sgd": 0.1, "adam": 3e-3},
+    "vit": {"sgd": 0.01, "adam": 3e-3},
+    "cnn": {"sgd": 0.1, "adam": 0.01},
+}
+IMAGE_BATCH = 64
+TEXT_BATCH, CONTEXT, VOCAB = 16, 32, 64
+EVAL_WINDOWS = 256  # text windows for the training and held-out losses
+HELD_OUT_TEXT = 0.1  # the last 10% of the text is never trained on
+EVALS = 10  # evaluation points per run logged to TensorBoard
+MAX_THREADS = 1  # the models are tiny: more threads only add synchronisation
+
+
+@dataclass
+class Workload:
+    """One task on one seed: a fresh model, the loss of training step ``i``, the probe the
+    auto optimizer gets, and an evaluation returning the final metrics."""
+
+    model: nn.Module
+    train_loss: Callable[[int], torch.Tensor]
+    probe: Callable[[], torch.Tensor]
+    evaluate: Callable[[], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A demo task: its title and how to build its workload for a seed."""
+
+    key: str
+    title: str
+    build: Callable[[int], Workload]
+
+
+@dataclass
+class RunResult:
+    """One training run. ``metrics`` holds ``train_loss``, ``held_out_loss`` and, on digits,
+    ``held_out_accuracy``; ``modes`` is ``[(mode, step), ...]`` from the start; scores and probe
+    times are ``None`` for the fixed optimizers."""
+
+    task: str
+    optimizer: str
+    lr: float
+    steps: int
+    metrics: dict[str, float]
+    train_seconds: float
+    logdir: Path
+    modes: list[tuple[str, int]] = field(default_factory=list)
+    end_lr: float | None = None
+    first_score: float | None = None
+    end_score: float | None = None
+    probe_seconds: float | None = None
+    probes: int = 0
+    diverged_at: int | None = None  # the step whose loss was not finite; training stopped there
+
+    @property
+    def overhead(self) -> float | None:
+        """Probe seconds over the training loop's wall time (probes included)."""
+        if self.probe_seconds is None or self.train_seconds <= 0:
+            return None
+        return self.probe_seconds / self.train_seconds
+
+
+# -- tasks ----------------------------------------------------------------------------------------
+
+
+def _eval_mode(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Evaluate under ``no_grad`` in eval mode (BatchNorm running statistics), then restore."""
+
+    @contextlib.contextmanager
+    def scope() -> Iterator[None]:
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            model.train(was)
+
+    return scope()
+
+
+@functools.cache
+def _digits() -> data.Digits:
+    """One fixed train/test split for every seed (the seed moves the init and the batches)."""
+    return data.digits(seed=0)
+
+
+@functools.cache
+def _corpus() -> data.Corpus:
+    return data.text_corpus(vocab_size=VOCAB)
+
+
+def _digits_task(factory: Callable[[], nn.Module]) -> Callable[[int], Workload]:
+    def build(seed: int) -> Workload:
+        d = _digits()
+        torch.manual_seed(seed)
+        model = factory()
+        n = len(d.y_train)
+        per_epoch = n // IMAGE_BATCH
+        gen = torch.Generator().manual_seed(seed)
+        orders: list[torch.Tensor] = []
+        fixed = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))
+        px, py = d.x_train[fixed[:IMAGE_BATCH]], d.y_train[fixed[:IMAGE_BATCH]]
+
+        def train_loss(i: int) -> torch.Tensor:  # epochs of shuffled batches
+            epoch, k = divmod(i, per_epoch)
+            while len(orders) <= epoch:
+                orders.append(torch.randperm(n, generator=gen))
+            idx = orders[epoch][k * IMAGE_BATCH : (k + 1) * IMAGE_BATCH]
+            return F.cross_entropy(model(d.x_train[idx]), d.y_train[idx])
+
+        def evaluate() -> dict[str, float]:
+            with _eval_mode(model):
+                test = model(d.x_test)
+                return {
+                    "train_loss": float(F.cross_entropy(model(d.x_train), d.y_train)),
+                    "held_out_loss": float(F.cross_entropy(test, d.y_test)),
+                    "held_out_accuracy": float((test.argmax(1) == d.y_test).float().mean()),
+                }
+
+        return Workload(model, train_loss, lambda: F.cross_entropy(model(px), py), evaluate)
+
+    return build
+
+
+def _gpt_workload(seed: int) -> Workload:
+    corpus = _corpus()
+    cut = round((1 - HELD_OUT_TEXT) * len(corpus.tokens))
+    train = data.Corpus(corpus.tokens[:cut], corpus.vocab)
+    held = data.Corpus(corpus.tokens[cut:], corpus.vocab)
+    torch.manual_seed(seed)
+    model = models.TinyGPT(vocab_size=VOCAB, context=CONTEXT)
+    gen = torch.Generator().manual_seed(seed)
+    px, py = data.text_batches(
+        train, TEXT_BATCH, CONTEXT, generator=torch.Generator().manual_seed(10_000 + seed)
+    )
+    tx, ty = data.text_batches(
+        train, EVAL_WINDOWS, CONTEXT, generator=torch.Generator().manual_seed(20_000)
+    )
+    hx, hy = data.text_batches(
+        held, EVAL_WINDOWS, CONTEXT, generator=torch.Generator().manual_seed(30_000)
+    )
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    def evaluate() -> dict[str, float]:
+        with _eval_mode(model):
+            return {"train_loss": float(loss_of(tx, ty)), "held_out_loss": float(loss_of(hx, hy))}
+
+    return Workload(
+        model,
+        lambda _i: loss_of(*data.text_batches(train, TEXT_BATCH, CONTEXT, generator=gen)),
+        lambda: loss_of(px, py),
+        evaluate,
+    )
+
+
+TASKS: dict[str, Task] = {
+    "gpt": Task("gpt", "tiny GPT on pydoc_data.topics text", _gpt_workload),
+    "vit": Task("vit", "tiny ViT on scikit-learn digits", _digits_task(models.TinyViT)),
+    "cnn": Task("cnn", "BatchNorm CNN on scikit-learn digits", _digits_task(models.SmallCNN)),
+}
+
+
+# -- runs -----------------------------------------------------------------------------------------
+
+Progress = Callable[[str, int, int, float], None]  # label, step done, total steps, last loss
+
+
+def demo_logdir(root: str | Path, now: datetime | None = None) -> Path:
+    """A fresh directory ``root/demo-YYYYmmdd-HHMMSS`` (suffixed when taken), not yet created."""
+    stamp = (now or datetime.now()).strftime("demo-%Y%m%d-%H%M%S")
+    path, n = Path(root) / stamp, 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{stamp}-{n}"
+    return path
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Use at most ``n`` intra-op threads inside, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fixed_optimizer(name: str, lr: float, model: nn.Module) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+
+def _modes(opt: BlockOptimizer) -> list[tuple[str, int]]:
+    """The starting mode at step 0, then every switch's new mode at its step."""
+    start = opt.history[0].old_mode if opt.history else opt.mode
+    return [(start, 0)] + [(d.new_mode, d.step) for d in opt.history if d.switched]
+
+
+def train_one(
+    task: Task,
+    optimizer: str,
+    steps: int,
+    seed: int,
+    logdir: Path,
+    progress: Progress | None = None,
+) -> RunResult:
+    """Train ``task`` with ``optimizer`` ("sgd", "adam" or "auto") for ``steps`` steps, logging
+    to TensorBoard in ``logdir``. Only the training steps are timed, not the evaluations."""
+    work = task.build(seed)
+    auto = optimizer == "auto"
+    if auto:
+        opt: torch.optim.Optimizer = BlockOptimizer(work.model, work.probe, logdir=logdir)
+        lr = float(opt.param_groups[0]["lr"])
+        logger = opt.logger
+        writer = logger.writer if logger is not None and logger.enabled else None
+    else:
+        from torch.utils.tensorboard import SummaryWriter
+
+        lr = LRS[task.key][optimizer]
+        opt = _fixed_optimizer(optimizer, lr, work.model)
+        writer = SummaryWriter(log_dir=str(logdir))
+    label = f"{task.key} {optimizer}"
+    every = max(1, steps // EVALS)
+    seconds = 0.0
+    diverged_at: int | None = None
+    _log_metrics(writer, work.evaluate(), 0)
+    for i in range(steps):
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = work.train_loss(i)
+        loss.backward()
+        value = float(loss.detach())
+        opt.step()
+        seconds += time.perf_counter() - start
+        if writer is not None:
+            writer.add_scalar("loss/train_batch", value, i)
+        if (i + 1) % every == 0 or i + 1 == steps:
+            _log_metrics(writer, work.evaluate(), i + 1)
+        if not math.isfinite(value):  # diverged: stop here, and say so in the summary
+            diverged_at = i
+            if progress is not None:
+                progress(label, i + 1, i + 1, value)
+            break
+        if progress is not None:
+            progress(label, i + 1, steps, value)
+    metrics = work.evaluate()
+    result = RunResult(task.key, optimizer, lr, steps, metrics, seconds, logdir)
+    result.diverged_at = diverged_at
+    if auto:
+        assert isinstance(opt, BlockOptimizer)
+        _finish_auto(opt, work, result)
+    elif writer is not None:
+        writer.add_text("demo/settings", f"{optimizer}, lr {lr:g}, {steps} steps, seed {seed}")
+        writer.close()
+    return result
+
+
+def _log_metrics(writer: Any, metrics: dict[str, float], step: int) -> None:
+    if writer is None:
+        return
+    for key, value in metrics.items():
+        kind, _, what = key.rpartition("_")
+        writer.add_scalar(f"{what}/{kind}", value, step)
+
+
+def _finish_auto(opt: BlockOptimizer, work: Workload, result: RunResult) -> None:
+    """Fill in the auto run's modes, scores and probe cost, and close its TensorBoard run. The
+    score at the end comes from one more probe of the trained model, with the optimizer's own
+    settings; it is not counted as probe overhead."""
+    result.modes = _modes(opt)
+    result.end_lr = opt.mode_lrs[opt.mode]
+    result.probe_seconds = opt.probe_seconds
+    result.probes = len(opt.history)
+    result.first_score = opt.history[0].score if opt.history else None
+    opt.close({f"final/{k}": v for k, v in result.metrics.items()})
+    if result.diverged_at is not None:
+        return  # no curvature at non-finite weights
+    final = block_spectra(
+        opt.probe_model, work.probe, opt.blocks, steps=opt.steps, probes=opt.probes, seed=opt.seed
+    )
+    result.end_score = float(heterogeneity(final))
+
+
+def run_demo(
+    tasks: Sequence[str],
+    steps: int,
+    logdir: str | Path,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> list[RunResult]:
+    """Train every task in ``tasks`` with fixed SGD, fixed Adam and auto, logging each run to
+    ``logdir/<task>/<optimizer>``. The caller's RNG states and thread count are restored."""
+    if steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown demo task(s) {unknown}; choose from {list(TASKS)}")
+    results = []
+    with _threads(MAX_THREADS), torch.random.fork_rng(devices=[]):
+        for key in tasks:
+            for optimizer in OPTIMIZERS:
+                run_dir = Path(logdir) / key / optimizer
+                results.append(train_one(TASKS[key], optimizer, steps, seed, run_dir, progress))
+    return results

@@ -1,0 +1,508 @@
+"""The ``blockopt`` command line, run as a subprocess: help, ``probe`` and ``tune`` against the
+API, the demo on a tiny setting, and every kind of bad input (exit code 2, one line naming the
+cause, no traceback, no file left behind)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import blockopt
+from blockopt.demo import run_demo
+
+FACTORY = textwrap.dedent(
+    '''
+    """Factories for the command-line tests: one good, the rest wrong in one way each."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    NUMBER = 3
+
+
+    def _mlp():
+        return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+    def make():
+        model = _mlp()
+        x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        return model, lambda: F.cross_entropy(model(x), y)
+
+
+    def raises():
+        raise RuntimeError("factory broke")
+
+
+    def not_pair():
+        return _mlp()
+
+
+    def triple():
+        model = _mlp()
+        return model, lambda: model(torch.ones(1, 4)).sum(), 3
+
+
+    def not_module():
+        return "model", lambda: torch.zeros(())
+
+
+    def probe_not_callable():
+        return _mlp(), 1.0
+
+
+    def probe_raises():
+        def probe():
+            raise ValueError("probe broke")
+
+        return _mlp(), probe
+
+
+    def vector_probe():
+        model = _mlp()
+        return model, lambda: model(torch.ones(8, 4)).sum(0)
+
+
+    def constant_probe():
+        return _mlp(), lambda: torch.tensor(1.0)
+
+
+    def foreign_probe():
+        w = torch.ones(3, requires_grad=True)
+        return _mlp(), lambda: (w * w).sum()
+
+
+    def float_probe():
+        model = _mlp()
+        return model, lambda: float(model(torch.ones(2, 4)).sum())
+    '''
+)
+
+
+@pytest.fixture(scope="module")
+def factory_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with ``tinyfactory.py`` and ``brokenmod.py`` (fails on import)."""
+    folder = tmp_path_factory.mktemp("factories")
+    (folder / "tinyfactory.py").write_text(FACTORY)
+    (folder / "brokenmod.py").write_text("RATIO = 1 / 0\n")
+    return folder
+
+
+def _env(factory_dir: Path) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(factory_dir), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(argv: list[str], factory_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blockopt", *argv],
+        capture_output=True, text=True, timeout=240, cwd=cwd, env=_env(factory_dir),
+    )  # fmt: skip
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def tinyfactory(factory_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(factory_dir))
+    return importlib.import_module("tinyfactory")
+
+
+def _api_spectra(module, seed: int, **options):
+    """What the CLI computes: the factory called right after seeding torch, then probed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, probe = module.make()
+    return model, blockopt.block_spectra(model, probe, seed=seed, **options)
+
+
+# -- help and exit codes --------------------------------------------------------------------------
+
+HELP = {
+    "top": (["--help"], r"COMMAND.* demo .* probe .* tune "),
+    "demo": (["demo", "--help"], r"--quick.*--logdir"),
+    "probe": (["probe", "--help"], r"cond is \|lambda\|max / \|lambda\|min"),
+    "tune": (["tune", "--help"], r"param_groups"),
+}
+
+
+@pytest.mark.parametrize("level", sorted(HELP))
+def test_help_at_every_level(level, factory_dir, tmp_path):
+    argv, pattern = HELP[level]
+    run = run_cli(argv, factory_dir, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage: blockopt")
+    assert re.search(pattern, " ".join(run.stdout.split()))
+
+
+def test_console_script_probes_a_factory_given_by_file_path(factory_dir, tmp_path):
+    script = Path(sys.executable).with_name("blockopt")
+    if not script.exists():
+        pytest.skip("the blockopt console script is not installed in this environment")
+    run = subprocess.run(
+        [str(script), "probe", f"{factory_dir / 'tinyfactory.py'}:make", "--steps", "3"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env=_env(factory_dir),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "recommended mode:" in run.stdout
+
+
+# -- probe and tune against the API ---------------------------------------------------------------
+
+
+def test_probe_json_matches_the_api(factory_dir, tmp_path, tinyfactory):
+    argv = ["probe", "tinyfactory:make", "--steps", "6", "--probes", "2", "--seed", "3"]
+    argv += ["--base-lr", "0.05", "--json", "out.json", "--plot", "out.png"]
+    run = run_cli(argv, factory_dir, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert _files(tmp_path) == ["out.json", "out.png"]  # no temporary files left
+    assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "out.json").read_text())
+
+    _, spectra = _api_spectra(tinyfactory, 3, steps=6, probes=2)
+    loaded = blockopt.Spectra.from_dict(saved)
+    assert list(loaded) == list(spectra) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert (loaded.steps, loaded.probes, loaded.seed) == (6, 2, 3)
+    for name, s in spectra.items():
+        got = loaded[name]
+        assert got.numel == s.numel and got.status == s.status
+        assert got.lambda_max == pytest.approx(s.lambda_max, rel=1e-5, abs=1e-9)
+        assert got.lambda_min == pytest.approx(s.lambda_min, rel=1e-5, abs=1e-9)
+        assert got.trace == pytest.approx(s.trace, rel=1e-5, abs=1e-9)
+        assert got.ritz_values == pytest.approx(s.ritz_values, rel=1e-5, abs=1e-9)
+        assert f"{s.lambda_max:.3e}" in run.stdout
+
+    score = float(blockopt.heterogeneity(spectra))
+    assert saved["score"] == pytest.approx(score, rel=1e-5, abs=1e-9)
+    assert saved["recommended_mode"] == blockopt.Thresholds().target(score)
+    assert saved["reason"] == blockopt.Thresholds().reason(saved["score"])
+    lrs = blockopt.tune_block_lrs(spectra, 0.05)
+    assert saved["suggested_lrs"] == pytest.approx(lrs, rel=1e-5)
+    assert f"recommended mode: {saved['recommended_mode']}" in run.stdout
+    assert f"heterogeneity score: {saved['score']:.2f} decades" in run.stdout
+
+
+def test_tune_writes_lrs_that_param_groups_loads(factory_dir, tmp_path, tinyfactory):
+    argv = ["tune", "tinyfactory:make", "--base-lr", "0.05", "--steps", "6", "--seed", "1"]
+    argv += ["--max-factor", "20", "--out", "lrs.json"]
+    run = run_cli(argv, factory_dir, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert _files(tmp_path) == ["lrs.json"]
+    lrs = json.loads((tmp_path / "lrs.json").read_text())
+
+    model, spectra = _api_spectra(tinyfactory, 1, steps=6)
+    expected = blockopt.tune_block_lrs(spectra, 0.05, max_factor=20)
+    assert list(lrs) == list(expected)
+    assert all(type(v) is float for v in lrs.values())
+    assert lrs == pytest.approx(expected, rel=1e-5)
+    assert min(lrs.values()) == 0.05 and max(lrs.values()) <= 0.05 * 20
+    for name, lr in lrs.items():
+        assert re.search(rf"^{re.escape(name)}\s.*\s{lr:.3g}$", run.stdout, re.M)
+
+    groups = blockopt.param_groups(model, lrs)
+    per_param = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert per_param[id(p)] == pytest.approx(lrs[name])
+    torch.optim.SGD(groups, lr=0.05, momentum=0.9)  # loads into a plain optimizer
+
+
+# -- demo -----------------------------------------------------------------------------------------
+
+
+def test_demo_prints_the_summary_and_writes_tensorboard_logs(factory_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = ["demo", "--quick", "--model", "cnn", "--steps", "20", "--logdir", "logs"]
+    run = run_cli(argv, factory_dir, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    out = run.stdout
+    assert "Results after 20 steps" in out
+    assert "cnn: BatchNorm CNN on scikit-learn digits; sgd lr 0.1, adam lr 0.01" in out
+    assert "tensorboard --logdir logs" in out
+    rows = {m.group(1): m.groups() for m in re.finditer(
+        r"^cnn\s+(sgd|adam|auto)\s+(\S+).*?\s(\d+\.\d{4})\s+(\d+\.\d{4})\s+(\d+\.\d)%$", out, re.M
+    )}  # fmt: skip
+    assert sorted(rows) == ["adam", "auto", "sgd"]
+    assert rows["sgd"][1] == "0.1" and rows["adam"][1] == "0.01"
+    assert all(0 <= float(r[4]) <= 100 for r in rows.values())
+    auto = re.search(
+        r"^cnn\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(sgd@0.*?)\s+(\d+)\s+\S+s / \S+s", out, re.M
+    )
+    assert auto, out
+    first_score, modes, probes = float(auto.group(1)), auto.group(3), int(auto.group(4))
+    assert first_score < blockopt.Thresholds().sgd_below and modes == "sgd@0" and probes == 1
+
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    assert (
+        run_dir.name.startswith("demo-")
+        and f"TensorBoard logs: {Path('logs', run_dir.name)}" in out
+    )
+    for optimizer in ("sgd", "adam", "auto"):
+        events = EventAccumulator(str(run_dir / "cnn" / optimizer))
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        assert len(events.Scalars("loss/train_batch")) == 20
+        assert {"loss/train", "loss/held_out", "accuracy/held_out"} <= set(tags)
+        if optimizer == "auto":
+            (score,) = events.Scalars("blockopt/score")
+            assert f"{score.value:.2f}" == auto.group(1)
+        final = events.Scalars("accuracy/held_out")[-1]
+        assert final.step == 20 and f"{100 * final.value:.1f}" == rows[optimizer][4]
+
+
+def test_demo_depends_only_on_the_seed(tmp_path):
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+
+    def outcome(seed: int, folder: str):
+        results = run_demo(["cnn"], 6, tmp_path / folder, seed)
+        return [(r.optimizer, r.metrics, r.modes, r.first_score, r.end_score) for r in results]
+
+    first = outcome(1, "a")
+    assert outcome(1, "b") == first
+    assert outcome(2, "c") != first
+    assert all(math.isfinite(m["train_loss"]) for _, m, *_ in first)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+# argv templates: {dir} is the case's own (writable) folder, {ro} a read-only one, {file} a file.
+RAISES = "tinyfactory:raises"  # reached only if outputs were not checked first
+BAD = {
+    # MODULE:FACTORY syntax
+    "no-colon": (["probe", "tinyfactory", "--json", "{dir}/s.json"], r"MODULE:FACTORY"),
+    "bad-factory-name": (["probe", "tinyfactory:1make"], r"'1make' is not a Python name"),
+    "empty-module": (["tune", ":make", "--base-lr", "0.1"], r"MODULE:FACTORY"),
+    # importing
+    "missing-module": (
+        ["probe", "no_such_module_xyz:make", "--json", "{dir}/s.json"],
+        r"no module named 'no_such_module_xyz'.*PYTHONPATH",
+    ),
+    "missing-file": (["probe", "{dir}/nofile.py:make"], r"no file .*nofile\.py"),
+    "module-import-fails": (
+        ["probe", "brokenmod:make"],
+        r"importing 'brokenmod' failed: ZeroDivisionError",
+    ),
+    "missing-attribute": (
+        ["tune", "tinyfactory:nope", "--base-lr", "0.1", "--out", "{dir}/lrs.json"],
+        r"'tinyfactory' has no attribute 'nope'",
+    ),
+    "not-callable": (["probe", "tinyfactory:NUMBER"], r"is a int, not callable"),
+    # what the factory returns
+    "factory-raises": (
+        ["tune", RAISES, "--base-lr", "0.1", "--out", "{dir}/lrs.json"],
+        r"tinyfactory:raises raised RuntimeError: factory broke; fix the factory",
+    ),
+    "not-a-pair": (["probe", "tinyfactory:not_pair"], r"returned a Sequential; .*pair"),
+    "triple": (["probe", "tinyfactory:triple"], r"tuple of length 3; .*pair \(model, probe\)"),
+    "model-not-a-module": (["probe", "tinyfactory:not_module"], r"str as the model.*nn\.Module"),
+    "probe-not-callable": (["probe", "tinyfactory:probe_not_callable"], r"float as the probe"),
+    # the probe
+    "probe-raises": (
+        ["probe", "tinyfactory:probe_raises", "--json", "{dir}/s.json"],
+        r"the probe raised ValueError: probe broke",
+    ),
+    "non-scalar-probe": (["probe", "tinyfactory:vector_probe"], r"shape \(3,\).*scalar"),
+    "probe-returns-float": (["probe", "tinyfactory:float_probe"], r"returned float, not a tensor"),
+    "probe-without-parameters": (
+        ["tune", "tinyfactory:constant_probe", "--base-lr", "0.1", "--out", "{dir}/lrs.json"],
+        r"does not depend on any trainable parameter",
+    ),
+    "probe-of-other-tensors": (
+        ["probe", "tinyfactory:foreign_probe", "--plot", "{dir}/s.png"],
+        r"does not depend on any parameter of the (model|blocks probed)",
+    ),
+    # option values
+    "steps-zero": (["probe", "tinyfactory:make", "--steps", "0"], r"--steps: .*positive integer"),
+    "steps-negative": (
+        ["tune", "tinyfactory:make", "--base-lr", "0.1", "--steps", "-3"],
+        r"--steps: expected a positive integer, got -3",
+    ),
+    "steps-not-a-number": (["probe", "tinyfactory:make", "--steps", "ten"], r"got 'ten'"),
+    "probes-zero": (["probe", "tinyfactory:make", "--probes", "0"], r"--probes: .*positive"),
+    "unknown-strategy": (
+        ["probe", "tinyfactory:make", "--strategy", "layer"],
+        r"--strategy: invalid choice: 'layer'",
+    ),
+    "base-lr-zero": (
+        ["tune", "tinyfactory:make", "--base-lr", "0", "--out", "{dir}/lrs.json"],
+        r"--base-lr: expected a positive finite number, got '0'",
+    ),
+    "base-lr-negative": (["probe", "tinyfactory:make", "--base-lr", "-0.1"], r"--base-lr"),
+    "base-lr-nan": (["tune", "tinyfactory:make", "--base-lr", "nan"], r"--base-lr: .*'nan'"),
+    "base-lr-missing": (["tune", "tinyfactory:make"], r"required: --base-lr"),
+    "max-factor-below-one": (
+        ["tune", "tinyfactory:make", "--base-lr", "0.1", "--max-factor", "0.5"],
+        r"--max-factor: expected a finite number >= 1",
+    ),
+    "no-command": ([], r"choose a command"),
+    "demo-steps-zero": (["demo", "--steps", "0"], r"--steps: .*positive integer"),
+    "demo-unknown-model": (["demo", "--model", "rnn"], r"--model: invalid choice: 'rnn'"),
+    # output paths, checked before the factory runs
+    "out-missing-dir": (
+        ["tune", RAISES, "--base-lr", "0.1", "--out", "{dir}/missing/lrs.json"],
+        r"cannot write --out .*: directory .*missing does not exist",
+    ),
+    "json-missing-dir": (
+        ["probe", RAISES, "--json", "{dir}/missing/s.json"],
+        r"cannot write --json .*missing does not exist",
+    ),
+    "plot-missing-dir": (
+        ["probe", RAISES, "--json", "{dir}/s.json", "--plot", "{dir}/missing/s.png"],
+        r"cannot write --plot .*missing does not exist",
+    ),
+    "out-read-only-dir": (
+        ["tune", RAISES, "--base-lr", "0.1", "--out", "{ro}/lrs.json"],
+        r"cannot write --out .* is not writable",
+    ),
+    "json-read-only-dir": (["probe", RAISES, "--json", "{ro}/s.json"], r"--json .*not writable"),
+    "plot-read-only-dir": (["probe", RAISES, "--plot", "{ro}/s.png"], r"--plot .*not writable"),
+    "out-is-a-directory": (
+        ["tune", RAISES, "--base-lr", "0.1", "--out", "{dir}"],
+        r"--out .* is a directory",
+    ),
+    "json-under-a-file": (["probe", RAISES, "--json", "{file}/s.json"], r"is not a directory"),
+    "plot-unknown-format": (
+        ["probe", RAISES, "--plot", "{dir}/s.xyz"],
+        r"unknown image format '\.xyz'.*\.png",
+    ),
+    "demo-logdir-under-a-file": (
+        ["demo", "--logdir", "{file}/logs"],
+        r"cannot write TensorBoard logs under --logdir",
+    ),
+}
+
+
+def _read_only_dir(base: Path) -> Path | None:
+    """A directory this process cannot create files in: a chmod-ed one, or for a superuser,
+    who ignores permissions, a read-only system directory; None when there is none."""
+    folder = base / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            with tempfile.TemporaryFile(dir=candidate):
+                pass
+        except OSError:
+            return candidate
+    return None
+
+
+# The bad-input cases are many and each fails within milliseconds, so all but FRESH run in
+# children forked from one interpreter that imported blockopt once (where fork exists): each is
+# still its own process with its own working directory, stdout, stderr and exit code.
+FRESH = ("missing-module", "steps-zero", "out-read-only-dir")  # these also in a new interpreter
+FORKING_DRIVER = textwrap.dedent(
+    """
+    import json, os, sys
+    from blockopt.cli import main
+
+    codes = {}
+    for case in json.load(sys.stdin):
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.chdir(case["cwd"])
+                for fd, name in ((1, "stdout"), (2, "stderr")):
+                    os.dup2(os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+                code = main(case["argv"])
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        codes[case["id"]] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    print(json.dumps(codes))
+    """
+)
+
+
+def _run_forked(cases: dict[str, tuple[list[str], Path]], factory_dir: Path, io: Path):
+    """Run each ``(argv, cwd)`` in a child forked from one interpreter; CompletedProcess each."""
+    jobs = [
+        {"id": k, "argv": argv, "cwd": str(cwd), "stdout": str(io / f"{k}.out"),
+         "stderr": str(io / f"{k}.err")}
+        for k, (argv, cwd) in cases.items()
+    ]  # fmt: skip
+    driver = subprocess.run(
+        [sys.executable, "-c", FORKING_DRIVER], input=json.dumps(jobs),
+        capture_output=True, text=True, timeout=240, env=_env(factory_dir),
+    )  # fmt: skip
+    assert driver.returncode == 0, driver.stderr
+    codes = json.loads(driver.stdout.strip().splitlines()[-1])
+    return {
+        k: subprocess.CompletedProcess(
+            argv, codes[k], (io / f"{k}.out").read_text(), (io / f"{k}.err").read_text()
+        )
+        for k, (argv, _) in cases.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_runs(factory_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Every bad-input case's CompletedProcess and the files left in its folder, and whether
+    the read-only directory stayed as it was."""
+    base = tmp_path_factory.mktemp("bad")
+    ro = _read_only_dir(base)
+    a_file = base / "a-file"
+    a_file.write_text("not a directory\n")
+    io = base / "io"
+    io.mkdir()
+    ro_before = sorted(os.listdir(ro)) if ro is not None else []
+    cases = {}
+    for case, (argv, _) in BAD.items():
+        if ro is None and any("{ro}" in a for a in argv):
+            continue
+        folder = base / case
+        folder.mkdir()
+        subs = {"dir": str(folder), "ro": str(ro), "file": str(a_file)}
+        cases[case] = ([a.format(**subs) for a in argv], folder)
+    forked = hasattr(os, "fork") and sys.platform == "linux"
+    fresh = {k: v for k, v in cases.items() if k in FRESH or not forked}
+    runs = _run_forked({k: v for k, v in cases.items() if k not in fresh}, factory_dir, io)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = pool.map(lambda kv: run_cli(kv[1][0], factory_dir, kv[1][1]), fresh.items())
+        runs.update(zip(fresh, done))
+    results = {k: (runs[k], _files(folder)) for k, (_, folder) in cases.items()}
+    ro_after = sorted(os.listdir(ro)) if ro is not None else []
+    yield results, ro_before == ro_after
+    if ro is not None and ro.is_relative_to(base):
+        ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_exit_2(case, bad_runs):
+    results, read_only_untouched = bad_runs
+    if case not in results:
+        pytest.skip("no read-only directory available to this user")
+    run, files = results[case]
+    _, pattern = BAD[case]
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr
+    # one line for the error; warnings the user's code raised on the way come one line each
+    *warned, error = run.stderr.strip().splitlines()
+    assert all(line.startswith("blockopt: warning: ") for line in warned), run.stderr
+    assert error.startswith("blockopt") and ": error: " in error
+    assert re.search(pattern, error), error
+    assert files == [], "an output or temporary file was left behind"
+    assert read_only_untouched
