@@ -1,8 +1,10 @@
-"""blockopt: blockwise Hessian spectra for PyTorch models.
+"""blockopt: blockwise Hessian spectra for PyTorch models, and an optimizer that acts on them.
 
 ``partition`` splits a model's parameters into blocks, ``block_spectra`` estimates each diagonal
 Hessian block's spectrum with Lanczos (stochastic Lanczos quadrature) from one gradient graph,
-``heterogeneity`` scores how far apart those spectra are.
+``heterogeneity`` scores how far apart those spectra are, ``tune_block_lrs`` and
+``param_groups`` turn them into per-block learning rates, and ``BlockOptimizer`` / ``wrap``
+switch between SGD, blockwise-lr SGD and Adam on the score while training.
 """
 
 from .blocks import Block, BlockPart, partition
@@ -10,9 +12,9 @@ from .heterogeneity import Heterogeneity, heterogeneity
 from .hvp import BlockHessian, DoubleBackwardError
 from .lanczos import LanczosResult, gaussian_density, lanczos, lanczos_many
 from .optimizer import BlockOptimizer, wrap
-from .policy import Decision, Thresholds
+from .policy import Decision, ProbeFault, ProbeFaultWarning, Thresholds
 from .spectra import BlockSpectrum, Spectra, block_spectra, model_spectrum
-from .tuning import tune_block_lrs
+from .tuning import param_groups, tune_block_lrs
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,8 @@ __all__ = [
     "DoubleBackwardError",
     "Heterogeneity",
     "LanczosResult",
+    "ProbeFault",
+    "ProbeFaultWarning",
     "Spectra",
     "Thresholds",
     "__version__",
@@ -35,6 +39,7 @@ __all__ = [
     "lanczos",
     "lanczos_many",
     "model_spectrum",
+    "param_groups",
     "partition",
     "tune_block_lrs",
     "wrap",

@@ -104,9 +104,16 @@ def partition(model: nn.Module, strategy: Strategy = "tensor") -> list[Block]:
         raise TypeError(f"partition() needs an nn.Module, got {type(model).__name__}")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
+        total = sum(1 for _ in model.parameters())
         raise ValueError(
-            f"{type(model).__name__} has no trainable parameters (all are frozen or it has none); "
-            "blockopt needs at least one parameter with requires_grad=True"
+            f"{type(model).__name__} has no trainable parameters: "
+            + (
+                f"all {total} of its parameters are frozen (requires_grad=False); unfreeze the "
+                "ones to train (p.requires_grad_(True)) before handing the model to blockopt"
+                if total
+                else "it has no parameters at all; pass the module that holds the layers to "
+                "train (the whole model, not a parameter-free layer or an empty container)"
+            )
         )
     if isinstance(strategy, str):
         builders = {

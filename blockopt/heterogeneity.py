@@ -98,14 +98,25 @@ def heterogeneity(
     """
     if not isinstance(spectra, Mapping):
         raise TypeError(
-            f"heterogeneity() needs the Spectra from block_spectra(), got {type(spectra).__name__}"
+            "expected the Spectra from block_spectra() (a mapping block name -> BlockSpectrum), "
+            f"got {type(spectra).__name__}"
         )
+    for name, s in spectra.items():
+        if not isinstance(s, BlockSpectrum):
+            raise TypeError(
+                f"spectra[{name!r}] is of type {type(s).__name__}, not a BlockSpectrum; pass the "
+                "Spectra from block_spectra() or Spectra.from_dict()"
+            )
     if floor is None:
         floor = default_floor(getattr(spectra, "dtype", "float32"))
-    if not 0.0 < floor < 1.0:
-        raise ValueError(f"floor must be in (0, 1), got {floor!r}")
+    if not (isinstance(floor, (int, float)) and 0.0 < floor < 1.0):
+        raise ValueError(f"floor must be a number in (0, 1), got {floor!r}")
+    if not (isinstance(quantiles, (tuple, list)) and len(quantiles) == 2):
+        raise ValueError(f"quantiles must be a pair (lo, hi), got {quantiles!r}")
     lo, hi = quantiles
-    if not 0.0 <= lo < hi <= 1.0:
+    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float))) or not (
+        0.0 <= lo < hi <= 1.0
+    ):
         raise ValueError(f"quantiles must satisfy 0 <= lo < hi <= 1, got {quantiles!r}")
     excluded: list[tuple[str, str]] = []
     candidates: list[tuple[BlockSpectrum, float]] = []

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
+import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,17 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .blocks import Strategy, partition
+from .distributed import Reduce, ddp_of, fault_kind, no_sync, probe_reduce, refuse_sharded
 from .heterogeneity import Heterogeneity, heterogeneity
 from .modes import MODES, BlockSGD, resolve_optimizer_class, transfer_state
-from .policy import Decision, ProbeSchedule, SwitchPolicy, Thresholds
+from .policy import (
+    Decision,
+    ProbeFault,
+    ProbeFaultWarning,
+    ProbeSchedule,
+    SwitchPolicy,
+    Thresholds,
+)
 from .spectra import Spectra, block_spectra
 from .tensorboard import ProbeCost, TensorBoardLogger
 from .tuning import (
@@ -79,18 +89,25 @@ class BlockOptimizer(Optimizer):
         optimizers: per mode, a class or name (``torch.optim`` or ``torch_optimizer``) or a
             ``(class_or_name, kwargs)`` pair replacing the default class and hyperparameters.
         strategy: block partition strategy (see :func:`blockopt.partition`).
-        steps, probes, seed: Lanczos steps, start vectors per block, and the probes' seed.
+        steps, probes, seed: Lanczos steps (default 10) and start vectors per block; the probe
+            at step ``t`` draws its start vectors from ``seed + t``.
         probe_every: probe every this many steps; default: an adaptive schedule
             (:class:`blockopt.policy.ProbeSchedule`).
         thresholds: :class:`blockopt.policy.Thresholds` for switching.
         monitor_only: probe and record, never switch.
         pin_mode: stay in this mode whatever the score (implies no switching).
         max_factor: bound on block SGD's per-block learning-rate factors.
-        history: how many decisions and spectra to keep (oldest dropped first).
+        history: the cap on ``history`` (decisions), ``spectra_history`` (probe results) and
+            ``faults`` (failed probes): each keeps at most this many entries, the oldest dropped
+            first, and so does ``state_dict()``; memory stays bounded however long training runs.
         logdir, writer: log every probe and switch to TensorBoard, into a new
             ``SummaryWriter`` at ``logdir`` or into your own ``writer`` (see
             :mod:`blockopt.tensorboard`); nothing is logged when neither is given.
         log_figures: also draw the density and JS-matrix figures at every probe.
+        distributed: how probes combine data-parallel ranks (docs/DISTRIBUTED.md): ``None``
+            averages over the ranks when ``model`` is DistributedDataParallel and
+            torch.distributed is initialised; ``True`` always (over DDP's or the default
+            group), a ``ProcessGroup`` over that group, ``False`` never.
     """
 
     def __init__(
@@ -123,6 +140,7 @@ class BlockOptimizer(Optimizer):
         logdir: str | Path | None = None,
         writer: Any = None,
         log_figures: bool = True,
+        distributed: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -131,19 +149,43 @@ class BlockOptimizer(Optimizer):
         for name, value in (("mode", mode), ("pin_mode", pin_mode)):
             if value is not None and value not in MODES:
                 raise ValueError(f"unknown {name} {value!r}; modes are {MODES}")
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+            raise TypeError(f"lr must be a number, got {type(lr).__name__} {lr!r}; e.g. lr=0.1")
+        if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         if isinstance(history, bool) or not isinstance(history, int) or history < 1:
             raise ValueError(f"history must be a positive int, got {history!r}")
         for label, value in (("steps", steps), ("probes", probes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        _check_options(
+            thresholds=thresholds,
+            lrs=lrs,
+            optimizers=optimizers,
+            seed=seed,
+            max_factor=max_factor,
+            betas=betas,
+            hyper={
+                "momentum": momentum,
+                "dampening": dampening,
+                "weight_decay": weight_decay,
+                "eps": eps,
+                "adam_weight_decay": adam_weight_decay,
+            },
+        )
         self.model = model
         self.probe_model = _eager(model)
         self.probe = probe
+        self._reduce = _probe_reduce(model, probe, distributed)
         self.blocks = partition(self.probe_model, strategy)
         if params is None:
             params = [p for p in self.probe_model.parameters() if p.requires_grad]
+        params = list(params)
+        if not params:
+            raise ValueError(
+                "params is empty: the optimizer has nothing to train; pass the model's "
+                "trainable parameters, or leave params=None for all of them"
+            )
         # The groups hold the starting mode's hyperparameters, as the user's optimizer did.
         self._native = _family(pin_mode or mode)
         if self._native == "adam":
@@ -162,6 +204,7 @@ class BlockOptimizer(Optimizer):
                 "nesterov": nesterov,
             }
         super().__init__(params, defaults)
+        _check_params_in_model(self.param_groups, self.probe_model)
         self._sgd_hyper = {
             "momentum": momentum,
             "dampening": dampening,
@@ -193,6 +236,7 @@ class BlockOptimizer(Optimizer):
         self.schedule = ProbeSchedule(every=probe_every)
         self.history: deque[Decision] = deque(maxlen=history)
         self.spectra_history: deque[tuple[int, Spectra]] = deque(maxlen=history)
+        self.faults: deque[ProbeFault] = deque(maxlen=history)
         self.last_score: Heterogeneity | None = None
         self.block_factors = dict.fromkeys((b.name for b in self.blocks), 1.0)
         self.step_count = 0
@@ -292,10 +336,10 @@ class BlockOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-                self.schedule.observe_loss(self.step_count, float(loss.detach()))
+                self._observe(float(loss.detach()))
         if self.probe is not None and self.schedule.due(self.step_count):
             with torch.enable_grad():
-                self.probe_now()
+                self._probe_or_fault()
         opt = self._active()
         self._sync_lr(opt, self.mode)
         opt.step()
@@ -305,25 +349,55 @@ class BlockOptimizer(Optimizer):
     def observe_loss(self, loss: float | torch.Tensor) -> None:
         """Report the training loss when stepping without a closure (enables spike detection)."""
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        self._observe(value)
+
+    def _observe(self, value: float) -> None:
+        """Feed the schedule a training loss; when probes are reduced over ranks and loss spikes
+        can move a probe (no ``probe_every``), the mean over the ranks (one scalar all_reduce),
+        so that every rank probes at the same steps."""
+        if self._reduce is not None and self.probe is not None and self.schedule.every is None:
+            device = self.blocks[0].parts[0].param.device
+            value = float(self._reduce(torch.tensor([value], dtype=torch.float64, device=device)))
         self.schedule.observe_loss(self.step_count, value)
 
+    def _probe_or_fault(self) -> None:
+        """Probe; when the probe fails, discard it, warn, log and back off: training goes on."""
+        try:
+            self.probe_now()
+            return
+        except Exception as err:  # a failed probe must never stop training
+            fault = ProbeFault(self.step_count, fault_kind(err), f"{type(err).__name__}: {err}")
+        self.faults.append(fault)
+        self.schedule.after_probe(self.step_count, None, False)
+        if fault.kind == "out_of_memory" and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # the failed probe's tensors are gone with its traceback
+        text = _fault_text(fault, self.mode, self.schedule.next_step, self.schedule.failures)
+        warnings.warn(text, ProbeFaultWarning, stacklevel=3)
+        if self.logger is not None:
+            self.logger.log_event(fault.step, text)
+
     def probe_now(self) -> Decision | None:
-        """Probe immediately, record the result and act on it; returns the decision."""
+        """Probe immediately, record the result and act on it; returns the decision. Errors
+        propagate (during :meth:`step` a failed probe is discarded with a warning instead)."""
         if self.probe is None:
             raise RuntimeError("this optimizer has no probe; pass probe=... to probe")
-        spectra = block_spectra(
-            self.probe_model,
-            self.probe,
-            self.blocks,
-            steps=self.steps,
-            probes=self.probes,
-            seed=self.seed + len(self.spectra_history),
-        )
-        self.probe_seconds += spectra.seconds
+        with no_sync(self.model):  # a closure calling the DDP wrapper prepares no reduction
+            spectra = block_spectra(
+                self.probe_model,
+                self.probe,
+                self.blocks,
+                steps=self.steps,
+                probes=self.probes,
+                seed=self.seed + self.step_count,
+                reduce=self._reduce,
+            )
+        # What can fail runs before anything is recorded: a failed probe leaves no trace.
         score = heterogeneity(spectra)
+        factors = block_lr_factors(spectra, max_factor=self.max_factor)
+        self.probe_seconds += spectra.seconds
         self.last_score = score
         self.spectra_history.append((self.step_count, spectra))
-        self.block_factors = block_lr_factors(spectra, max_factor=self.max_factor)
+        self.block_factors = factors
         if "block_sgd" in self._inner:
             self._inner["block_sgd"].set_factors(self.block_factors)
         rho_max = max(score.scales, default=0.0)
@@ -465,65 +539,461 @@ class BlockOptimizer(Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs, in types ``torch.load(..., weights_only=True)`` reads
+        (dicts, lists, str, int, float, bool, None, tensors)."""
         state = super().state_dict()
         state["blockopt"] = {
             "version": STATE_VERSION,
             "mode": self.mode,
-            "scales": dict(self._scales),
+            "scales": {m: float(v) for m, v in self._scales.items()},
             "inner": {m: opt.state_dict() for m, opt in self._inner.items()},
             "schedule": self.schedule.state_dict(),
             "last_switch": self.policy.last_switch,
             "history": [d.to_dict() for d in self.history],
             "spectra": [[step, s.to_dict()] for step, s in self.spectra_history],
-            "block_factors": dict(self.block_factors),
+            "faults": [f.to_dict() for f in self.faults],
+            "block_factors": {b: float(v) for b, v in self.block_factors.items()},
             "step_count": self.step_count,
-            "probe_seconds": self.probe_seconds,
+            "probe_seconds": float(self.probe_seconds),
             "blocks": [b.name for b in self.blocks],
+            "shapes": _group_shapes(self.param_groups),
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        extra = state_dict.get("blockopt") if isinstance(state_dict, Mapping) else None
+        """Restore what :meth:`state_dict` saved. Everything is checked and built before
+        anything is changed, so a state dict that is corrupt, truncated or from another model
+        raises and leaves this optimizer exactly as it was."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "load_state_dict() needs the dict that BlockOptimizer.state_dict() returned, "
+                f"got {type(state_dict).__name__}"
+            )
+        extra = state_dict.get("blockopt")
         if not isinstance(extra, Mapping) or extra.get("version") != STATE_VERSION:
             raise ValueError(
                 "not a blockopt optimizer state dict (no 'blockopt' entry of version "
                 f"{STATE_VERSION}); load a plain optimizer's state into that optimizer, or "
                 "wrap it first and load its state_dict before wrapping"
             )
+        base = {k: v for k, v in state_dict.items() if k != "blockopt"}
+        plan = self._restore_plan(base, extra)
+        # Commit: everything was checked above; nothing below can fail.
+        super().load_state_dict(base)
+        self.mode = plan["mode"]
+        self._scales = plan["scales"]
+        self.block_factors = plan["block_factors"]
+        self._inner = plan["inner"]
+        self.schedule.load_state_dict(plan["schedule"])
+        self.policy.last_switch = plan["last_switch"]
+        self.history.clear()
+        self.history.extend(plan["history"])
+        self.spectra_history.clear()
+        self.spectra_history.extend(plan["spectra"])
+        self.faults.clear()
+        self.faults.extend(plan["faults"])
+        self.last_score = plan["last_score"]
+        self.step_count = plan["step_count"]
+        self.probe_seconds = plan["probe_seconds"]
+
+    def _restore_plan(self, base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+        """Check a state dict and build what :meth:`load_state_dict` installs, changing
+        nothing here: a bad state dict fails before the optimizer is touched."""
+        missing = [k for k in _STATE_KEYS if k not in extra]
+        if missing:
+            raise _bad_state(f"its 'blockopt' entry lacks {', '.join(map(repr, missing))}")
         names = [b.name for b in self.blocks]
-        if list(extra["blocks"]) != names:
+        saved = extra["blocks"]
+        if not (isinstance(saved, (list, tuple)) and all(isinstance(n, str) for n in saved)):
+            raise _bad_state(f"'blocks' is {type(saved).__name__}, not a list of block names")
+        if list(saved) != names:
             raise ValueError(
                 "the state dict was saved for a model with different blocks "
-                f"({len(extra['blocks'])} blocks, first {list(extra['blocks'])[:3]}) than this "
-                f"one ({len(names)} blocks, first {names[:3]}); load it into the same model"
+                f"({len(saved)} blocks, first {list(saved)[:3]}) than this one ({len(names)} "
+                f"blocks, first {names[:3]}); load it into the same model"
             )
-        if extra["mode"] not in MODES:
-            raise ValueError(f"the state dict holds an unknown mode {extra['mode']!r}")
-        base = {k: v for k, v in state_dict.items() if k != "blockopt"}
-        super().load_state_dict(base)
-        self.mode = extra["mode"]
-        self._scales = {k: float(v) for k, v in extra["scales"].items()}
-        self.block_factors = {k: float(v) for k, v in extra["block_factors"].items()}
-        inner = {}
-        for m, sd in extra["inner"].items():
-            opt = self._make(m)
-            opt.load_state_dict(sd)
-            inner[m] = opt
-        self._inner = inner
-        self.schedule.load_state_dict(dict(extra["schedule"]))
-        self.policy.last_switch = extra["last_switch"]
-        self.history.clear()
-        self.history.extend(Decision(**d) for d in extra["history"])
-        self.spectra_history.clear()
-        self.spectra_history.extend((int(t), Spectra.from_dict(s)) for t, s in extra["spectra"])
-        self.step_count = int(extra["step_count"])
-        self.probe_seconds = float(extra["probe_seconds"])
+        if "shapes" in extra:
+            _check_shapes(extra["shapes"], _group_shapes(self.param_groups))
+        mode = extra["mode"]
+        if not isinstance(mode, str) or mode not in MODES:
+            raise _bad_state(f"its mode {mode!r} is not one of {MODES}")
+        scales = _positive_floats(extra["scales"], "scales", MODES)
+        if mode not in scales:
+            raise _bad_state(f"'scales' has no entry for its mode {mode!r}")
+        factors = _positive_floats(extra["block_factors"], "block_factors", names)
+        spectra = [
+            (_count(step, f"spectra[{i}] step"), _spectra(data, i))
+            for i, (step, data) in enumerate(_pairs(extra["spectra"], "spectra"))
+        ]
+        last_switch = extra["last_switch"]
+        if last_switch is not None:
+            last_switch = _count(last_switch, "last_switch")
+        probe_seconds = extra["probe_seconds"]
+        if not (_is_real(probe_seconds) and math.isfinite(probe_seconds) and probe_seconds >= 0):
+            raise _bad_state(f"'probe_seconds' is {probe_seconds!r}, not a non-negative number")
+        self._check_base(base)
+        inner = extra["inner"]
+        if not isinstance(inner, Mapping) or not set(inner) <= set(MODES):
+            raise _bad_state(f"'inner' must map mode names {MODES} to optimizer state dicts")
+        return {
+            "mode": mode,
+            "scales": scales,
+            "block_factors": factors,
+            "inner": {m: self._restored_mode(m, sd, factors) for m, sd in inner.items()},
+            "schedule": _schedule_state(self.schedule, extra["schedule"]),
+            "last_switch": last_switch,
+            "history": _records(extra["history"], "history", Decision),
+            "spectra": spectra,
+            "faults": _records(extra.get("faults", []), "faults", ProbeFault),
+            "last_score": heterogeneity(spectra[-1][1]) if spectra else None,
+            "step_count": _count(extra["step_count"], "step_count"),
+            "probe_seconds": float(probe_seconds),
+        }
+
+    def _check_base(self, base: Mapping[str, Any]) -> None:
+        """Try the wrapper's own groups and state on a scratch optimizer over the same groups."""
+        scratch = _Scratch([dict(g) for g in self.param_groups], dict(self.defaults))
+        _load_checked(scratch, base, "the wrapper")
+
+    def _restored_mode(self, mode: str, sd: Any, factors: Mapping[str, float]) -> Optimizer:
+        """A new optimizer of ``mode`` holding the saved state ``sd``, checked against it."""
+        opt = self._make(mode)
+        _load_checked(opt, sd, f"mode {mode!r}")
+        if isinstance(opt, BlockSGD):
+            opt.set_factors(factors)
+        return opt
 
     def __repr__(self) -> str:
         return (
             f"BlockOptimizer(mode={self.mode!r}, lr={self.param_groups[0]['lr']:g}, "
             f"blocks={len(self.blocks)}, step={self.step_count})"
         )
+
+
+_FAULT_FIXES = {
+    "non_finite": (
+        "the probe's loss or a Hessian-vector product is NaN or Inf",
+        "check the probe's batch for NaN/Inf and lower the learning rate if the parameters "
+        "diverged; compute the probe's loss in float32 or float64, not float16",
+    ),
+    "double_backward": (
+        "an operation in the probe's graph has no second derivative",
+        "replace it by differentiable operations in the probe closure, or pass probe=None",
+    ),
+    "out_of_memory": (
+        "the probe ran out of memory",
+        "probe a smaller batch, take fewer Lanczos steps (steps=) or start vectors (probes=), "
+        "or probe less often (probe_every=)",
+    ),
+    "probe_error": (
+        "the probe raised an error",
+        "fix the probe closure (opt.probe_now() raises the error with its traceback), or pass "
+        "probe=None",
+    ),
+}
+
+
+def _fault_text(fault: ProbeFault, mode: str, next_step: int, failures: int) -> str:
+    """The warning and TensorBoard text for a failed probe: what happened, the fix, what next."""
+    cause, fix = _FAULT_FIXES[fault.kind]
+    return (
+        f"blockopt: the probe at step {fault.step} failed and was discarded: {cause} "
+        f"({fault.message}). Fix: {fix}. Training goes on in mode {mode!r}; the next probe is "
+        f"at step {next_step} ({failures} failed in a row; retries back off)"
+    )
+
+
+def _probe_reduce(model: nn.Module, probe: Any, option: Any) -> Reduce | None:
+    """Refuse FSDP when probing, and pick how probes combine data-parallel ranks."""
+    reduce = probe_reduce(model, option)
+    if probe is None:
+        return reduce
+    refuse_sharded(model, "BlockOptimizer")
+    if reduce is None and option is False and ddp_of(model) is not None:
+        warnings.warn(
+            "distributed=False with a DistributedDataParallel model: every rank probes only its "
+            "own data and may decide differently, so the ranks' parameters drift apart; leave "
+            "distributed=None (average the probes over the ranks) unless the mode is pinned",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return reduce
+
+
+# -- input checks ---------------------------------------------------------------------------
+
+_STATE_KEYS = (
+    "mode",
+    "scales",
+    "inner",
+    "schedule",
+    "last_switch",
+    "history",
+    "spectra",
+    "block_factors",
+    "step_count",
+    "probe_seconds",
+    "blocks",
+)
+# Per-parameter state that torch.optim classes keep in the parameter's shape.
+_MOMENT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class _Scratch(Optimizer):
+    """A bare optimizer over copies of the wrapper's groups, to try a state dict on before the
+    wrapper itself is touched."""
+
+    def step(self, closure: Any = None) -> None:  # pragma: no cover - never stepped
+        raise RuntimeError("a scratch optimizer does not step")
+
+
+def _is_real(value: Any) -> bool:
+    """A real number, bools excluded (``True`` is no learning rate)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_options(
+    *,
+    thresholds: Any,
+    lrs: Any,
+    optimizers: Any,
+    seed: Any,
+    max_factor: Any,
+    betas: Any,
+    hyper: Mapping[str, Any],
+) -> None:
+    """Refuse option values of the wrong type or range at construction, not at the first probe
+    or switch, where they would fail far from their cause."""
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise TypeError(
+            f"thresholds must be a blockopt.Thresholds, got {type(thresholds).__name__}; build "
+            "one with blockopt.Thresholds(sgd_below=1.0, adam_above=1.5, margin=0.25, "
+            "min_interval=50)"
+        )
+    for label, value in (("lrs", lrs), ("optimizers", optimizers)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(
+                f"{label} must be a mapping mode name -> setting, e.g. {label}={{'adam': ...}}, "
+                f"got {type(value).__name__}"
+            )
+    if not _is_int(seed):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if not (_is_real(max_factor) and math.isfinite(max_factor) and max_factor >= 1):
+        raise ValueError(f"max_factor must be a finite number >= 1, got {max_factor!r}")
+    for name, value in hyper.items():
+        if not (_is_real(value) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    if not (
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ValueError(f"betas must be two numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
+
+
+def _check_params_in_model(groups: list[dict[str, Any]], model: nn.Module) -> None:
+    """Refuse parameters ``model`` does not own: the blocks, probes and block learning rates
+    are the model's, and would silently leave such parameters out."""
+    owned = {id(p) for p in model.parameters()}
+    foreign = [p for g in groups for p in g["params"] if id(p) not in owned]
+    if foreign:
+        shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
+        raise ValueError(
+            f"{len(foreign)} of the optimizer's parameters (shapes {shapes}"
+            f"{', ...' if len(foreign) > 3 else ''}) are not parameters of the "
+            f"{type(model).__name__} passed as model; build the optimizer (or params=) over "
+            "model.parameters() of the model you pass, or pass the model they belong to"
+        )
+
+
+def _bad_state(problem: str) -> ValueError:
+    return ValueError(
+        f"cannot load this state dict: {problem}. Nothing was changed; load a state saved by "
+        "BlockOptimizer.state_dict() into an optimizer built the same way over the same model"
+    )
+
+
+def _group_shapes(groups: list[dict[str, Any]]) -> list[list[list[int]]]:
+    """The shape of every parameter, per param group: identifies the model a state belongs to."""
+    return [[list(p.shape) for p in g["params"]] for g in groups]
+
+
+def _check_shapes(saved: Any, here: list[list[list[int]]]) -> None:
+    """Refuse a state saved for parameters of other shapes (another model whose block names
+    are the same, such as another width)."""
+    try:
+        saved = [[[int(d) for d in shape] for shape in group] for group in saved]
+    except (TypeError, ValueError):
+        raise _bad_state(
+            f"'shapes' is {saved!r:.60}, not a list of parameter shapes per param group"
+        ) from None
+    if saved == here:
+        return
+    if list(map(len, saved)) != list(map(len, here)):
+        raise ValueError(
+            f"the state dict has {len(saved)} param group(s) of {list(map(len, saved))} "
+            f"parameters, this optimizer {len(here)} of {list(map(len, here))}; build the "
+            "optimizer with the param groups it was saved with"
+        )
+    pairs = zip(
+        ((g, i, s) for g, group in enumerate(here) for i, s in enumerate(group)),
+        (s for group in saved for s in group),
+    )
+    where = next(
+        (f"group {g}, parameter {i}: saved {t}, here {s}" for (g, i, s), t in pairs if s != t),
+        f"{sum(map(len, saved))} parameters saved, {sum(map(len, here))} here",
+    )
+    raise ValueError(
+        f"the state dict was saved for parameters of other shapes ({where}): it is the "
+        "checkpoint of another model; load it into an optimizer over the model it came from"
+    )
+
+
+def _count(value: Any, label: str) -> int:
+    if not (_is_int(value) and value >= 0):
+        raise _bad_state(f"{label!r} is {value!r}, not a non-negative int")
+    return value
+
+
+def _positive_floats(value: Any, label: str, allowed: Sequence[str]) -> dict[str, float]:
+    """``value`` as a dict name -> float, if its names are ``allowed`` and values positive."""
+    if not isinstance(value, Mapping):
+        raise _bad_state(f"{label!r} is {type(value).__name__}, not a mapping")
+    out = {}
+    for key, v in value.items():
+        if key not in allowed:
+            raise _bad_state(f"{label!r} names {key!r}, which this optimizer does not have")
+        if not (_is_real(v) and math.isfinite(v) and v > 0):
+            raise _bad_state(f"{label}[{key!r}] is {v!r}, not a positive finite number")
+        out[key] = float(v)
+    return out
+
+
+def _pairs(value: Any, label: str) -> list:
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(e, (list, tuple)) and len(e) == 2 for e in value
+    ):
+        raise _bad_state(f"{label!r} is not a list of [step, spectra] pairs")
+    return list(value)
+
+
+def _spectra(data: Any, index: int) -> Spectra:
+    try:
+        return Spectra.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise _bad_state(f"spectra[{index}] is not a spectra dict ({err})") from err
+
+
+def _records(value: Any, label: str, cls: type) -> list:
+    """Rebuild dataclass records (decisions, probe faults) from their dicts, checking types."""
+    if not isinstance(value, (list, tuple)):
+        raise _bad_state(f"{label!r} is {type(value).__name__}, not a list")
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping) or set(item) != set(types):
+            raise _bad_state(f"{label}[{i}] is not a record with the fields {', '.join(types)}")
+        for key, v in item.items():
+            t = types[key]
+            ok = (
+                (isinstance(v, str) and (key not in ("old_mode", "new_mode") or v in MODES))
+                if "str" in t
+                else _is_int(v)
+                if "int" in t
+                else _is_real(v)
+            )
+            if not ok:
+                kind = f"mode {MODES}" if key in ("old_mode", "new_mode") else t
+                raise _bad_state(f"{label}[{i}][{key!r}] is {v!r}, not a valid {kind}")
+        out.append(cls(**item))
+    return out
+
+
+def _schedule_state(current: ProbeSchedule, state: Any) -> dict[str, Any]:
+    """The probe-schedule state to load, checked: known keys, number types, valid settings."""
+    if not isinstance(state, Mapping):
+        raise _bad_state(f"'schedule' is {type(state).__name__}, not a mapping")
+    types = {f.name: str(f.type) for f in dataclasses.fields(ProbeSchedule)}
+    unknown = sorted(set(state) - set(types))
+    if unknown:
+        raise _bad_state(f"'schedule' has unknown keys {unknown}")
+    for key, v in state.items():
+        t = types[key]
+        if not ((v is None and "None" in t) or (_is_int(v) if "int" in t else _is_real(v))):
+            raise _bad_state(f"'schedule'[{key!r}] is {v!r}, not of type {t}")
+    try:
+        ProbeSchedule(**{**current.state_dict(), **state})
+    except (TypeError, ValueError) as err:
+        raise _bad_state(f"'schedule' holds invalid settings ({err})") from err
+    return dict(state)
+
+
+def _same_kind(value: Any, ref: Any) -> bool:
+    """Whether a loaded hyperparameter has the kind of the one it replaces."""
+    if isinstance(ref, bool):
+        return isinstance(value, bool)
+    if _is_real(ref):
+        return _is_real(value) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+    if isinstance(ref, (tuple, list)):
+        return (
+            isinstance(value, (tuple, list))
+            and len(value) == len(ref)
+            and all(_same_kind(v, r) for v, r in zip(value, ref))
+        )
+    if isinstance(ref, str):
+        return isinstance(value, str)
+    return True
+
+
+def _load_checked(opt: Optimizer, sd: Any, who: str) -> None:
+    """Load ``sd`` into ``opt`` (new or scratch, never the wrapper), then check what torch does
+    not: hyperparameter kinds, state for parameters no group lists, and moment shapes."""
+    groups = sd.get("param_groups") if isinstance(sd, Mapping) else None
+    if not (
+        isinstance(sd.get("state") if isinstance(sd, Mapping) else None, Mapping)
+        and isinstance(groups, (list, tuple))
+        and all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups)
+    ):
+        raise _bad_state(
+            f"the state of {who} is not an optimizer state dict ('state', and 'param_groups' "
+            "with 'params' lists)"
+        )
+    fresh = [dict(g) for g in opt.param_groups]
+    try:
+        opt.load_state_dict(sd)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+        raise _bad_state(f"the state of {who} does not fit its parameters ({err})") from err
+    for i, (old, new) in enumerate(zip(fresh, opt.param_groups)):
+        for key, ref in old.items():
+            if key in ("params", "param_names") or ref is None or key not in new:
+                continue
+            value = new[key]
+            bad_lr = key == "lr" and _is_real(value) and not (math.isfinite(value) and value >= 0)
+            if bad_lr or not _same_kind(value, ref):
+                raise _bad_state(
+                    f"the state of {who}: param group {i}'s {key!r} is {value!r}, not a value "
+                    f"like {ref!r}"
+                )
+    for p, st in opt.state.items():
+        if not isinstance(p, torch.Tensor):
+            raise _bad_state(
+                f"the state of {who} holds state for parameter id {p!r}, which none of its "
+                "param groups lists"
+            )
+        for key in _MOMENT_KEYS:
+            value = st.get(key) if isinstance(st, Mapping) else None
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else value
+                raise _bad_state(
+                    f"the state of {who}: {key!r} of a parameter of shape {tuple(p.shape)} is "
+                    f"{got!r} (truncated, or from another model)"
+                )
 
 
 def _family(mode: str) -> str:

@@ -14,7 +14,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Decision", "ProbeSchedule", "SwitchPolicy", "Thresholds"]
+__all__ = [
+    "Decision",
+    "ProbeFault",
+    "ProbeFaultWarning",
+    "ProbeSchedule",
+    "SwitchPolicy",
+    "Thresholds",
+]
 
 MODES = ("sgd", "block_sgd", "adam")
 
@@ -91,6 +98,24 @@ class Decision:
         }
 
 
+class ProbeFaultWarning(RuntimeWarning):
+    """A probe failed during ``step()`` and was discarded; training went on."""
+
+
+@dataclass(frozen=True)
+class ProbeFault:
+    """One failed, discarded probe, kept in the optimizer's ``faults``: the step, the kind of
+    failure (``"non_finite"``, ``"double_backward"``, ``"out_of_memory"`` or ``"probe_error"``)
+    and the error's message."""
+
+    step: int
+    kind: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "kind": self.kind, "message": self.message}
+
+
 @dataclass
 class SwitchPolicy:
     """Score -> mode with hysteresis: leave the current mode only when the score lies beyond the
@@ -143,7 +168,9 @@ class ProbeSchedule:
     intervals that start at ``base``, grow by ``growth`` (up to ``max_interval``) while the score
     moves less than ``stable_tol`` decades between probes, and fall back to ``base`` after a
     switch. A loss spike (a loss above ``spike_factor`` times its running average) brings the
-    next probe forward to the next step."""
+    next probe forward to the next step. A failed probe is retried after the normal interval
+    (``every``, or ``base``; at least 2 steps), doubling with each consecutive failure up to
+    ``max_interval``, and spikes do not bring it forward; the first success starts over."""
 
     every: int | None = None
     first: int = 0
@@ -157,6 +184,7 @@ class ProbeSchedule:
     last_score: float | None = None
     loss_avg: float | None = None
     losses_seen: int = 0
+    failures: int = 0
 
     def __post_init__(self) -> None:
         for name in ("first", "base", "max_interval"):
@@ -179,17 +207,23 @@ class ProbeSchedule:
         return step >= self.next_step
 
     def after_probe(self, step: int, score: float | None, switched: bool) -> None:
-        """Set the next probe step; ``score`` is None when the probe failed."""
+        """Set the next probe step; ``score`` is None when the probe failed (then back off)."""
+        if score is None:
+            self.failures += 1
+            normal = max(self.every or self.base, 2)
+            backoff = normal << min(self.failures - 1, 62)
+            self.next_step = step + min(backoff, max(self.max_interval, normal))
+            return
+        recovered, self.failures = self.failures > 0, 0
         if self.every is not None:
             self.interval = self.every
-        elif score is None or switched or self.last_score is None:
+        elif recovered or switched or self.last_score is None:
             self.interval = self.base
         elif abs(score - self.last_score) <= self.stable_tol:
             self.interval = min(int(self.interval * self.growth), self.max_interval)
         else:
             self.interval = self.base
-        if score is not None:
-            self.last_score = score
+        self.last_score = score
         self.next_step = step + self.interval
 
     def observe_loss(self, step: int, loss: float) -> None:
@@ -197,7 +231,7 @@ class ProbeSchedule:
         if not math.isfinite(loss):
             return
         spike = self.loss_avg is not None and loss > self.spike_factor * self.loss_avg
-        if spike and self.losses_seen >= 10 and self.every is None:
+        if spike and self.losses_seen >= 10 and self.every is None and not self.failures:
             self.next_step = min(self.next_step, step + 1)
             self.interval = self.base
         self.losses_seen += 1

@@ -9,6 +9,7 @@ its spectral density. One gradient graph serves every block and every step.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 import zlib
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from .blocks import Block, Strategy, partition
+from .distributed import Reduce, agree, reduced_matvec, refuse_sharded
 from .hvp import BlockHessian
 from .isolation import isolated
 from .lanczos import DEFAULT_BANDWIDTH, LanczosResult, gaussian_density, lanczos_many, random_start
@@ -87,18 +89,32 @@ class BlockSpectrum:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BlockSpectrum:
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "block") -> BlockSpectrum:
+        """Read :meth:`to_dict`'s output back, checking every field, since it may come from a
+        JSON file; ``where`` names the dict in errors (``ValueError`` naming the field)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where} is a {type(data).__name__}, not a block spectrum dict")
+        values = _field(data, "ritz_values", "numbers", where)
+        weights = _field(data, "ritz_weights", "numbers", where)
+        if len(values) != len(weights):
+            raise ValueError(
+                f"{where} has {len(values)} ritz_values but {len(weights)} ritz_weights; each "
+                "Ritz value needs its weight"
+            )
+        numel = _field(data, "numel", "count", where)
+        if numel < 1:
+            raise ValueError(f"{where}['numel'] is {numel}; a block holds at least 1 coordinate")
         return cls(
-            name=str(data["name"]),
-            numel=int(data["numel"]),
-            ritz_values=tuple(float(x) for x in data["ritz_values"]),
-            ritz_weights=tuple(float(x) for x in data["ritz_weights"]),
-            lambda_max=float(data["lambda_max"]),
-            lambda_min=float(data["lambda_min"]),
-            trace=float(data["trace"]),
-            steps=int(data.get("steps", 0)),
-            probes=int(data.get("probes", 1)),
-            status=str(data.get("status", "ok")),
+            name=_field(data, "name", "str", where),
+            numel=int(numel),
+            ritz_values=tuple(float(x) for x in values),
+            ritz_weights=tuple(float(x) for x in weights),
+            lambda_max=float(_field(data, "lambda_max", "number", where)),
+            lambda_min=float(_field(data, "lambda_min", "number", where)),
+            trace=float(_field(data, "trace", "number", where)),
+            steps=int(_field(data, "steps", "count", where, 0)),
+            probes=int(_field(data, "probes", "count", where, 1)),
+            status=_field(data, "status", "str", where, "ok"),
         )
 
     @classmethod
@@ -176,20 +192,64 @@ class Spectra(Mapping[str, BlockSpectrum]):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Spectra:
-        if not isinstance(data, Mapping) or data.get("format") != FORMAT_VERSION:
+        """Read :meth:`to_dict`'s output back (e.g. ``json.load`` of a saved file), checking
+        every field's type: malformed input raises ``ValueError`` naming the field."""
+        if not isinstance(data, Mapping):
             raise ValueError(
-                f"not a blockopt spectra dict of format {FORMAT_VERSION} "
-                "(expected the output of Spectra.to_dict())"
+                f"not a blockopt spectra dict: got a {type(data).__name__} (expected the output "
+                "of Spectra.to_dict())"
             )
+        if data.get("format") != FORMAT_VERSION:
+            raise ValueError(
+                f"not a blockopt spectra dict of format {FORMAT_VERSION} (its format is "
+                f"{data.get('format')!r}; expected the output of Spectra.to_dict())"
+            )
+        blocks = _field(data, "blocks", "list", "spectra")
         return cls(
-            [BlockSpectrum.from_dict(b) for b in data["blocks"]],
-            steps=int(data["steps"]),
-            probes=int(data["probes"]),
-            seed=int(data["seed"]),
-            hvps=int(data.get("hvps", 0)),
-            seconds=float(data.get("seconds", 0.0)),
-            dtype=str(data.get("dtype", "float32")),
+            [BlockSpectrum.from_dict(b, where=f"blocks[{i}]") for i, b in enumerate(blocks)],
+            steps=int(_field(data, "steps", "count", "spectra")),
+            probes=int(_field(data, "probes", "count", "spectra")),
+            seed=int(_field(data, "seed", "int", "spectra")),
+            hvps=int(_field(data, "hvps", "count", "spectra", 0)),
+            seconds=float(_field(data, "seconds", "number", "spectra", 0.0)),
+            dtype=_field(data, "dtype", "str", "spectra", "float32"),
         )
+
+
+_REQUIRED: Any = object()
+_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an int", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    "count": (
+        "a non-negative int",
+        lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0,
+    ),
+    "number": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "list": ("a list", lambda v: isinstance(v, (list, tuple))),
+    "numbers": (
+        "a list of numbers",
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v)
+        ),
+    ),
+}
+
+
+def _field(data: Mapping[str, Any], key: str, kind: str, where: str, default: Any = _REQUIRED):
+    """``data[key]`` if it is of ``kind`` (see ``_KINDS``), else a ``ValueError`` naming the
+    field: what ``from_dict`` reads may come from a JSON file written by anything."""
+    if key not in data:
+        if default is _REQUIRED:
+            raise ValueError(f"{where} lacks {key!r} (expected the output of to_dict())")
+        return default
+    value = data[key]
+    text, check = _KINDS[kind]
+    if not check(value):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ValueError(f"{where}[{key!r}] is {shown}, not {text}")
+    return value
 
 
 def evaluate_probe(probe: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -234,6 +294,7 @@ def block_spectra(
     seed: int = 0,
     vectorize: bool = False,
     workers: int | None = None,
+    reduce: Reduce | None = None,
 ) -> Spectra:
     """Estimate the spectrum of every diagonal Hessian block of ``probe()``'s loss.
 
@@ -245,6 +306,11 @@ def block_spectra(
     ``workers`` choose how the products are computed (see :class:`blockopt.BlockHessian`); the
     results do not depend on ``workers``.
 
+    ``reduce`` averages over data-parallel ranks (e.g. :class:`blockopt.distributed.RankMean`,
+    called on every rank at once): the probe's loss, and each Lanczos step's products of all
+    blocks in one flat buffer, so every rank gets the spectra of the mean of the ranks' losses,
+    identical on all ranks; a failure on any rank raises on all (docs/DISTRIBUTED.md).
+
     The probe leaves ``.grad``, buffers, train/eval modes and global RNG states as it found them.
     """
     for label, value in (("steps", steps), ("probes", probes)):
@@ -252,14 +318,23 @@ def block_spectra(
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    refuse_sharded(model, "block_spectra")
     if blocks is None or isinstance(blocks, (str, Mapping)) or callable(blocks):
         blocks = partition(model, "tensor" if blocks is None else blocks)
     blocks = list(blocks)
     _check_blocks(model, blocks)
     start = time.perf_counter()
     with isolated(model):
-        loss = evaluate_probe(probe)
-        hessian = BlockHessian(loss, blocks, vectorize=vectorize, workers=workers)
+
+        def prepare() -> tuple[torch.Tensor, BlockHessian]:
+            loss = evaluate_probe(probe)
+            return loss, BlockHessian(loss, blocks, vectorize=vectorize, workers=workers)
+
+        if reduce is None:
+            _loss, hessian = prepare()
+        else:
+            device = blocks[0].parts[0].param.device
+            _loss, hessian = agree(prepare, reduce, lambda r: float(r[0].detach()), device)
         starts = []
         for i, block in enumerate(blocks):
             generator = torch.Generator().manual_seed(_block_seed(seed, block.name))
@@ -272,8 +347,12 @@ def block_spectra(
                         device=hessian.device(i),
                     )
                 )
+
+        def matvec(ops: Sequence[int], vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            return hessian.matvec_many([op // probes for op in ops], vs)
+
         runs = lanczos_many(
-            lambda ops, vs: hessian.matvec_many([op // probes for op in ops], vs), starts, steps
+            matvec if reduce is None else reduced_matvec(matvec, reduce), starts, steps
         )
         status = [hessian.status(i) for i in range(len(blocks))]
         dtype = hessian.dtype(0)

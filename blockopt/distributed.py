@@ -1,0 +1,275 @@
+"""Probing under ``torch.distributed``: DistributedDataParallel works, FSDP is refused.
+
+Under DistributedDataParallel (DDP) every rank holds the same parameters and its own share of
+the data. A probe runs on the plain module inside the wrapper (a second derivative does not go
+through DDP's gradient buckets), and the ranks combine what they measure by averaging every
+Hessian-vector product: :func:`reduced_matvec` packs the products of all running blocks into
+one flat buffer and issues one ``all_reduce`` per Lanczos step, from the calling thread only,
+so the collectives run in the same order on every rank. With the same start vectors on every
+rank (they depend only on the seed and the block's name) the Lanczos runs, the spectra and the
+decisions taken from them are then the same on every rank, to the bit.
+
+Ranks must fail together too, or the ranks still running would wait for a collective that
+never comes. :func:`agree` (the probe's loss) and :func:`reduced_matvec` (each Lanczos step)
+therefore reduce a few failure flags along with the data; when any rank failed, every rank
+raises: the failing rank its own error, the others :class:`ProbeFailedElsewhere`.
+
+FullyShardedDataParallel (FSDP, ``FullyShardedDataParallel`` and ``fully_shard``) cannot be
+probed: it all-gathers the sharded parameters outside autograd, so the loss has no derivative
+with respect to the parameters autograd sees, let alone a second one.
+:func:`refuse_sharded` names the cause and the fixes (docs/DISTRIBUTED.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from .hvp import DoubleBackwardError
+from .lanczos import ManyMatvec
+
+__all__ = [
+    "FAULT_KINDS",
+    "ProbeFailedElsewhere",
+    "RankMean",
+    "Reduce",
+    "agree",
+    "ddp_of",
+    "fault_kind",
+    "no_sync",
+    "probe_reduce",
+    "reduced_matvec",
+    "refuse_sharded",
+    "sharded_by_fsdp",
+]
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""A hook that returns the average of a tensor over the ranks (it may work in place)."""
+
+FAULT_KINDS = ("non_finite", "double_backward", "out_of_memory", "probe_error")
+"""What can make a probe fail, in the order ranks pick one when several kinds occurred."""
+
+T = TypeVar("T")
+
+_OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+
+
+def fault_kind(err: BaseException) -> str:
+    """Which of :data:`FAULT_KINDS` an error raised while probing is."""
+    kind = getattr(err, "kind", None)
+    if kind in FAULT_KINDS:
+        return kind
+    if isinstance(err, FloatingPointError):
+        return "non_finite"
+    if isinstance(err, DoubleBackwardError):
+        return "double_backward"
+    if isinstance(err, _OUT_OF_MEMORY):
+        return "out_of_memory"
+    return "probe_error"
+
+
+class ProbeFailedElsewhere(RuntimeError):
+    """The probe failed on another rank; every rank discards it so that all stay in step."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(
+            f"the probe failed on another rank ({kind.replace('_', ' ')}); that rank's warning "
+            "names the cause. Every rank discards the probe, so the ranks stay in step"
+        )
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class RankMean:
+    """A :data:`Reduce` hook: the average over the ranks of ``group`` (``None``: the default
+    group), by a sum ``all_reduce`` in place and a division by the group's size."""
+
+    group: Any = None
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor.div_(dist.get_world_size(self.group))
+
+
+def _flags(error: BaseException | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    flags = torch.zeros(len(FAULT_KINDS), dtype=dtype, device=device)
+    if error is not None:
+        flags[FAULT_KINDS.index(fault_kind(error))] = 1
+    return flags
+
+
+def _raise_if_failed(flags: torch.Tensor, error: BaseException | None) -> None:
+    """Raise on every rank when any rank failed: this rank's own error, or the first kind."""
+    failed = [kind for kind, flag in zip(FAULT_KINDS, flags.tolist()) if flag > 0]
+    if error is not None:
+        raise error
+    if failed:
+        raise ProbeFailedElsewhere(failed[0])
+
+
+def agree(
+    action: Callable[[], T],
+    reduce: Reduce,
+    value: Callable[[T], float],
+    device: torch.device | str = "cpu",
+) -> T:
+    """Run ``action`` on this rank and average ``value(result)`` (the probe's loss) over the
+    ranks with one reduction that also carries failure flags. Raises on every rank when any
+    rank failed, or (``FloatingPointError``) when the average is not finite; returns
+    ``action()``'s result otherwise."""
+    error: BaseException | None = None
+    result: Any = None
+    local = math.nan
+    try:
+        result = action()
+        local = float(value(result))
+    except Exception as err:  # reported to the other ranks, re-raised below
+        error = err
+    buffer = torch.cat(
+        [
+            torch.tensor([0.0 if error is not None else local], dtype=torch.float64),
+            _flags(error, torch.float64, torch.device("cpu")),
+        ]
+    ).to(device)
+    buffer = reduce(buffer).cpu()
+    _raise_if_failed(buffer[1:], error)
+    mean = float(buffer[0])
+    if not math.isfinite(mean):
+        raise FloatingPointError(
+            f"the probe's loss averaged over the ranks is {mean}; curvature is undefined there. "
+            "Check every rank's probe batch and the model for NaN/Inf"
+        )
+    return result
+
+
+def reduced_matvec(matvec: ManyMatvec, reduce: Reduce) -> ManyMatvec:
+    """``matvec`` with its products averaged over the ranks: one reduction per call of one flat
+    buffer (every product, in the widest dtype of the vectors, then the failure flags)."""
+
+    def run(indices: Sequence[int], vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        dtype = functools.reduce(torch.promote_types, (v.dtype for v in vectors))
+        device = vectors[0].device
+        error: BaseException | None = None
+        try:
+            products = [p.reshape(-1) for p in matvec(indices, vectors)]
+            if [p.numel() for p in products] != [v.numel() for v in vectors]:
+                raise ValueError(
+                    f"matvec returned products of sizes {[p.numel() for p in products]} for "
+                    f"vectors of sizes {[v.numel() for v in vectors]}"
+                )
+        except Exception as err:  # reported to the other ranks, re-raised below
+            error = err
+            products = [torch.zeros(v.numel(), dtype=dtype, device=device) for v in vectors]
+        flat = torch.cat(
+            [p.to(device=device, dtype=dtype) for p in products] + [_flags(error, dtype, device)]
+        )
+        flat = reduce(flat)
+        _raise_if_failed(flat[-len(FAULT_KINDS) :], error)
+        out, offset = [], 0
+        for v in vectors:
+            n = v.numel()
+            out.append(flat[offset : offset + n].to(dtype=v.dtype, device=v.device))
+            offset += n
+        return out
+
+    return run
+
+
+def _wrappers(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` and the modules it wraps (torch.compile, DDP, DataParallel), outermost first."""
+    seen = set()
+    while isinstance(model, nn.Module) and id(model) not in seen:
+        seen.add(id(model))
+        yield model
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return
+        model = inner
+
+
+def ddp_of(model: nn.Module) -> nn.Module | None:
+    """The ``DistributedDataParallel`` wrapper in ``model``'s chain of wrappers, if any."""
+    for module in _wrappers(model):
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            return module
+    return None
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def probe_reduce(model: nn.Module, option: Any = None) -> Reduce | None:
+    """The reduction a :class:`blockopt.BlockOptimizer` probes with. ``option`` ``None``: the
+    mean over the DDP wrapper's process group when ``model`` is DDP and torch.distributed is
+    initialised, else none; ``True``: the mean over the DDP group or the default group;
+    ``False``: none (each rank probes alone); a ``ProcessGroup``: the mean over it."""
+    if option is False:
+        return None
+    ddp = ddp_of(model)
+    if option is None:
+        if ddp is None or not _initialized():
+            return None
+        return RankMean(getattr(ddp, "process_group", None))
+    if not _initialized():
+        raise RuntimeError(
+            "distributed probing was asked for, but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group(...) before building the optimizer, or pass "
+            "distributed=None (detect DDP) or False (no reduction)"
+        )
+    if option is True:
+        return RankMean(getattr(ddp, "process_group", None) if ddp is not None else None)
+    import torch.distributed as dist
+
+    if isinstance(option, dist.ProcessGroup):
+        return RankMean(option)
+    raise TypeError(
+        "distributed must be None (detect DDP), True, False or a torch.distributed.ProcessGroup, "
+        f"got {type(option).__name__}"
+    )
+
+
+def no_sync(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """DDP's ``no_sync()`` when ``model`` is (or wraps) DDP: a probe closure that calls the DDP
+    wrapper then prepares no gradient reduction; a null context otherwise."""
+    ddp = ddp_of(model)
+    return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
+
+
+def sharded_by_fsdp(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its submodules is sharded by FSDP (either version)."""
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls.__module__.startswith("torch.distributed.fsdp") and cls.__name__ in (
+                "FullyShardedDataParallel",
+                "FSDPModule",
+            ):
+                return True
+    return False
+
+
+def refuse_sharded(model: nn.Module, what: str) -> None:
+    """Raise a ``TypeError`` naming the cause and the fixes when ``model`` is sharded by FSDP."""
+    if sharded_by_fsdp(model):
+        raise TypeError(
+            f"{what} cannot probe a model sharded by FSDP (FullyShardedDataParallel or "
+            "fully_shard): FSDP all-gathers the sharded parameters outside autograd, so the loss "
+            "has no derivative with respect to the parameters autograd sees, and no second "
+            "derivative for a Hessian-vector product. Either pass probe=None (the optimizer then "
+            "trains in its mode without switching), probe an unsharded copy of the model with "
+            "blockopt.block_spectra, or train with DistributedDataParallel, which blockopt "
+            "probes across ranks (docs/DISTRIBUTED.md)"
+        )
