@@ -48,37 +48,25 @@ class _Parser(argparse.ArgumentParser):
 # -- argument types -------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (Lanczos steps, start vectors, training steps)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(parse: Callable[[str], Any], ok: Callable[[Any], bool], what: str):
+    """An argparse type: ``parse(text)``, refused with "expected {what}" unless ``ok``."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return convert
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (learning rates)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
-
-
-def _max_factor(text: str) -> float:
-    """argparse type: a finite number >= 1 (a bound on per-block learning-rate factors)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 1):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 1, got {text!r}")
-    return value
+# Lanczos steps, start vectors, training steps; learning rates; bounds on lr factors.
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+_max_factor = _number(float, lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1")
 
 
 def _factory_spec(text: str):

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +40,32 @@ PAGES = {
 }
 
 
+def train(
+    logdir: Path,
+    model: torch.nn.Module,
+    probe: Callable[[], torch.Tensor],
+    batch_loss: Callable[[], torch.Tensor],
+    lr: float,
+    steps: int,
+) -> None:
+    """Train ``model`` under a wrapped SGD that probes every 50 steps and logs to ``logdir``."""
+    opt = blockopt.wrap(
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
+        model,
+        probe,
+        probe_every=50,
+        steps=20,
+        logdir=logdir,
+    )
+    loss = torch.zeros(())
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = batch_loss()
+        loss.backward()
+        opt.step()
+    opt.close({"final/train_loss": loss.item()})
+
+
 def train_gpt(logdir: Path, steps: int) -> None:
     torch.manual_seed(0)
     model = models.TinyGPT()
@@ -46,25 +73,13 @@ def train_gpt(logdir: Path, steps: int) -> None:
     gen = torch.Generator().manual_seed(0)
     px, py = data.text_batches(corpus, 16, 32, generator=gen)
 
-    def probe() -> torch.Tensor:
-        return F.cross_entropy(model(px).flatten(0, 1), py.flatten())
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
-    opt = blockopt.wrap(
-        torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9),
-        model,
-        probe,
-        probe_every=50,
-        steps=20,
-        logdir=logdir / "tiny_gpt",
-    )
-    loss = torch.zeros(())
-    for _ in range(steps):
-        x, y = data.text_batches(corpus, 16, 32, generator=gen)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        opt.step()
-    opt.close({"final/train_loss": loss.item()})
+    def batch_loss() -> torch.Tensor:
+        return loss_of(*data.text_batches(corpus, 16, 32, generator=gen))
+
+    train(logdir / "tiny_gpt", model, lambda: loss_of(px, py), batch_loss, 0.3, steps)
 
 
 def train_cnn(logdir: Path, steps: int) -> None:
@@ -74,25 +89,13 @@ def train_cnn(logdir: Path, steps: int) -> None:
     gen = torch.Generator().manual_seed(0)
     probe_idx = torch.randperm(len(d.y_train), generator=gen)[:256]
 
-    def probe() -> torch.Tensor:
-        return F.cross_entropy(model(d.x_train[probe_idx]), d.y_train[probe_idx])
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(d.x_train[idx]), d.y_train[idx])
 
-    opt = blockopt.wrap(
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        model,
-        probe,
-        probe_every=50,
-        steps=20,
-        logdir=logdir / "cnn",
-    )
-    loss = torch.zeros(())
-    for _ in range(steps):
-        idx = torch.randint(0, len(d.y_train), (64,), generator=gen)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(d.x_train[idx]), d.y_train[idx])
-        loss.backward()
-        opt.step()
-    opt.close({"final/train_loss": loss.item()})
+    def batch_loss() -> torch.Tensor:
+        return loss_of(torch.randint(0, len(d.y_train), (64,), generator=gen))
+
+    train(logdir / "cnn", model, lambda: loss_of(probe_idx), batch_loss, 0.05, steps)
 
 
 def free_port() -> int:

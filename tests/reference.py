@@ -1,5 +1,5 @@
 """Dense float64 references: the exact Hessian of a loss over all trainable parameters, and the
-coordinates of each block inside it."""
+coordinates of each block inside it; and an operation with no second derivative."""
 
 from __future__ import annotations
 
@@ -50,3 +50,29 @@ def block_index(block: Block, offsets: dict[str, int]) -> torch.Tensor:
 def dense_block(hessian: torch.Tensor, block: Block, offsets: dict[str, int]) -> torch.Tensor:
     idx = block_index(block, offsets)
     return hessian[idx][:, idx]
+
+
+class _Doubler(torch.autograd.Function):
+    """``2 x``, whose backward raises as an op without a derivative formula does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("derivative for doubler is not implemented")
+
+
+class NoDoubleBackward(torch.autograd.Function):
+    """``x ** 2`` with a first derivative whose own derivative is not implemented."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**2
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return _Doubler.apply(x) * grad

@@ -332,7 +332,7 @@ BAD = {
     "steps-zero": (["probe", "tinyfactory:make", "--steps", "0"], r"--steps: .*positive integer"),
     "steps-negative": (
         ["tune", "tinyfactory:make", "--base-lr", "0.1", "--steps", "-3"],
-        r"--steps: expected a positive integer, got -3",
+        r"--steps: expected a positive integer, got '-3'",
     ),
     "steps-not-a-number": (["probe", "tinyfactory:make", "--steps", "ten"], r"got 'ten'"),
     "probes-zero": (["probe", "tinyfactory:make", "--probes", "0"], r"--probes: .*positive"),

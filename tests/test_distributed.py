@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import NoDoubleBackward
 from torch import nn
 
 import blockopt
@@ -57,28 +58,6 @@ def _half(batch, rank):
 
 def _probe_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(module(x), y)
-
-
-class _NoDoubleBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x**2
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return _Doubler.apply(x) * grad
-
-
-class _Doubler(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return 2 * x
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError("derivative for doubler is not implemented")
 
 
 class _TextWriter:
@@ -131,7 +110,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         if rank == 1 and breakage["kind"] == "closure":
             raise ValueError("rank 1's probe batch is gone")
         if rank == 1 and breakage["kind"] == "double_backward":
-            return loss + _NoDoubleBackward.apply(model[4].bias).sum()
+            return loss + NoDoubleBackward.apply(model[4].bias).sum()
         if rank == 1 and breakage["kind"] == "non_finite_hvp":
             u = model[0].weight - model[0].weight.detach()
             return loss + u.pow(1.5).sum()

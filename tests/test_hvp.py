@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CASES
-from reference import block_index, dense_block, dense_hessian
+from reference import NoDoubleBackward, block_index, dense_block, dense_hessian
 
 import blockopt
 from blockopt.hvp import BlockHessian, DoubleBackwardError
@@ -139,26 +139,6 @@ def test_op_without_second_derivative_names_cause_and_fix():
 
 
 def test_op_with_unimplemented_double_backward_names_cause_and_fix():
-    class NoDoubleBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x**2
-
-        @staticmethod
-        def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
-            return Doubler.apply(x) * grad
-
-    class Doubler(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return 2 * x
-
-        @staticmethod
-        def backward(ctx, grad):
-            raise RuntimeError("derivative for doubler is not implemented")
-
     model = torch.nn.Linear(3, 1)
 
     def probe():

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import NoDoubleBackward
 from torch import nn
 
 import blockopt
@@ -33,28 +34,6 @@ class Net(nn.Module):
         return self.fc2(self.drop(torch.tanh(self.bn(self.fc1(x)))))
 
 
-class _NoDoubleBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x**2
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return _Doubler.apply(x) * grad
-
-
-class _Doubler(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return 2 * x
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError("derivative for doubler is not implemented")
-
-
 def _nan_loss(model, loss):
     return loss * float("nan")
 
@@ -66,7 +45,7 @@ def _nan_hvp(model, loss):
 
 
 def _double_backward(model, loss):
-    return loss + _NoDoubleBackward.apply(model.fc2.bias).sum()
+    return loss + NoDoubleBackward.apply(model.fc2.bias).sum()
 
 
 def _closure_error(model, loss):
