@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,6 +42,7 @@ __all__ = [
     "RankMean",
     "Reduce",
     "agree",
+    "agree_status",
     "ddp_of",
     "fault_kind",
     "no_sync",
@@ -151,6 +153,19 @@ def agree(
     return result
 
 
+def agree_status(status: Sequence[str], reduce: Reduce, device: torch.device | str) -> list[str]:
+    """Every block's status as the ranks agree on it: ``"ok"`` when its Hessian reached any
+    rank, ``"unused"`` when no rank's loss used it, else ``"no_graph"``. One reduction; the
+    statuses decide which blocks the score keeps, so they must be the same on every rank."""
+    local = torch.tensor([[s == "ok", s == "unused"] for s in status], dtype=torch.float64).reshape(
+        -1
+    )
+    mean = reduce(local.to(device)).cpu().reshape(-1, 2)
+    return [
+        "ok" if ok > 0 else "unused" if unused >= 1 else "no_graph" for ok, unused in mean.tolist()
+    ]
+
+
 def reduced_matvec(matvec: ManyMatvec, reduce: Reduce) -> ManyMatvec:
     """``matvec`` with its products averaged over the ranks: one reduction per call of one flat
     buffer (every product, in the widest dtype of the vectors, then the failure flags)."""
@@ -221,7 +236,10 @@ def probe_reduce(model: nn.Module, option: Any = None) -> Reduce | None:
         return None
     ddp = ddp_of(model)
     if option is None:
-        if ddp is None or not _initialized():
+        if not _initialized():
+            return None
+        if ddp is None:
+            _warn_if_unreduced()
             return None
         return RankMean(getattr(ddp, "process_group", None))
     if not _initialized():
@@ -240,6 +258,22 @@ def probe_reduce(model: nn.Module, option: Any = None) -> Reduce | None:
         "distributed must be None (detect DDP), True, False or a torch.distributed.ProcessGroup, "
         f"got {type(option).__name__}"
     )
+
+
+def _warn_if_unreduced() -> None:
+    """Warn when several processes train but the model handed over is not DDP: each rank would
+    then probe only its own batch, and the ranks could decide differently."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() > 1:
+        warnings.warn(
+            f"torch.distributed runs {dist.get_world_size()} processes but the model is not "
+            "DistributedDataParallel, so each rank probes alone and the ranks may switch modes "
+            "at different steps; pass the DDP module itself (wrap(opt, ddp_model, ...)), or "
+            "distributed=True to average the probes over the default group, or "
+            "distributed=False to silence this",
+            stacklevel=4,
+        )
 
 
 def no_sync(model: nn.Module) -> contextlib.AbstractContextManager[Any]:

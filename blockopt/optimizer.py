@@ -249,6 +249,10 @@ class BlockOptimizer(Optimizer):
             else None
         )
         self._active()  # build the starting mode now, so errors in its settings surface here
+        if self.pin_mode is None:  # and try the others, so that no switch fails on them later
+            for m in MODES:
+                if m != self.mode:
+                    self._make(m)
 
     # -- modes -------------------------------------------------------------------------------
 
@@ -391,9 +395,48 @@ class BlockOptimizer(Optimizer):
                 seed=self.seed + self.step_count,
                 reduce=self._reduce,
             )
-        # What can fail runs before anything is recorded: a failed probe leaves no trace.
         score = heterogeneity(spectra)
         factors = block_lr_factors(spectra, max_factor=self.max_factor)
+        # Acting on the probe changes several fields; if anything fails on the way (a mode
+        # that cannot be built, say), all of them go back: a failed probe leaves no trace.
+        saved = self._snapshot()
+        try:
+            return self._act(spectra, score, factors)
+        except BaseException:
+            self._restore(saved)
+            raise
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What :meth:`_act` may change, to undo it when acting on a probe fails."""
+        return {
+            "probe_seconds": self.probe_seconds,
+            "last_score": self.last_score,
+            "spectra": list(self.spectra_history),
+            "history": list(self.history),
+            "block_factors": self.block_factors,
+            "scales": dict(self._scales),
+            "last_switch": self.policy.last_switch,
+            "mode": self.mode,
+            "inner": self._inner,
+        }
+
+    def _restore(self, saved: Mapping[str, Any]) -> None:
+        self.spectra_history.clear()
+        self.spectra_history.extend(saved["spectra"])
+        self.history.clear()
+        self.history.extend(saved["history"])
+        self.probe_seconds = saved["probe_seconds"]
+        self.last_score = saved["last_score"]
+        self.block_factors = saved["block_factors"]
+        self._scales = saved["scales"]
+        self.policy.last_switch = saved["last_switch"]
+        self.mode = saved["mode"]
+        self._inner = saved["inner"]
+        if "block_sgd" in self._inner:
+            self._inner["block_sgd"].set_factors(self.block_factors)
+
+    def _act(self, spectra: Spectra, score: Heterogeneity, factors: dict[str, float]) -> Decision:
+        """Record a probe's result, cap SGD's learning rate if needed, decide and switch."""
         self.probe_seconds += spectra.seconds
         self.last_score = score
         self.spectra_history.append((self.step_count, spectra))
@@ -705,9 +748,9 @@ def _fault_text(fault: ProbeFault, mode: str, next_step: int, failures: int) -> 
 
 def _probe_reduce(model: nn.Module, probe: Any, option: Any) -> Reduce | None:
     """Refuse FSDP when probing, and pick how probes combine data-parallel ranks."""
+    if probe is None:  # nothing to combine unless asked for (a probe may be set later)
+        return None if option is None else probe_reduce(model, option)
     reduce = probe_reduce(model, option)
-    if probe is None:
-        return reduce
     refuse_sharded(model, "BlockOptimizer")
     if reduce is None and option is False and ddp_of(model) is not None:
         warnings.warn(
@@ -925,6 +968,13 @@ def _schedule_state(current: ProbeSchedule, state: Any) -> dict[str, Any]:
         t = types[key]
         if not ((v is None and "None" in t) or (_is_int(v) if "int" in t else _is_real(v))):
             raise _bad_state(f"'schedule'[{key!r}] is {v!r}, not of type {t}")
+        if v is not None and not math.isfinite(v):
+            raise _bad_state(f"'schedule'[{key!r}] is {v!r}, not a finite number")
+    for key in ("next_step", "losses_seen", "failures"):
+        if state.get(key, 0) < 0:
+            raise _bad_state(f"'schedule'[{key!r}] is {state[key]!r}, not a count >= 0")
+    if state.get("interval", 1) < 1:
+        raise _bad_state(f"'schedule'['interval'] is {state['interval']!r}, not a step count >= 1")
     try:
         ProbeSchedule(**{**current.state_dict(), **state})
     except (TypeError, ValueError) as err:

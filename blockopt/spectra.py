@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .blocks import Block, Strategy, partition
-from .distributed import Reduce, agree, reduced_matvec, refuse_sharded
+from .distributed import Reduce, agree, agree_status, reduced_matvec, refuse_sharded
 from .hvp import BlockHessian
 from .isolation import isolated
 from .lanczos import DEFAULT_BANDWIDTH, LanczosResult, gaussian_density, lanczos_many, random_start
@@ -355,6 +355,8 @@ def block_spectra(
             matvec if reduce is None else reduced_matvec(matvec, reduce), starts, steps
         )
         status = [hessian.status(i) for i in range(len(blocks))]
+        if reduce is not None:
+            status = agree_status(status, reduce, blocks[0].parts[0].param.device)
         dtype = hessian.dtype(0)
         for i in range(1, len(blocks)):
             dtype = torch.promote_types(dtype, hessian.dtype(i))

@@ -536,6 +536,26 @@ LOAD_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], type, str]] = {
         ValueError,
         r"'schedule' holds invalid settings",
     ),
+    "schedule-negative-failures": (
+        _set("schedule/failures", -1),
+        ValueError,
+        r"'schedule'\['failures'\] is -1, not a count >= 0",
+    ),
+    "schedule-negative-losses-seen": (
+        _set("schedule/losses_seen", -1),
+        ValueError,
+        r"'schedule'\['losses_seen'\] is -1, not a count >= 0",
+    ),
+    "schedule-zero-interval": (
+        _set("schedule/interval", 0),
+        ValueError,
+        r"'schedule'\['interval'\] is 0, not a step count >= 1",
+    ),
+    "schedule-nan-loss-average": (
+        _set("schedule/loss_avg", float("nan")),
+        ValueError,
+        r"'schedule'\['loss_avg'\] is nan, not a finite number",
+    ),
     "block-factor-unknown-block": (
         _set("block_factors/net.9.weight", 2.0),
         ValueError,

@@ -180,13 +180,32 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     result["alone_warning"] = alone_opt._reduce is None and any(
         "drift apart" in str(w.message) for w in caught
     )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        unwrapped = blockopt.BlockOptimizer(model, module_probe)  # ddp.module, not ddp
+    result["unwrapped_warning"] = unwrapped._reduce is None and any(
+        "not DistributedDataParallel" in str(w.message) for w in caught
+    )
 
     # The schedule: a loss spike on rank 0 alone brings the next probe forward on both ranks.
     spike = blockopt.BlockOptimizer(ddp, module_probe, lr=0.01, steps=2, monitor_only=True)
     for step in range(SPIKE_AT + 3):
         spike.observe_loss(100.0 if rank == 0 and step == SPIKE_AT else 1.0)
-        spike.step()  # no gradients: no update, only the probe schedule runs
+        spike.step()  # the gradients left from training: the same update on both ranks
     result["spike_probes"] = [step for step, _ in spike.spectra_history]
+
+    # A block only rank 0's loss uses: the ranks agree it is "ok", so they score alike.
+    torch.manual_seed(0)
+    pair = nn.ModuleDict({"a": nn.Linear(3, 1), "b": nn.Linear(3, 1)})
+    z = torch.randn(8, 3)
+
+    def uneven() -> torch.Tensor:
+        loss = pair["a"](z).pow(2).mean()
+        return loss + pair["b"](z).pow(4).mean() if rank == 0 else loss
+
+    uneven_spectra = blockopt.block_spectra(pair, uneven, steps=3, reduce=RankMean())
+    result["uneven_status"] = {n: s.status for n, s in uneven_spectra.items()}
+    result["uneven_score"] = float(blockopt.heterogeneity(uneven_spectra))
 
     # FSDP: fully_shard works on CPU with gloo, but leaves nothing to differentiate twice.
     from torch.distributed.fsdp import fully_shard
@@ -296,7 +315,7 @@ def test_ddp_probe_spectra_equal_a_single_process_probe_of_the_whole_batch(ranks
 def test_probes_leave_ddp_gradient_buckets_alone(ranks):
     for r in ranks:
         assert all(r["untouched"]) and r["reductions"] == TRAIN + 16  # one bucket a step
-        assert r["through_wrapper"] and r["alone_warning"]
+        assert r["through_wrapper"] and r["alone_warning"] and r["unwrapped_warning"]
         assert r["wrapper_spectra"] == r["api"]
 
 
@@ -310,6 +329,13 @@ def test_a_fault_on_one_rank_is_a_fault_on_every_rank(ranks):
     assert [step for step, _ in r0["spectra"]][-2:] == [TRAIN - 2, TRAIN + 14]
     for a, b in zip(r0["params"], r1["params"]):
         assert torch.equal(a, b)
+
+
+def test_ranks_agree_on_block_status_and_score_when_only_one_uses_a_block(ranks):
+    r0, r1 = ranks
+    assert r0["uneven_status"] == r1["uneven_status"]
+    assert set(r0["uneven_status"].values()) == {"ok"}
+    assert r0["uneven_score"] == r1["uneven_score"]
 
 
 def test_a_loss_spike_on_one_rank_moves_the_probe_on_every_rank(ranks):
@@ -367,8 +393,10 @@ def test_reduce_hook_runs_once_per_lanczos_step_on_the_calling_thread():
     assert reduced.to_dict()["blocks"] == plain.to_dict()["blocks"]  # bitwise, with one rank
     numel = sum(p.numel() for p in model.parameters())
     assert calls[0] == (True, 1 + len(FAULT_KINDS))  # the loss and the failure flags
-    assert len(calls) == 1 + STEPS and all(main for main, _ in calls)
+    blocks = len(plain)
+    assert len(calls) == 1 + STEPS + 1 and all(main for main, _ in calls)
     assert calls[1] == (True, numel + len(FAULT_KINDS))  # every block's product in one buffer
+    assert calls[-1] == (True, 2 * blocks)  # each block's status, once
 
 
 def test_a_failure_flag_from_another_rank_raises_on_this_one():

@@ -264,3 +264,55 @@ def test_schedule_backoff_doubles_up_to_max_interval_and_ignores_spikes():
 )
 def test_fault_kinds(error, kind):
     assert fault_kind(error) == kind
+
+
+def test_a_switch_that_fails_leaves_no_trace_of_the_probe(monkeypatch):
+    """Acting on a probe is all or nothing: when the switch it calls for fails, the spectra,
+    score, factors, learning-rate scales, policy and mode are as before the probe."""
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    opt = blockopt.BlockOptimizer(
+        model, lambda: F.cross_entropy(model(x), y), thresholds=FORCE_SWITCH, probe_every=1
+    )
+    _train(opt, model, x, y, 1)  # a good probe at step 0 and a switch to block_sgd or adam
+    before = (
+        list(opt.spectra_history),
+        list(opt.history),
+        opt.last_score,
+        dict(opt.block_factors),
+        dict(opt._scales),
+        opt.policy.last_switch,
+        opt.mode,
+        opt.probe_seconds,
+    )
+
+    def broken(src, dst):
+        raise RuntimeError("state transfer failed")
+
+    monkeypatch.setattr("blockopt.optimizer.transfer_state", broken)
+    opt.policy.thresholds = blockopt.Thresholds(100.0, 100.0, 0.0, 0)  # now calls for "sgd"
+    with pytest.warns(ProbeFaultWarning, match="state transfer failed"):
+        _train(opt, model, x, y, 1, start=1)
+    after = (
+        list(opt.spectra_history),
+        list(opt.history),
+        opt.last_score,
+        dict(opt.block_factors),
+        dict(opt._scales),
+        opt.policy.last_switch,
+        opt.mode,
+        opt.probe_seconds,
+    )
+    assert after == before
+    assert [f.kind for f in opt.faults] == ["probe_error"]
+
+
+def test_every_modes_settings_are_checked_when_the_optimizer_is_built():
+    model = Net()
+    with pytest.raises(TypeError, match=r"could not build mode 'adam'.*bogus"):
+        blockopt.BlockOptimizer(
+            model,
+            lambda: model(torch.randn(4, 6)).sum(),
+            optimizers={"adam": (torch.optim.AdamW, {"bogus": 1})},
+        )
