@@ -2,7 +2,8 @@
 
 Exit codes: 0 on success, 2 on bad usage or bad input (one line on stderr naming the cause and the
 fix), 130 when interrupted. Output files are written atomically (a temporary file in the same
-directory, then renamed), after their directories were checked, before any probing.
+directory, then renamed), after their directories were checked, before any probing; each output
+is whole or absent, though a command's several outputs are not replaced in one atomic step.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def _number(parse: Callable[[str], Any], ok: Callable[[Any], bool], what: str):
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 _max_factor = _number(float, lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1")
+# Seeds: torch.manual_seed takes up to 2**64 - 1, and the demo seeds generators with seed + 30000.
+_SEED_LIMIT = 2**63
+_seed = _number(int, lambda v: 0 <= v < _SEED_LIMIT, "an integer from 0 to 2**63 - 1")
 
 
 def _factory_spec(text: str):
@@ -121,13 +125,18 @@ def _check_plot(path: Path) -> str:
 @contextlib.contextmanager
 def _atomic_outputs() -> Iterator[Callable[[Path, Callable[[IO[bytes]], None]], None]]:
     """Stage files with ``stage(path, write)``; on a clean exit all are renamed into place, on an
-    error none is and the temporary files are removed."""
+    error none is. Either way the temporary files are removed, and an ``OSError`` (disk full,
+    directory gone) is a :class:`UsageError` naming the file.
+
+    Each output is replaced atomically, so it is always whole (old or new) or absent; the outputs
+    together are not: if renaming the second fails, the first has already been replaced, which
+    the message says."""
     staged: list[tuple[str, Path]] = []
 
     def stage(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        staged.append((tmp, path))
         try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp, path))
             with os.fdopen(fd, "wb") as f:
                 write(f)
             os.chmod(tmp, 0o666 & ~_umask())
@@ -136,11 +145,19 @@ def _atomic_outputs() -> Iterator[Callable[[Path, Callable[[IO[bytes]], None]], 
 
     try:
         yield stage
+        done: list[str] = []
         for tmp, path in staged:
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as err:
+                written = f"; {', '.join(done)} already written" if done else ""
+                raise UsageError(
+                    f"could not write {path}: {err.strerror or err}{written}"
+                ) from None
+            done.append(str(path))
     finally:
         for tmp, _ in staged:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # renamed already, or cannot be removed
                 os.unlink(tmp)
 
 
@@ -168,30 +185,27 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _one_line(err: BaseException) -> str:
-    """``Type: message`` on one line, for error messages that quote another error."""
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def _measure(args: argparse.Namespace):
     """Build the user's model and probe, then estimate its block spectra."""
-    from .factory import FactoryError, build
+    from .factory import FactoryError, build, describe
     from .hvp import DoubleBackwardError
     from .spectra import block_spectra
 
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules next to you import
+    # As `python -m` does, a MODULE next to you imports: the current directory is searched first,
+    # but only while the factory's module is imported and the factory runs (see factory.build).
+    search = None if "" in sys.path else os.getcwd()
     _seed_everything(args.seed)
     try:
-        model, probe = build(args.target)
+        model, probe = build(args.target, search=search)
     except FactoryError as err:
         raise UsageError(str(err)) from None
 
     def guarded():
         try:
             return probe()
-        except Exception as err:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # SystemExit included: the probe must return the loss
             raise _ProbeRaised(err) from err
 
     try:
@@ -201,7 +215,7 @@ def _measure(args: argparse.Namespace):
     except _ProbeRaised as err:
         cause = err.args[0]
         raise UsageError(
-            f"the probe raised {_one_line(cause)}; fix it so that probe() returns the loss"
+            f"the probe {describe(cause)}; fix it so that probe() returns the loss"
         ) from None
     except DoubleBackwardError as err:
         raise UsageError(" ".join(str(err).split())) from None
@@ -535,10 +549,10 @@ def _add_probe_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
-        help="seeds torch, numpy and random before the factory runs, and the start vectors "
-        "(default: 0)",
+        help="seeds torch, numpy and random before the factory runs, and the start vectors: an "
+        "integer from 0 to 2**63 - 1 (default: 0)",
     )
     p.add_argument(
         "--max-factor",
@@ -596,11 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
         metavar="S",
-        help="seeds the initial weights and the batches: on one machine a seed gives the same "
-        "losses, accuracies, scores and modes every time (default: 0)",
+        help="seeds the initial weights and the batches (an integer from 0 to 2**63 - 1): on one "
+        "machine a seed gives the same losses, accuracies, scores and modes every time "
+        "(default: 0)",
     )
     demo.set_defaults(run=_cmd_demo)
 

@@ -1,13 +1,16 @@
 """The ``blockopt`` command line, run as a subprocess: help, ``probe`` and ``tune`` against the
 API, the demo on a tiny setting, and every kind of bad input (exit code 2, one line naming the
-cause, no traceback, no file left behind)."""
+cause, no traceback, no file left behind); in this process, outputs that fail to be written and
+``sys.path`` left as it was while probing."""
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +29,8 @@ from blockopt.demo import run_demo
 FACTORY = textwrap.dedent(
     '''
     """Factories for the command-line tests: one good, the rest wrong in one way each."""
+    import sys
+
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -44,6 +50,18 @@ FACTORY = textwrap.dedent(
 
     def raises():
         raise RuntimeError("factory broke")
+
+
+    class Stop(BaseException):
+        pass
+
+
+    def raises_base_exception():
+        raise Stop("stopped")
+
+
+    def exits():
+        sys.exit("no GPU here")
 
 
     def not_pair():
@@ -70,6 +88,10 @@ FACTORY = textwrap.dedent(
         return _mlp(), probe
 
 
+    def probe_exits():
+        return _mlp(), lambda: sys.exit(3)
+
+
     def vector_probe():
         model = _mlp()
         return model, lambda: model(torch.ones(8, 4)).sum(0)
@@ -91,12 +113,26 @@ FACTORY = textwrap.dedent(
 )
 
 
+ARGPARSE_ON_IMPORT = textwrap.dedent(
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="argmod")
+    parser.add_argument("--data", required=True)
+    ARGS = parser.parse_args()  # a script's code, run on import: exits 2 with argmod's usage
+    """
+)
+
+
 @pytest.fixture(scope="module")
 def factory_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory with ``tinyfactory.py`` and ``brokenmod.py`` (fails on import)."""
+    """A directory with ``tinyfactory.py``, and modules that fail on import: ``brokenmod.py``
+    (raises), ``exitmod.py`` (calls ``sys.exit(0)``), ``argmod.py`` (runs argparse)."""
     folder = tmp_path_factory.mktemp("factories")
     (folder / "tinyfactory.py").write_text(FACTORY)
     (folder / "brokenmod.py").write_text("RATIO = 1 / 0\n")
+    (folder / "exitmod.py").write_text("import sys\n\nsys.exit(0)\n")
+    (folder / "argmod.py").write_text(ARGPARSE_ON_IMPORT)
     return folder
 
 
@@ -282,7 +318,8 @@ def test_demo_depends_only_on_the_seed(tmp_path):
 
 # -- bad input ------------------------------------------------------------------------------------
 
-# argv templates: {dir} is the case's own (writable) folder, {ro} a read-only one, {file} a file.
+# argv templates: {dir} is the case's own (writable) folder, {ro} a read-only one, {file} a file,
+# {factories} the folder of tinyfactory.py.
 RAISES = "tinyfactory:raises"  # reached only if outputs were not checked first
 BAD = {
     # MODULE:FACTORY syntax
@@ -299,6 +336,19 @@ BAD = {
         ["probe", "brokenmod:make"],
         r"importing 'brokenmod' failed: ZeroDivisionError",
     ),
+    "module-exits-on-import": (
+        ["probe", "exitmod:make", "--json", "{dir}/s.json"],
+        r"importing 'exitmod' called sys.exit\(0\); .*must not exit on import",
+    ),
+    "module-runs-argparse-on-import": (
+        ["probe", "argmod:make", "--json", "{dir}/s.json"],
+        r"importing 'argmod' called sys.exit\(2\) after printing 'argmod: error: the following "
+        r"arguments are required: --data'; .*if __name__ == '__main__'",
+    ),
+    "file-exits-on-import": (
+        ["tune", "{factories}/exitmod.py:make", "--base-lr", "0.1", "--out", "{dir}/lrs.json"],
+        r"importing '.*exitmod\.py' called sys.exit\(0\); a file .* must not exit on import",
+    ),
     "missing-attribute": (
         ["tune", "tinyfactory:nope", "--base-lr", "0.1", "--out", "{dir}/lrs.json"],
         r"'tinyfactory' has no attribute 'nope'",
@@ -309,6 +359,14 @@ BAD = {
         ["tune", RAISES, "--base-lr", "0.1", "--out", "{dir}/lrs.json"],
         r"tinyfactory:raises raised RuntimeError: factory broke; fix the factory",
     ),
+    "factory-exits": (
+        ["probe", "tinyfactory:exits", "--json", "{dir}/s.json"],
+        r"tinyfactory:exits called sys.exit\('no GPU here'\); a factory must return",
+    ),
+    "factory-raises-base-exception": (
+        ["probe", "tinyfactory:raises_base_exception"],
+        r"tinyfactory:raises_base_exception raised Stop: stopped; fix the factory",
+    ),
     "not-a-pair": (["probe", "tinyfactory:not_pair"], r"returned a Sequential; .*pair"),
     "triple": (["probe", "tinyfactory:triple"], r"tuple of length 3; .*pair \(model, probe\)"),
     "model-not-a-module": (["probe", "tinyfactory:not_module"], r"str as the model.*nn\.Module"),
@@ -317,6 +375,10 @@ BAD = {
     "probe-raises": (
         ["probe", "tinyfactory:probe_raises", "--json", "{dir}/s.json"],
         r"the probe raised ValueError: probe broke",
+    ),
+    "probe-exits": (
+        ["probe", "tinyfactory:probe_exits", "--json", "{dir}/s.json"],
+        r"the probe called sys.exit\(3\); fix it so that probe\(\) returns the loss",
     ),
     "non-scalar-probe": (["probe", "tinyfactory:vector_probe"], r"shape \(3,\).*scalar"),
     "probe-returns-float": (["probe", "tinyfactory:float_probe"], r"returned float, not a tensor"),
@@ -336,6 +398,15 @@ BAD = {
     ),
     "steps-not-a-number": (["probe", "tinyfactory:make", "--steps", "ten"], r"got 'ten'"),
     "probes-zero": (["probe", "tinyfactory:make", "--probes", "0"], r"--probes: .*positive"),
+    "seed-too-large": (
+        ["probe", "tinyfactory:make", "--seed", "99999999999999999999"],
+        r"--seed: expected an integer from 0 to 2\*\*63 - 1, got '99999999999999999999'",
+    ),
+    "seed-negative": (
+        ["tune", "tinyfactory:make", "--base-lr", "0.1", "--seed", "-1"],
+        r"--seed: expected an integer from 0 to 2\*\*63 - 1, got '-1'",
+    ),
+    "seed-not-an-integer": (["probe", "tinyfactory:make", "--seed", "1.5"], r"--seed: .*'1\.5'"),
     "unknown-strategy": (
         ["probe", "tinyfactory:make", "--strategy", "layer"],
         r"--strategy: invalid choice: 'layer'",
@@ -354,6 +425,10 @@ BAD = {
     "no-command": ([], r"choose a command"),
     "demo-steps-zero": (["demo", "--steps", "0"], r"--steps: .*positive integer"),
     "demo-unknown-model": (["demo", "--model", "rnn"], r"--model: invalid choice: 'rnn'"),
+    "demo-seed-too-large": (
+        ["demo", "--seed", str(2**64)],
+        r"--seed: expected an integer from 0 to 2\*\*63 - 1, got '18446744073709551616'",
+    ),
     # output paths, checked before the factory runs
     "out-missing-dir": (
         ["tune", RAISES, "--base-lr", "0.1", "--out", "{dir}/missing/lrs.json"],
@@ -476,6 +551,7 @@ def bad_runs(factory_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         folder = base / case
         folder.mkdir()
         subs = {"dir": str(folder), "ro": str(ro), "file": str(a_file)}
+        subs["factories"] = str(factory_dir)
         cases[case] = ([a.format(**subs) for a in argv], folder)
     forked = hasattr(os, "fork") and sys.platform == "linux"
     fresh = {k: v for k, v in cases.items() if k in FRESH or not forked}
@@ -506,3 +582,118 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_runs):
     assert re.search(pattern, error), error
     assert files == [], "an output or temporary file was left behind"
     assert read_only_untouched
+
+
+# -- in this process ------------------------------------------------------------------------------
+
+
+def _main_in_process(argv: list[str]) -> int:
+    """``blockopt.cli.main(argv)`` here, the torch, numpy and ``random`` seeding it does undone."""
+    from blockopt.cli import main
+
+    states = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return main(argv)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+
+
+@pytest.mark.parametrize("fails", ["rename", "create"])
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(
+    fails, tinyfactory, tmp_path, monkeypatch, capsys
+):
+    """Renaming the second output into place (or creating its temporary file) fails with a full
+    disk: one error line, exit 2, no temporary file left; the first output is whole or absent."""
+    patched = (os, "replace") if fails == "rename" else (tempfile, "mkstemp")
+    real = getattr(*patched)
+    ours = []
+
+    def second_fails(*args, **kwargs):
+        target = Path(args[1] if fails == "rename" else kwargs["dir"])
+        if target.parent == tmp_path or target == tmp_path:  # not matplotlib's or torch's
+            ours.append(target)
+            if len(ours) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(*patched, second_fails)
+    json_out, plot = tmp_path / "s.json", tmp_path / "s.png"
+    argv = [
+        "probe",
+        "tinyfactory:make",
+        "--steps",
+        "3",
+        "--json",
+        str(json_out),
+        "--plot",
+        str(plot),
+    ]
+    assert _main_in_process(argv) == 2
+    err = capsys.readouterr().err
+    first = f"; {json_out} already written" if fails == "rename" else ""
+    assert err == f"blockopt: error: could not write {plot}: {os.strerror(errno.ENOSPC)}{first}\n"
+    assert _files(tmp_path) == (["s.json"] if fails == "rename" else [])
+    if fails == "rename":
+        assert json.loads(json_out.read_text())["steps"] == 3
+
+
+PATH_FACTORY = textwrap.dedent(
+    """
+    import importlib.util
+    import sys
+
+    import torch
+    from torch import nn
+
+    import {name}_eager  # a neighbour imported on import: the module's own business
+
+    SEEN = {{}}
+
+
+    def make():
+        import {name}_lazy  # and one imported by the factory
+
+        model = nn.Linear(2, 1)
+        x = torch.randn(4, 2)
+
+        def probe():
+            SEEN["path"] = list(sys.path)
+            SEEN["neighbour"] = importlib.util.find_spec("{name}_shadow")
+            return model(x).pow(2).mean()
+
+        return model, probe
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["file", "module"])
+def test_the_factorys_folder_is_not_on_sys_path_while_probing(kind, tmp_path, monkeypatch, capsys):
+    """The folder searched first for the factory's module (the .py file's, or the current
+    directory) is gone from ``sys.path`` once the factory returned: a module torch imports lazily
+    while probing cannot come from a file next to the factory. The largest seed works."""
+    name = f"pathfactory_{kind}"
+    folder = tmp_path / "factory"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(PATH_FACTORY.format(name=name))
+    for suffix in ("eager", "lazy", "shadow"):
+        (folder / f"{name}_{suffix}.py").write_text("")
+    if kind == "file":
+        target, module = f"{folder / name}.py:make", f"_blockopt_factory_{name}"
+        monkeypatch.chdir(tmp_path)
+    else:
+        target, module = f"{name}:make", name
+        monkeypatch.chdir(folder)
+    before = list(sys.path)
+    try:
+        code = _main_in_process(["probe", target, "--steps", "3", "--seed", str(2**63 - 1)])
+        assert code == 0, capsys.readouterr().err
+        assert sys.path == before
+        seen = sys.modules[module].SEEN
+        assert str(folder) not in seen["path"] and seen["neighbour"] is None
+        assert f"seed {2**63 - 1}" in capsys.readouterr().out
+    finally:
+        for suffix in ("", "_eager", "_lazy", "_shadow"):
+            sys.modules.pop(name + suffix, None)
+        sys.modules.pop(module, None)
