@@ -266,6 +266,20 @@ def test_fault_kinds(error, kind):
     assert fault_kind(error) == kind
 
 
+def _trace(opt) -> tuple:
+    """What acting on a probe changes: histories, score, factors, lr scales, policy, mode."""
+    return (
+        list(opt.spectra_history),
+        list(opt.history),
+        opt.last_score,
+        dict(opt.block_factors),
+        dict(opt._scales),
+        opt.policy.last_switch,
+        opt.mode,
+        opt.probe_seconds,
+    )
+
+
 def test_a_switch_that_fails_leaves_no_trace_of_the_probe(monkeypatch):
     """Acting on a probe is all or nothing: when the switch it calls for fails, the spectra,
     score, factors, learning-rate scales, policy and mode are as before the probe."""
@@ -276,16 +290,7 @@ def test_a_switch_that_fails_leaves_no_trace_of_the_probe(monkeypatch):
         model, lambda: F.cross_entropy(model(x), y), thresholds=FORCE_SWITCH, probe_every=1
     )
     _train(opt, model, x, y, 1)  # a good probe at step 0 and a switch to block_sgd or adam
-    before = (
-        list(opt.spectra_history),
-        list(opt.history),
-        opt.last_score,
-        dict(opt.block_factors),
-        dict(opt._scales),
-        opt.policy.last_switch,
-        opt.mode,
-        opt.probe_seconds,
-    )
+    before = _trace(opt)
 
     def broken(src, dst):
         raise RuntimeError("state transfer failed")
@@ -294,17 +299,7 @@ def test_a_switch_that_fails_leaves_no_trace_of_the_probe(monkeypatch):
     opt.policy.thresholds = blockopt.Thresholds(100.0, 100.0, 0.0, 0)  # now calls for "sgd"
     with pytest.warns(ProbeFaultWarning, match="state transfer failed"):
         _train(opt, model, x, y, 1, start=1)
-    after = (
-        list(opt.spectra_history),
-        list(opt.history),
-        opt.last_score,
-        dict(opt.block_factors),
-        dict(opt._scales),
-        opt.policy.last_switch,
-        opt.mode,
-        opt.probe_seconds,
-    )
-    assert after == before
+    assert _trace(opt) == before
     assert [f.kind for f in opt.faults] == ["probe_error"]
 
 
