@@ -42,7 +42,7 @@ from .policy import (
     SwitchPolicy,
     Thresholds,
 )
-from .spectra import Spectra, block_spectra
+from .spectra import Spectra, block_spectra, check_lanczos_settings
 from .tensorboard import ProbeCost, TensorBoardLogger
 from .tuning import (
     DEFAULT_MAX_FACTOR,
@@ -55,6 +55,16 @@ from .tuning import (
 __all__ = ["BlockOptimizer", "wrap"]
 
 STATE_VERSION = 1
+# Fields :meth:`BlockOptimizer._install` sets as they are: key -> attribute.
+_INSTALLED = {
+    "mode": "mode",
+    "scales": "_scales",
+    "block_factors": "block_factors",
+    "inner": "_inner",
+    "last_score": "last_score",
+    "step_count": "step_count",
+    "probe_seconds": "probe_seconds",
+}
 _SGD_KEYS = ("momentum", "dampening", "weight_decay", "nesterov")
 _ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
 
@@ -155,9 +165,7 @@ class BlockOptimizer(Optimizer):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         if isinstance(history, bool) or not isinstance(history, int) or history < 1:
             raise ValueError(f"history must be a positive int, got {history!r}")
-        for label, value in (("steps", steps), ("probes", probes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        check_lanczos_settings(steps, probes)
         _check_options(
             thresholds=thresholds,
             lrs=lrs,
@@ -403,11 +411,11 @@ class BlockOptimizer(Optimizer):
         try:
             return self._act(spectra, score, factors)
         except BaseException:
-            self._restore(saved)
+            self._install(saved)
             raise
 
     def _snapshot(self) -> dict[str, Any]:
-        """What :meth:`_act` may change, to undo it when acting on a probe fails."""
+        """What :meth:`_act` may change, for :meth:`_install` to undo when acting fails."""
         return {
             "probe_seconds": self.probe_seconds,
             "last_score": self.last_score,
@@ -420,18 +428,24 @@ class BlockOptimizer(Optimizer):
             "inner": self._inner,
         }
 
-    def _restore(self, saved: Mapping[str, Any]) -> None:
-        self.spectra_history.clear()
-        self.spectra_history.extend(saved["spectra"])
-        self.history.clear()
-        self.history.extend(saved["history"])
-        self.probe_seconds = saved["probe_seconds"]
-        self.last_score = saved["last_score"]
-        self.block_factors = saved["block_factors"]
-        self._scales = saved["scales"]
-        self.policy.last_switch = saved["last_switch"]
-        self.mode = saved["mode"]
-        self._inner = saved["inner"]
+    def _install(self, values: Mapping[str, Any]) -> None:
+        """Set the recorded fields named in ``values`` (the keys of :meth:`_snapshot` and of
+        :meth:`_restore_plan`); every value was checked or saved before, so nothing fails here."""
+        for key, attr in _INSTALLED.items():
+            if key in values:
+                setattr(self, attr, values[key])
+        for key, records in (
+            ("history", self.history),
+            ("spectra", self.spectra_history),
+            ("faults", self.faults),
+        ):
+            if key in values:
+                records.clear()
+                records.extend(values[key])
+        if "last_switch" in values:
+            self.policy.last_switch = values["last_switch"]
+        if "schedule" in values:
+            self.schedule.load_state_dict(values["schedule"])
         if "block_sgd" in self._inner:
             self._inner["block_sgd"].set_factors(self.block_factors)
 
@@ -623,21 +637,7 @@ class BlockOptimizer(Optimizer):
         plan = self._restore_plan(base, extra)
         # Commit: everything was checked above; nothing below can fail.
         super().load_state_dict(base)
-        self.mode = plan["mode"]
-        self._scales = plan["scales"]
-        self.block_factors = plan["block_factors"]
-        self._inner = plan["inner"]
-        self.schedule.load_state_dict(plan["schedule"])
-        self.policy.last_switch = plan["last_switch"]
-        self.history.clear()
-        self.history.extend(plan["history"])
-        self.spectra_history.clear()
-        self.spectra_history.extend(plan["spectra"])
-        self.faults.clear()
-        self.faults.extend(plan["faults"])
-        self.last_score = plan["last_score"]
-        self.step_count = plan["step_count"]
-        self.probe_seconds = plan["probe_seconds"]
+        self._install(plan)
 
     def _restore_plan(self, base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
         """Check a state dict and build what :meth:`load_state_dict` installs, changing

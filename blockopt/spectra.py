@@ -27,7 +27,14 @@ from .hvp import BlockHessian
 from .isolation import isolated
 from .lanczos import DEFAULT_BANDWIDTH, LanczosResult, gaussian_density, lanczos_many, random_start
 
-__all__ = ["BlockSpectrum", "Spectra", "block_spectra", "evaluate_probe", "model_spectrum"]
+__all__ = [
+    "BlockSpectrum",
+    "Spectra",
+    "block_spectra",
+    "check_lanczos_settings",
+    "evaluate_probe",
+    "model_spectrum",
+]
 
 FORMAT_VERSION = 1
 
@@ -284,6 +291,13 @@ def evaluate_probe(probe: Callable[[], torch.Tensor]) -> torch.Tensor:
     return loss.reshape(())
 
 
+def check_lanczos_settings(steps: int, probes: int) -> None:
+    """Refuse Lanczos step and start-vector counts that are not positive integers."""
+    for label, value in (("steps", steps), ("probes", probes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+
+
 def block_spectra(
     model: nn.Module,
     probe: Callable[[], torch.Tensor],
@@ -313,9 +327,7 @@ def block_spectra(
 
     The probe leaves ``.grad``, buffers, train/eval modes and global RNG states as it found them.
     """
-    for label, value in (("steps", steps), ("probes", probes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    check_lanczos_settings(steps, probes)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     refuse_sharded(model, "block_spectra")
