@@ -2,6 +2,7 @@
 
 - :func:`digits`: scikit-learn's 8x8 handwritten digits (1797 images, 10 classes), scaled to
   [0, 1] and split deterministically into train and test sets. Needs scikit-learn.
+- :func:`epoch_batches`: the indices of training step ``i``'s batch, in epochs of shuffled data.
 - :func:`text_corpus` / :func:`text_batches`: the English text of Python's own ``pydoc_data.topics``
   (about 460k characters), as a character-level token stream over a 64-symbol vocabulary.
 """
@@ -9,11 +10,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Corpus", "Digits", "digits", "text_batches", "text_corpus"]
+__all__ = ["Corpus", "Digits", "digits", "epoch_batches", "text_batches", "text_corpus"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +87,21 @@ def text_batches(
     offsets = torch.arange(context + 1)
     window = corpus.tokens[starts[:, None] + offsets]
     return window[:, :-1], window[:, 1:]
+
+
+def epoch_batches(
+    n: int, batch_size: int, *, generator: torch.Generator
+) -> Callable[[int], torch.Tensor]:
+    """``batch(i)``: the indices of step ``i``'s batch of ``batch_size`` out of ``n`` examples,
+    in epochs of ``n // batch_size`` batches, each epoch a fresh permutation drawn from
+    ``generator`` the first time a step of it is asked for (steps come in order in training)."""
+    per_epoch = n // batch_size
+    orders: list[torch.Tensor] = []
+
+    def batch(i: int) -> torch.Tensor:
+        epoch, k = divmod(i, per_epoch)
+        while len(orders) <= epoch:
+            orders.append(torch.randperm(n, generator=generator))
+        return orders[epoch][k * batch_size : (k + 1) * batch_size]
+
+    return batch

@@ -144,17 +144,12 @@ def _digits_task(factory: Callable[[], nn.Module]) -> Callable[[int], Workload]:
         torch.manual_seed(seed)
         model = factory()
         n = len(d.y_train)
-        per_epoch = n // IMAGE_BATCH
-        gen = torch.Generator().manual_seed(seed)
-        orders: list[torch.Tensor] = []
+        batches = data.epoch_batches(n, IMAGE_BATCH, generator=torch.Generator().manual_seed(seed))
         fixed = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))
         px, py = d.x_train[fixed[:IMAGE_BATCH]], d.y_train[fixed[:IMAGE_BATCH]]
 
-        def train_loss(i: int) -> torch.Tensor:  # epochs of shuffled batches
-            epoch, k = divmod(i, per_epoch)
-            while len(orders) <= epoch:
-                orders.append(torch.randperm(n, generator=gen))
-            idx = orders[epoch][k * IMAGE_BATCH : (k + 1) * IMAGE_BATCH]
+        def train_loss(i: int) -> torch.Tensor:
+            idx = batches(i)
             return F.cross_entropy(model(d.x_train[idx]), d.y_train[idx])
 
         def evaluate() -> dict[str, float]:
