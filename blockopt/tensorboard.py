@@ -23,9 +23,13 @@ Under ``torch.distributed`` only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import sys
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ from .heterogeneity import Heterogeneity
 from .policy import MODES, Decision
 from .spectra import BlockSpectrum, Spectra
 
-__all__ = ["ProbeCost", "TensorBoardLogger", "histogram_buckets"]
+__all__ = ["ProbeCost", "TensorBoardLogger", "histogram_buckets", "tensorboard_server"]
 
 HISTOGRAM_BUCKETS = 64
 QUANTITIES = ("lambda_max", "lambda_min", "trace", "lr")
@@ -358,3 +362,57 @@ def _hparam_value(value: Any) -> int | float | str | bool:
     if isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+@contextlib.contextmanager
+def tensorboard_server(
+    logdir: str | Path, *, run: str, timeout: float = 90.0, reload_interval: int | None = None
+) -> Iterator[str]:
+    """Serve ``logdir`` with a real ``tensorboard`` on a free localhost port; yields its URL once
+    it lists ``run``, and stops the server on exit. Raises ``RuntimeError`` (with the end of the
+    server's stderr) when the server exits or ``run`` does not show up within ``timeout`` s."""
+    import socket
+    import subprocess
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    if reload_interval is not None:
+        command += ["--reload_interval", str(reload_interval)]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a long-lived server never blocks
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            deadline = time.monotonic() + timeout
+            while run not in _runs(url):
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    tail = log.read().decode(errors="replace")[-2000:]
+                    state = (
+                        "exited"
+                        if server.poll() is not None
+                        else f"no run {run!r} in {timeout:g} s"
+                    )
+                    raise RuntimeError(f"tensorboard on {url}: {state}: {tail}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _runs(url: str) -> list[str]:
+    """The runs a TensorBoard server lists; none while it is not answering yet."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/data/runs", timeout=2) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return []

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import torch.nn.functional as F
 
 import blockopt
 from blockopt import data, models
+from blockopt.tensorboard import tensorboard_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = {
@@ -98,43 +96,6 @@ def train_cnn(logdir: Path, steps: int) -> None:
     train(logdir / "cnn", model, lambda: loss_of(probe_idx), batch_loss, 0.05, steps)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(logdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tensorboard.main",
-            "--logdir",
-            str(logdir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/data/runs", timeout=2) as r:
-                if b"tiny_gpt" in r.read():
-                    return server, url
-        except OSError:
-            pass
-        time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("tensorboard did not come up within 90 s")
-
-
 def screenshot(browser: str, url: str, out: Path, size: str) -> None:
     subprocess.run(
         [
@@ -170,15 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         logdir = Path(tmp)
         train_gpt(logdir, args.steps)
         train_cnn(logdir, args.steps)
-        server, url = serve(logdir)
-        try:
+        with tensorboard_server(logdir, run="tiny_gpt") as url:
             for name, fragment in PAGES.items():
                 target = args.out / f"tensorboard_{name}.png"
                 screenshot(browser, f"{url}/{fragment}", target, args.size)
                 print(f"wrote {target}")
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
     return 0
 
 

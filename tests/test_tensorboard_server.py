@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -15,15 +10,7 @@ import pytest
 import torch
 
 import blockopt
-from blockopt.tensorboard import ProbeCost, TensorBoardLogger
-
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+from blockopt.tensorboard import ProbeCost, TensorBoardLogger, tensorboard_server
 
 
 def get_json(url: str):
@@ -48,35 +35,8 @@ def logged_run(tmp_path):
 
 def test_tensorboard_server_lists_the_run_and_blockopt_tags(logged_run):
     logdir, spectra = logged_run
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tensorboard.main",
-            "--logdir",
-            str(logdir),
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--reload_interval",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        runs: list[str] = []
-        while time.monotonic() < deadline and "demo" not in runs:
-            if server.poll() is not None:
-                pytest.fail(f"tensorboard exited: {server.stderr.read().decode()[-2000:]}")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, json.JSONDecodeError):
-                runs = get_json(f"{base}/data/runs")
-            time.sleep(0.5)
-        assert "demo" in runs
+    with tensorboard_server(logdir, run="demo", reload_interval=1) as base:
+        assert "demo" in get_json(f"{base}/data/runs")
         tags = get_json(f"{base}/data/plugin/scalars/tags")["demo"]
         expected = {"blockopt/score", "blockopt/mode", "blockopt/probe_share"}
         expected |= {f"blockopt.lambda_max/{name}" for name in spectra}
@@ -89,9 +49,10 @@ def test_tensorboard_server_lists_the_run_and_blockopt_tags(logged_run):
         assert value == pytest.approx(spectra["0.weight"].lambda_max, rel=1e-6)
         histograms = get_json(f"{base}/data/plugin/histograms/tags")["demo"]
         assert {f"blockopt.density/{name}" for name in spectra} <= set(histograms)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+
+
+def test_tensorboard_server_names_a_run_that_never_shows_up(logged_run):
+    logdir, _ = logged_run
+    with pytest.raises(RuntimeError, match=r"no run 'absent' in 3 s"):  # noqa: SIM117
+        with tensorboard_server(logdir, run="absent", timeout=3):
+            pass
