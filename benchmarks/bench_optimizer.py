@@ -65,7 +65,7 @@ PATIENCE = 2  # the lr grid is walked upwards until this many lrs in a row do no
 AUTO = {
     k: v.default
     for k, v in inspect.signature(blockopt.BlockOptimizer).parameters.items()
-    if k in ("lr", "momentum", "mode")
+    if k in ("lr", "momentum", "mode", "search_steps")
 }
 
 
@@ -510,7 +510,8 @@ def render(
         f"starting in {AUTO['mode']}, thresholds `sgd_below={t.sgd_below:g}`, "
         f"`adam_above={t.adam_above:g}`"
         f", margin {t.margin:g}, at least {t.min_interval} steps between switches, the adaptive "
-        "probe schedule; it is told the training loss through `observe_loss`. Learning rates "
+        "probe schedule, the learning-rate search at a switch; it is told the training loss "
+        "through `observe_loss`. Learning rates "
         "are constant (no schedule). The probe is the loss on one fixed training batch (64 "
         "images; 16 text windows of 32 characters).",
         "",
@@ -522,8 +523,9 @@ def render(
         "fixed mode's final loss; steps to it are counted at the evaluation points (every 10 "
         "steps for the quadratics, 20 per run otherwise). Test accuracy: the 449 held-out "
         "digits. Optimizer state: bytes of the tensors the optimizer holds at the end of the "
-        "run. Probe overhead: time in probes over the wall time of the training loop "
-        "(forward, backward, step, probes), same run. Every number is a median over seeds "
+        "run. Probe overhead: time in probes and learning-rate searches over the wall time of "
+        "the training loop (forward, backward, step, probes), same run. Every number is a "
+        "median over seeds "
         f"{', '.join(map(str, seeds))}.",
         "",
     ]
@@ -605,17 +607,18 @@ def render(
         ]
     lines += [
         "",
-        f"Where auto's learning rates come from: it starts in {AUTO['mode']} at {AUTO['lr']:g}; "
-        "a mode it switches to "
-        "gets the learning rate whose first step has the norm SGD's next step would have had. "
-        f"At step 0 SGD's momentum is still empty, so Adam gets `{AUTO['lr']:g} * |g| / "
-        f"sqrt(n)`, {AUTO['lr']:g} "
-        "times the root mean square of the first gradient, whatever the best Adam learning rate "
-        "for the task is. A probe that finds `lr * rho_max` more than 10 times past SGD's "
-        "stability limit first cuts SGD's learning rate to half the limit (on the quadratics, "
-        "whose curvature reaches 5000). Neither uses the task's loss, so auto's final loss "
-        "depends on how far these learning rates land from the tuned ones; the grid lines "
-        "above show how much each fixed mode's loss moves between neighbouring learning rates.",
+        f"Where auto's learning rates come from: it starts in {AUTO['mode']} at {AUTO['lr']:g}. "
+        "A mode it switches to starts from the learning rate whose first step has the norm "
+        "SGD's next step would have had (at step 0 SGD's momentum is still empty, so Adam's is "
+        f"{AUTO['lr']:g} times the root mean square of the first gradient), then auto searches: "
+        f"{AUTO['search_steps']}-step trials of the new mode on the probe's batch at that rate "
+        "times powers of sqrt(10), at most one step up and down for as long as the trials keep "
+        "improving; later probes re-check a searched rate downwards. A probe that finds "
+        "`lr * rho_max` more than 10 times past SGD's stability limit first cuts SGD's learning "
+        "rate to half the limit (on the quadratics, whose curvature reaches 5000). The trials "
+        "see only the probe's batch, never the evaluation data; their time counts as probe "
+        "time. The grid lines above show how much each fixed mode's loss moves between "
+        "neighbouring learning rates.",
     ]
     lines += [
         "",

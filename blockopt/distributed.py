@@ -43,6 +43,7 @@ __all__ = [
     "Reduce",
     "agree",
     "agree_status",
+    "agree_value",
     "ddp_of",
     "fault_kind",
     "no_sync",
@@ -128,12 +129,30 @@ def agree(
     ranks with one reduction that also carries failure flags. Raises on every rank when any
     rank failed, or (``FloatingPointError``) when the average is not finite; returns
     ``action()``'s result otherwise."""
+    results: list[T] = []
+
+    def compute() -> float:
+        results.append(action())
+        return value(results[0])
+
+    mean = agree_value(compute, reduce, device)
+    if not math.isfinite(mean):
+        raise FloatingPointError(
+            f"the probe's loss averaged over the ranks is {mean}; curvature is undefined there. "
+            "Check every rank's probe batch and the model for NaN/Inf"
+        )
+    return results[0]
+
+
+def agree_value(
+    compute: Callable[[], float], reduce: Reduce, device: torch.device | str = "cpu"
+) -> float:
+    """The average over the ranks of ``compute()`` (which may be infinite), in one reduction
+    that also carries failure flags: raises on every rank when ``compute`` raised on any."""
     error: BaseException | None = None
-    result: Any = None
     local = math.nan
     try:
-        result = action()
-        local = float(value(result))
+        local = float(compute())
     except Exception as err:  # reported to the other ranks, re-raised below
         error = err
     buffer = torch.cat(
@@ -144,13 +163,7 @@ def agree(
     ).to(device)
     buffer = reduce(buffer).cpu()
     _raise_if_failed(buffer[1:], error)
-    mean = float(buffer[0])
-    if not math.isfinite(mean):
-        raise FloatingPointError(
-            f"the probe's loss averaged over the ranks is {mean}; curvature is undefined there. "
-            "Check every rank's probe batch and the model for NaN/Inf"
-        )
-    return result
+    return float(buffer[0])
 
 
 def agree_status(status: Sequence[str], reduce: Reduce, device: torch.device | str) -> list[str]:

@@ -7,8 +7,10 @@ whichever mode is active, because each mode's learning rate is ``group["lr"]`` t
 factor (1 for the mode training started in, unless cut as below). The modes are ordinary
 optimizers over the same parameters; only the active one steps. On a switch, state is carried over
 (:func:`blockopt.modes.transfer_state`) and, unless the user fixed the new mode's learning rate,
-its factor is chosen so that the first step in the new mode has the same norm as a step in the
-old one would have had: a switch changes the direction of the update, not its size. An SGD
+its factor starts where the first step in the new mode has the same norm as a step in the old
+one would have had (a switch changes the direction of the update, not its size), and a short
+search then moves it by powers of sqrt(10) while trial runs on the probe's batch end lower
+(:mod:`blockopt.lr_search`, :mod:`blockopt.lr_trials`); later probes re-check it downwards. An SGD
 learning rate that a probe finds far beyond SGD's stability limit on the largest block curvature
 is cut first (:func:`blockopt.tuning.sgd_lr_cap`), so that the size carried over is one SGD
 could take.
@@ -16,6 +18,7 @@ could take.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -33,6 +36,8 @@ from torch.optim import Optimizer
 from .blocks import Strategy, partition
 from .distributed import Reduce, ddp_of, fault_kind, no_sync, probe_reduce, refuse_sharded
 from .heterogeneity import Heterogeneity, heterogeneity
+from .lr_search import search_multiplier
+from .lr_trials import trial_loss
 from .modes import MODES, BlockSGD, resolve_optimizer_class, transfer_state
 from .policy import (
     Decision,
@@ -64,7 +69,13 @@ _INSTALLED = {
     "last_score": "last_score",
     "step_count": "step_count",
     "probe_seconds": "probe_seconds",
+    "lr_searched": "_lr_searched",
 }
+# A search at a switch may raise the step-norm match by at most this many half-decades: trials on
+# the probe's one batch reward steps that memorise it (on the digits CNN after 50 steps of
+# training, 20 trial steps at ten times the match end 4 times lower on the probe's batch, and the
+# training loss then rises fivefold), while the match already has the old mode's step size.
+SEARCH_MAX_UP = 1
 _SGD_KEYS = ("momentum", "dampening", "weight_decay", "nesterov")
 _ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
 
@@ -107,6 +118,11 @@ class BlockOptimizer(Optimizer):
         monitor_only: probe and record, never switch.
         pin_mode: stay in this mode whatever the score (implies no switching).
         max_factor: bound on block SGD's per-block learning-rate factors.
+        lr_search, search_steps: on a switch to a mode whose learning rate is not fixed in
+            ``lrs``, search its learning rate: trials of ``search_steps`` steps on the probe's
+            batch, half a decade apart, from the step-norm match (see module doc); later probes
+            lower it when a trial at a third of it ends lower. ``lr_search=False``: keep the
+            step-norm match.
         history: the cap on ``history`` (decisions), ``spectra_history`` (probe results) and
             ``faults`` (failed probes): each keeps at most this many entries, the oldest dropped
             first, and so does ``state_dict()``; memory stays bounded however long training runs.
@@ -146,6 +162,8 @@ class BlockOptimizer(Optimizer):
         monitor_only: bool = False,
         pin_mode: str | None = None,
         max_factor: float = DEFAULT_MAX_FACTOR,
+        lr_search: bool = True,
+        search_steps: int = 20,
         history: int = 1000,
         logdir: str | Path | None = None,
         writer: Any = None,
@@ -166,6 +184,10 @@ class BlockOptimizer(Optimizer):
         if isinstance(history, bool) or not isinstance(history, int) or history < 1:
             raise ValueError(f"history must be a positive int, got {history!r}")
         check_lanczos_settings(steps, probes)
+        if not isinstance(lr_search, bool):
+            raise TypeError(f"lr_search must be True or False, got {lr_search!r}")
+        if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
+            raise ValueError(f"search_steps must be a positive int, got {search_steps!r}")
         _check_options(
             thresholds=thresholds,
             lrs=lrs,
@@ -240,6 +262,8 @@ class BlockOptimizer(Optimizer):
         self.monitor_only = monitor_only
         self.pin_mode = pin_mode
         self.max_factor = max_factor
+        self.lr_search, self.search_steps = lr_search, search_steps
+        self._lr_searched = False  # whether the active mode's learning rate came from a search
         self.policy = SwitchPolicy(thresholds or Thresholds())
         self.schedule = ProbeSchedule(every=probe_every)
         self.history: deque[Decision] = deque(maxlen=history)
@@ -426,6 +450,7 @@ class BlockOptimizer(Optimizer):
             "last_switch": self.policy.last_switch,
             "mode": self.mode,
             "inner": self._inner,
+            "lr_searched": self._lr_searched,
         }
 
     def _install(self, values: Mapping[str, Any]) -> None:
@@ -470,6 +495,9 @@ class BlockOptimizer(Optimizer):
             if decision.switched:
                 self.switch(decision.new_mode)
                 notes += self._cap_lr(rho_max)
+                notes += self._search_lr(max_up=SEARCH_MAX_UP)
+            elif self._lr_searched:
+                notes += self._search_lr(max_up=0)
         if notes:
             decision = dataclasses.replace(decision, reason="; ".join([decision.reason, *notes]))
         self.history.append(decision)
@@ -510,6 +538,50 @@ class BlockOptimizer(Optimizer):
         return [
             f"{self.mode} learning rate times {factor:.3g}: lr * rho_max was {worst:.3g}, more "
             f"than {UNSTABLE_FACTOR:g} times the stability limit {limit_used:.3g}"
+        ]
+
+    def _search_lr(self, max_up: int) -> list[str]:
+        """Search the active mode's learning rate (:mod:`blockopt.lr_search`) with trials on the
+        probe's batch (:func:`blockopt.lr_trials.trial_loss`), starting from the current one and
+        going at most ``max_up`` half-decades up. Returns a note for the decision's reason."""
+        if not self.lr_search or self.mode in self._fixed_lrs:
+            return []
+        start = time.perf_counter()
+        live = self._active()
+        self._sync_lr(live, self.mode)
+        state = live.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+
+        def scratch(multiplier: float) -> Optimizer:
+            opt = self._make(self.mode)
+            opt.load_state_dict(copy.deepcopy(state))
+            for group in opt.param_groups:
+                group["lr"] *= multiplier
+            return opt
+
+        def trial(multiplier: float) -> float:
+            return trial_loss(
+                self.probe_model,
+                self.probe,
+                params,
+                lambda: scratch(multiplier),
+                self.search_steps,
+                self._reduce,
+            )
+
+        with no_sync(self.model):
+            found = search_multiplier(trial, max_up=max_up)
+        self.probe_seconds += time.perf_counter() - start
+        self._lr_searched = True
+        if found.multiplier == 1.0 and max_up == 0:
+            return []
+        self._scales[self.mode] *= found.multiplier
+        self._sync_lr(live, self.mode)
+        tried = ", ".join(f"{m:.3g}x: {loss:.4g}" for m, loss in found.trials)
+        return [
+            f"{self.mode} learning rate {self.mode_lrs[self.mode]:.3g} "
+            f"({found.multiplier:.3g} times the previous) from {self.search_steps}-step trials "
+            f"on the probe's batch ({tried})"
         ]
 
     def _training_seconds(self) -> float:
@@ -586,6 +658,7 @@ class BlockOptimizer(Optimizer):
                 self._scales.setdefault(mode, 1.0)
         self._inner[mode] = new
         self.mode = mode
+        self._lr_searched = False
         self._sync_lr(new, mode)
         # The old mode's state is stale from now on; it is rebuilt from this mode's on return.
         self._inner = {mode: new}
@@ -612,6 +685,7 @@ class BlockOptimizer(Optimizer):
             "block_factors": {b: float(v) for b, v in self.block_factors.items()},
             "step_count": self.step_count,
             "probe_seconds": float(self.probe_seconds),
+            "lr_searched": self._lr_searched,
             "blocks": [b.name for b in self.blocks],
             "shapes": _group_shapes(self.param_groups),
         }
@@ -674,6 +748,9 @@ class BlockOptimizer(Optimizer):
         probe_seconds = extra["probe_seconds"]
         if not (_is_real(probe_seconds) and math.isfinite(probe_seconds) and probe_seconds >= 0):
             raise _bad_state(f"'probe_seconds' is {probe_seconds!r}, not a non-negative number")
+        lr_searched = extra.get("lr_searched", False)
+        if not isinstance(lr_searched, bool):
+            raise _bad_state(f"'lr_searched' is {lr_searched!r}, not True or False")
         self._check_base(base)
         inner = extra["inner"]
         if not isinstance(inner, Mapping) or not set(inner) <= set(MODES):
@@ -691,6 +768,7 @@ class BlockOptimizer(Optimizer):
             "last_score": heterogeneity(spectra[-1][1]) if spectra else None,
             "step_count": _count(extra["step_count"], "step_count"),
             "probe_seconds": float(probe_seconds),
+            "lr_searched": lr_searched,
         }
 
     def _check_base(self, base: Mapping[str, Any]) -> None:

@@ -24,6 +24,8 @@ __all__ = [
 ]
 
 MODES = ("sgd", "block_sgd", "adam")
+# A rise in the loss smaller than this fraction of the first loss is round-off, not a spike.
+ROUND_OFF = 1e-6
 
 
 @dataclass(frozen=True)
@@ -167,10 +169,12 @@ class ProbeSchedule:
     """When to probe: at step ``first``, then every ``every`` steps if given; otherwise at
     intervals that start at ``base``, grow by ``growth`` (up to ``max_interval``) while the score
     moves less than ``stable_tol`` decades between probes, and fall back to ``base`` after a
-    switch. A loss spike (a loss above ``spike_factor`` times its running average) brings the
-    next probe forward to the next step. A failed probe is retried after the normal interval
-    (``every``, or ``base``; at least 2 steps), doubling with each consecutive failure up to
-    ``max_interval``, and spikes do not bring it forward; the first success starts over."""
+    switch. A loss spike (a loss above ``spike_factor`` times its running average, by more than
+    ``ROUND_OFF`` times the first loss seen, so that losses at round-off or below zero do not
+    count as spikes) brings the next probe forward to the next step. A failed probe is retried
+    after the normal interval (``every``, or ``base``; at least 2 steps), doubling with each
+    consecutive failure up to ``max_interval``, and spikes do not bring it forward; the first
+    success starts over."""
 
     every: int | None = None
     first: int = 0
@@ -184,6 +188,7 @@ class ProbeSchedule:
     last_score: float | None = None
     loss_avg: float | None = None
     losses_seen: int = 0
+    loss_scale: float = 0.0  # the magnitude of the first loss seen
     failures: int = 0
 
     def __post_init__(self) -> None:
@@ -230,7 +235,11 @@ class ProbeSchedule:
         """Track the training loss; a spike makes the next step a probe step."""
         if not math.isfinite(loss):
             return
-        spike = self.loss_avg is not None and loss > self.spike_factor * self.loss_avg
+        if self.losses_seen == 0:
+            self.loss_scale = abs(loss)
+        spike = self.loss_avg is not None and loss - self.loss_avg > max(
+            (self.spike_factor - 1) * abs(self.loss_avg), ROUND_OFF * self.loss_scale
+        )
         if spike and self.losses_seen >= 10 and self.every is None and not self.failures:
             self.next_step = min(self.next_step, step + 1)
             self.interval = self.base

@@ -149,6 +149,8 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         )
     result["reductions"] = reductions[0]
     result["history"] = [(d.step, d.old_mode, d.new_mode, d.score) for d in opt.history]
+    result["reasons"] = [d.reason for d in opt.history]
+    result["mode_lrs"] = opt.mode_lrs
     result["spectra"] = [(step, _timeless(s)) for step, s in opt.spectra_history]
     result["faults"] = [(f.step, f.kind) for f in opt.faults]
     result["texts"] = writer.texts
@@ -295,6 +297,10 @@ def test_ddp_ranks_take_identical_decisions_and_stay_bitwise_identical(ranks):
     modes = [(step, old, new) for step, old, new, _ in r0["history"] if old != new]
     assert modes == [(0, "sgd", "adam"), (6, "adam", "sgd"), (12, "sgd", "block_sgd")]
     assert r0["history"] == r1["history"]  # scores too, to the bit
+    # Each switch searched the new mode's learning rate with trials on each rank's own probe
+    # batch; the trial losses were averaged, so the ranks chose the same rates.
+    assert sum("trials on the probe's batch" in r for r in r0["reasons"]) >= 3
+    assert r0["reasons"] == r1["reasons"] and r0["mode_lrs"] == r1["mode_lrs"]
     assert r0["spectra"] == r1["spectra"] and r0["factors"] == r1["factors"]
     assert len(set(r0["factors"].values())) > 1  # block SGD used different factors per block
     for a, b in zip(r0["params"], r1["params"]):

@@ -92,3 +92,24 @@ def test_fixed_interval_and_loss_spike():
 def test_bad_schedule(kwargs):
     with pytest.raises(ValueError):
         ProbeSchedule(**kwargs)
+
+
+def test_losses_at_round_off_or_below_zero_are_not_spikes():
+    """A loss that only wobbles at round-off (or sits below zero) must not pull probes forward;
+    a real rise from there still does."""
+    s = ProbeSchedule(base=1000)
+    s.after_probe(0, 1.0, switched=False)
+    s.observe_loss(0, 10.0)
+    for step, loss in enumerate([1e-13, -2e-13, 3e-13, -1e-12, 2e-12] * 60, start=1):
+        s.observe_loss(step, loss)  # the running average decays to round-off too
+    assert s.next_step == 1000 and abs(s.loss_avg) < 1e-4
+    s.observe_loss(301, 1e-3)  # 1e-4 of the first loss: a real rise
+    assert s.next_step == 302
+    negative = ProbeSchedule(base=100)
+    negative.after_probe(0, 1.0, switched=False)
+    for step in range(1, 20):
+        negative.observe_loss(step, -5.0)
+    negative.observe_loss(20, -4.0)  # above the average, but not twice its magnitude above it
+    assert negative.next_step == 100
+    negative.observe_loss(21, 6.0)
+    assert negative.next_step == 22

@@ -63,7 +63,7 @@ class _Run:
         torch.manual_seed(0)
         self.model = _AttentionNet()
         self.last_loss: weakref.ref[torch.Tensor] | None = None
-        self.probes = 0
+        self.probe_steps: set[int] = set()
         self.opt = blockopt.BlockOptimizer(
             self.model,
             self.probe,
@@ -86,7 +86,7 @@ class _Run:
             ridge = RIDGE * 10**stiff if name == "attn.in_proj_weight" else RIDGE
             loss = loss + ridge * p.pow(2).sum()
         self.last_loss = weakref.ref(loss)
-        self.probes += 1
+        self.probe_steps.add(self.opt.step_count)  # the learning-rate search calls it too
         return loss
 
     def step(self, i: int, after_switch: Callable[[], None] | None = None) -> None:
@@ -198,14 +198,17 @@ def soak() -> dict[str, Any]:
 
 def test_the_run_probes_and_switches_often(soak: dict[str, Any]) -> None:
     run = soak["run"]
-    assert run.probes == STEPS // PROBE_EVERY
+    assert run.probe_steps == set(range(0, STEPS, PROBE_EVERY))
+    probes = len(run.probe_steps)
     # Each probe's score lies clear of the thresholds plus margin in its mode's band, so every
     # probe calls for the next mode; nearly every probe switched.
     bands = ((0.0, 0.9), (1.1, 1.4), (1.6, 4.0))
     for d in run.opt.history:
         low, high = bands[(d.step // PROBE_EVERY) % len(STIFFNESS)]
         assert low <= d.score <= high, d
-    assert soak["switches"] >= 0.9 * run.probes
+    assert soak["switches"] >= 0.9 * probes
+    # the switches the probes made searched their new mode's learning rate
+    assert sum("trials on the probe's batch" in d.reason for d in run.opt.history) >= HISTORY // 2
     assert min(soak["modes"][m] for m in MODES) >= STEPS // 4, soak["modes"]
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
@@ -231,11 +234,22 @@ def test_histories_stay_bounded(soak: dict[str, Any]) -> None:
     assert len(opt._inner) <= len(MODES)
     sd = opt.state_dict()["blockopt"]
     assert len(sd["history"]) == HISTORY and len(sd["spectra"]) == HISTORY
-    # The records a checkpoint carries (all but the modes' own state) do not grow either.
+    # The records a checkpoint carries (all but the modes' own state) do not grow either: as
+    # many decisions and spectra at every checkpoint, each of bounded size (a reason varies in
+    # length, since a search lists its trials; a spectrum in Ritz values, since Lanczos stops
+    # early on a block whose Krylov space is exhausted), and the rest the same size.
     sizes = []
     for data in soak["saved"].values():
         extra = torch.load(io.BytesIO(data), weights_only=True)["opt"]["blockopt"]
-        sizes.append(len(_serialised({k: v for k, v in extra.items() if k != "inner"})))
+        assert len(extra["history"]) == len(extra["spectra"]) == HISTORY
+        assert max(len(d["reason"]) for d in extra["history"]) < 1000
+        assert all(
+            len(b["ritz_values"]) <= LANCZOS_STEPS
+            for _t, s in extra["spectra"]
+            for b in s["blocks"]
+        )
+        rest = {k: v for k, v in extra.items() if k not in ("inner", "history", "spectra")}
+        sizes.append(len(_serialised(rest)))
     assert max(sizes) < 1.05 * min(sizes), sizes
 
 

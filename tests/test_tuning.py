@@ -107,7 +107,10 @@ def test_default_lr_on_a_stiff_problem_is_capped_instead_of_diverging():
 def test_cap_comes_before_a_switch_so_adam_matches_the_capped_step():
     model = Stiff()
     # spread 3.7 > adam_above + margin: Adam at step 0
-    opt = blockopt.BlockOptimizer(model, model, thresholds=blockopt.Thresholds(1.0, 2.0))
+    # (no learning-rate search: this checks the step-norm match that the search starts from)
+    opt = blockopt.BlockOptimizer(
+        model, model, thresholds=blockopt.Thresholds(1.0, 2.0), lr_search=False
+    )
     opt.zero_grad()
     model().backward()
     g = torch.cat([model.soft.grad, model.stiff.grad])

@@ -1,0 +1,73 @@
+"""Trial runs for the learning-rate search: a few steps of a scratch optimizer on the probe's
+batch, from the current parameters, then everything put back.
+
+A trial copies the parameters, runs ``steps`` steps of an optimizer built for it (holding a copy
+of the live optimizer's state) on gradients of ``probe()``, evaluates ``probe()`` once more and
+restores the parameters. It runs inside :func:`blockopt.isolation.isolated`, so ``.grad``,
+buffers, train/eval modes and RNG streams are as before; the live optimizer is never touched.
+Under data parallelism each rank trains on its own probe batch and the final losses are
+averaged, so every rank sees the same trial loss and the search makes the same choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .distributed import Reduce, agree_value
+from .isolation import isolated
+
+__all__ = ["trial_loss"]
+
+
+def trial_loss(
+    model: nn.Module,
+    probe: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    optimizer: Callable[[], Optimizer],
+    steps: int,
+    reduce: Reduce | None = None,
+) -> float:
+    """The probe's loss after ``steps`` steps of ``optimizer()`` (a fresh scratch optimizer over
+    ``params``) on the probe's gradients; ``inf`` when the loss stops being finite. The
+    parameters, ``.grad``, buffers, modes and RNG streams are left exactly as they were."""
+
+    def run() -> float:
+        saved = [p.detach().clone() for p in params]
+        try:
+            with isolated(model):
+                return _train_and_evaluate(probe, params, optimizer(), steps)
+        finally:
+            with torch.no_grad():
+                for p, value in zip(params, saved):
+                    p.copy_(value)
+
+    if reduce is None:
+        return run()
+    device = params[0].device if params else torch.device("cpu")
+    return agree_value(run, reduce, device)
+
+
+def _train_and_evaluate(
+    probe: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    opt: Optimizer,
+    steps: int,
+) -> float:
+    for _ in range(steps):
+        loss = probe()
+        if not torch.isfinite(loss.detach()).all():
+            return math.inf
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for p in params:
+            p.grad = None
+    with torch.no_grad():
+        value = float(probe())
+    return value if math.isfinite(value) else math.inf
