@@ -4,9 +4,10 @@ Tasks: the tiny ViT and the BatchNorm CNN on scikit-learn's digits, the tiny GPT
 Python's ``pydoc_data.topics``. Every optimizer starts from the same initial weights and sees the
 same batches. The fixed optimizers use the best learning rates of the grid in docs/BENCHMARKS.md
 (:data:`LRS`); ``auto`` is ``BlockOptimizer(model, probe)`` with its defaults, stepped like any
-optimizer (``zero_grad``, ``backward``, ``step``), so it probes on its default schedule. Each run
-logs its losses to TensorBoard (``auto`` also logs every probe), and :func:`run_demo` returns what
-the summary table shows. Results depend only on the seed (and the machine's floating point).
+optimizer (``zero_grad``, ``backward``, ``step``) and told each training loss (``observe_loss``),
+so it probes on its default schedule, loss spikes included. Each run logs its losses to
+TensorBoard (``auto`` also logs every probe), and :func:`run_demo` returns what the summary table
+shows. Results depend only on the seed (and the machine's floating point).
 """
 
 from __future__ import annotations
@@ -278,6 +279,8 @@ def train_one(
         loss = work.train_loss(i)
         loss.backward()
         value = float(loss.detach())
+        if isinstance(opt, BlockOptimizer):
+            opt.observe_loss(value)  # for its loss-spike detection
         opt.step()
         seconds += time.perf_counter() - start
         if writer is not None:
