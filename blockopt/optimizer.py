@@ -1053,6 +1053,10 @@ def _schedule_state(current: ProbeSchedule, state: Any) -> dict[str, Any]:
             raise _bad_state(f"'schedule'[{key!r}] is {state[key]!r}, not a count >= 0")
     if state.get("interval", 1) < 1:
         raise _bad_state(f"'schedule'['interval'] is {state['interval']!r}, not a step count >= 1")
+    if state.get("loss_scale", 0.0) < 0:
+        raise _bad_state(
+            f"'schedule'['loss_scale'] is {state['loss_scale']!r}, not a magnitude >= 0"
+        )
     try:
         ProbeSchedule(**{**current.state_dict(), **state})
     except (TypeError, ValueError) as err:

@@ -257,6 +257,16 @@ API_CASES = {
         ValueError,
         r"max_factor must be a finite number >= 1, got 0\.5",
     ),
+    "BlockOptimizer/lr-search-not-bool": (
+        lambda: _opt(lr_search=1),
+        TypeError,
+        r"lr_search must be True or False, got 1",
+    ),
+    "BlockOptimizer/search-steps-0": (
+        lambda: _opt(search_steps=0),
+        ValueError,
+        r"search_steps must be a positive int, got 0",
+    ),
     "BlockOptimizer/momentum-negative": (
         lambda: _opt(momentum=-1),
         ValueError,
@@ -499,6 +509,16 @@ LOAD_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], type, str]] = {
     "step-count-negative": (_set("step_count", -1), ValueError, r"'step_count' is -1"),
     "last-switch-float": (_set("last_switch", 4.5), ValueError, r"'last_switch' is 4\.5"),
     "probe-seconds-negative": (_set("probe_seconds", -1.0), ValueError, r"'probe_seconds'"),
+    "lr-searched-string": (
+        _set("lr_searched", "yes"),
+        ValueError,
+        r"'lr_searched' is 'yes', not True or False",
+    ),
+    "schedule-loss-scale-negative": (
+        _set("schedule/loss_scale", -1.0),
+        ValueError,
+        r"'schedule'\['loss_scale'\] is -1\.0, not a magnitude >= 0",
+    ),
     "history-missing-field": (
         _set("history/0/reason", _DELETE),
         ValueError,

@@ -286,27 +286,10 @@ def test_fixed_rates_pins_and_monitoring_skip_the_search():
         assert opt.mode == "sgd" and not any("trials" in d.reason for d in opt.history)
 
 
-def test_search_state_round_trips_and_bad_values_are_refused():
+def test_search_state_round_trips():
     _loss, opt = _quadratic_run(1)
     sd = opt.state_dict()
     assert sd["blockopt"]["lr_searched"] is True
     _loss, other = _quadratic_run(0)
     other.load_state_dict(sd)
     assert other._lr_searched is True and other.mode_lrs == opt.mode_lrs
-    sd["blockopt"]["lr_searched"] = "yes"
-    with pytest.raises(ValueError, match="lr_searched"):
-        other.load_state_dict(sd)
-
-
-@pytest.mark.parametrize(
-    "kwargs, error",
-    [
-        ({"lr_search": 1}, TypeError),
-        ({"search_steps": 0}, ValueError),
-        ({"search_steps": 2.5}, ValueError),
-    ],
-)
-def test_bad_search_options(kwargs, error):
-    model = StiffQuadratic()
-    with pytest.raises(error, match=r"lr_search|search_steps"):
-        blockopt.BlockOptimizer(model, model, **kwargs)
