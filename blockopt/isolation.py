@@ -3,9 +3,10 @@
 ``isolated(model)`` is a context manager that, on exit, puts back everything a probe's forward
 and backward passes could change: every parameter's ``.grad``, every buffer (BatchNorm running
 statistics and counters), every module's train/eval mode, and the global RNG streams of torch
-(CPU and CUDA), numpy and ``random``. Inside it, scaled-dot-product attention is pinned to the
-math kernel, cuDNN is disabled and ``torch.compile``'d modules run eagerly, because fused kernels
-and compiled graphs have no double backward.
+(CPU and CUDA), numpy and ``random``. Inside it (unless ``second_order=False``, for first-order
+work such as learning-rate trials), scaled-dot-product attention is pinned to the math kernel,
+cuDNN is disabled and ``torch.compile``'d modules run eagerly, because fused kernels and compiled
+graphs have no double backward.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def second_order_kernels() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def isolated(model: nn.Module) -> Iterator[None]:
-    """Restore ``.grad``, buffers, train/eval modes and global RNG states of ``model`` on exit."""
+def isolated(model: nn.Module, *, second_order: bool = True) -> Iterator[None]:
+    """Restore ``.grad``, buffers, train/eval modes and global RNG states of ``model`` on exit;
+    with ``second_order``, run the body under :func:`second_order_kernels`."""
     params = list(model.parameters())
     grads = [p.grad for p in params]
     for p in params:
@@ -62,7 +64,8 @@ def isolated(model: nn.Module) -> Iterator[None]:
     np_rng = np.random.get_state()
     py_rng = random.getstate()
     try:
-        with torch.enable_grad(), second_order_kernels():
+        kernels = second_order_kernels() if second_order else contextlib.nullcontext()
+        with torch.enable_grad(), kernels:
             yield
     finally:
         for p, g in zip(params, grads):

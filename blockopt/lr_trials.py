@@ -3,8 +3,10 @@ batch, from the current parameters, then everything put back.
 
 A trial copies the parameters, runs ``steps`` steps of an optimizer built for it (holding a copy
 of the live optimizer's state) on gradients of ``probe()``, evaluates ``probe()`` once more and
-restores the parameters. It runs inside :func:`blockopt.isolation.isolated`, so ``.grad``,
-buffers, train/eval modes and RNG streams are as before; the live optimizer is never touched.
+restores the parameters. It runs inside :func:`blockopt.isolation.isolated` (with the usual,
+first-order kernels), so ``.grad``, buffers, train/eval modes and RNG streams are as before; the
+live optimizer is never touched. Every trial starts from the same RNG state, so trials of a model
+with dropout see the same masks, and their losses differ by the learning rate alone.
 Under data parallelism each rank trains on its own probe batch and the final losses are
 averaged, so every rank sees the same trial loss and the search makes the same choice.
 """
@@ -39,7 +41,7 @@ def trial_loss(
     def run() -> float:
         saved = [p.detach().clone() for p in params]
         try:
-            with isolated(model):
+            with isolated(model, second_order=False):
                 return _train_and_evaluate(probe, params, optimizer(), steps)
         finally:
             with torch.no_grad():

@@ -8,9 +8,10 @@ factor (1 for the mode training started in, unless cut as below). The modes are 
 optimizers over the same parameters; only the active one steps. On a switch, state is carried over
 (:func:`blockopt.modes.transfer_state`) and, unless the user fixed the new mode's learning rate,
 its factor starts where the first step in the new mode has the same norm as a step in the old
-one would have had (a switch changes the direction of the update, not its size), and a short
-search then moves it by powers of sqrt(10) while trial runs on the probe's batch end lower
-(:mod:`blockopt.lr_search`, :mod:`blockopt.lr_trials`); later probes re-check it downwards. An SGD
+one would have had (a switch changes the direction of the update, not its size). When a probe
+made the switch, a short search then moves it by powers of sqrt(10), at most one up and down
+while trial runs on the probe's batch end lower (:mod:`blockopt.lr_search`,
+:mod:`blockopt.lr_trials`); later probes re-check it downwards only. An SGD
 learning rate that a probe finds far beyond SGD's stability limit on the largest block curvature
 is cut first (:func:`blockopt.tuning.sgd_lr_cap`), so that the size carried over is one SGD
 could take.
@@ -36,7 +37,7 @@ from torch.optim import Optimizer
 from .blocks import Strategy, partition
 from .distributed import Reduce, ddp_of, fault_kind, no_sync, probe_reduce, refuse_sharded
 from .heterogeneity import Heterogeneity, heterogeneity
-from .lr_search import search_multiplier
+from .lr_search import LrSearch, search_multiplier
 from .lr_trials import trial_loss
 from .modes import MODES, BlockSGD, resolve_optimizer_class, transfer_state
 from .policy import (
@@ -118,11 +119,11 @@ class BlockOptimizer(Optimizer):
         monitor_only: probe and record, never switch.
         pin_mode: stay in this mode whatever the score (implies no switching).
         max_factor: bound on block SGD's per-block learning-rate factors.
-        lr_search, search_steps: on a switch to a mode whose learning rate is not fixed in
-            ``lrs``, search its learning rate: trials of ``search_steps`` steps on the probe's
-            batch, half a decade apart, from the step-norm match (see module doc); later probes
-            lower it when a trial at a third of it ends lower. ``lr_search=False``: keep the
-            step-norm match.
+        lr_search, search_steps: when a probe switches to a mode whose learning rate is not
+            fixed in ``lrs``, search its learning rate: trials of ``search_steps`` steps on the
+            probe's batch, half a decade apart, from the step-norm match, at most one step up
+            and down while the trials improve (see module doc); later probes re-check it
+            downwards only. ``lr_search=False``: keep the step-norm match.
         history: the cap on ``history`` (decisions), ``spectra_history`` (probe results) and
             ``faults`` (failed probes): each keeps at most this many entries, the oldest dropped
             first, and so does ``state_dict()``; memory stays bounded however long training runs.
@@ -476,6 +477,7 @@ class BlockOptimizer(Optimizer):
 
     def _act(self, spectra: Spectra, score: Heterogeneity, factors: dict[str, float]) -> Decision:
         """Record a probe's result, cap SGD's learning rate if needed, decide and switch."""
+        seconds_before = self.probe_seconds
         self.probe_seconds += spectra.seconds
         self.last_score = score
         self.spectra_history.append((self.step_count, spectra))
@@ -505,7 +507,8 @@ class BlockOptimizer(Optimizer):
         if self.logger is not None:
             elapsed = self._training_seconds()
             share = min(self.probe_seconds / elapsed, 1.0) if elapsed > 0 else 1.0
-            cost = ProbeCost(spectra.seconds, spectra.hvps, share)
+            # the probe's time with its learning-rate search, if any
+            cost = ProbeCost(self.probe_seconds - seconds_before, spectra.hvps, share)
             self.logger.log_probe(
                 self.step_count, spectra, score, self.mode, self.block_lrs(), cost
             )
@@ -543,20 +546,49 @@ class BlockOptimizer(Optimizer):
     def _search_lr(self, max_up: int) -> list[str]:
         """Search the active mode's learning rate (:mod:`blockopt.lr_search`) with trials on the
         probe's batch (:func:`blockopt.lr_trials.trial_loss`), starting from the current one and
-        going at most ``max_up`` half-decades up. Returns a note for the decision's reason."""
+        going at most ``max_up`` half-decades up. Trials run at the schedule's base learning
+        rate (``initial_lr``, which schedulers set), so that a warmup or decay in progress does
+        not skew the mode's factor, which applies at every point of the schedule. A search that
+        fails keeps the learning rate and says why. Returns a note for the decision's reason."""
         if not self.lr_search or self.mode in self._fixed_lrs:
             return []
         start = time.perf_counter()
+        try:
+            found = self._run_search(max_up)
+        except Exception as err:  # the probe itself succeeded; keep its result and the lr
+            note = (
+                f"{self.mode} learning-rate search failed ({type(err).__name__}: {err}); kept "
+                f"{self.mode_lrs[self.mode]:.3g}"
+            )
+            warnings.warn(note, ProbeFaultWarning, stacklevel=6)  # at the caller of step()
+            return [note]
+        finally:
+            self.probe_seconds += time.perf_counter() - start
+        self._lr_searched = True
+        if found.multiplier == 1.0 and max_up == 0:
+            return []
+        self._scales[self.mode] *= found.multiplier
+        self._sync_lr(self._active(), self.mode)
+        tried = ", ".join(f"{m:.3g}x: {loss:.4g}" for m, loss in found.trials)
+        return [
+            f"{self.mode} learning rate {self.mode_lrs[self.mode]:.3g} "
+            f"({found.multiplier:.3g} times the previous) from {self.search_steps}-step trials "
+            f"on the probe's batch ({tried})"
+        ]
+
+    def _run_search(self, max_up: int) -> LrSearch:
         live = self._active()
         self._sync_lr(live, self.mode)
         state = live.state_dict()
-        params = [p for group in self.param_groups for p in group["params"]]
+        scale = self._scales[self.mode]
+        base_lrs = [g.get("initial_lr", g["lr"]) * scale for g in self.param_groups]
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
         def scratch(multiplier: float) -> Optimizer:
             opt = self._make(self.mode)
-            opt.load_state_dict(copy.deepcopy(state))
-            for group in opt.param_groups:
-                group["lr"] *= multiplier
+            opt.load_state_dict(copy.deepcopy(state))  # a copy: the live state stays as it is
+            for group, lr in zip(opt.param_groups, base_lrs):
+                group["lr"] = lr * multiplier
             return opt
 
         def trial(multiplier: float) -> float:
@@ -570,19 +602,7 @@ class BlockOptimizer(Optimizer):
             )
 
         with no_sync(self.model):
-            found = search_multiplier(trial, max_up=max_up)
-        self.probe_seconds += time.perf_counter() - start
-        self._lr_searched = True
-        if found.multiplier == 1.0 and max_up == 0:
-            return []
-        self._scales[self.mode] *= found.multiplier
-        self._sync_lr(live, self.mode)
-        tried = ", ".join(f"{m:.3g}x: {loss:.4g}" for m, loss in found.trials)
-        return [
-            f"{self.mode} learning rate {self.mode_lrs[self.mode]:.3g} "
-            f"({found.multiplier:.3g} times the previous) from {self.search_steps}-step trials "
-            f"on the probe's batch ({tried})"
-        ]
+            return search_multiplier(trial, max_up=max_up)
 
     def _training_seconds(self) -> float:
         """Wall time since the first step (0 before it), probes included."""
@@ -638,7 +658,8 @@ class BlockOptimizer(Optimizer):
         self.logger.close(hparams, final, step=self.step_count)
 
     def switch(self, mode: str) -> None:
-        """Switch to ``mode`` now, carrying state and matching the step size (see module doc)."""
+        """Switch to ``mode`` now, carrying state and matching the step size (see module doc).
+        A switch made by hand does not search the learning rate; a probe's switch does."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
         if mode == self.mode:

@@ -25,7 +25,7 @@ __all__ = [
 
 MODES = ("sgd", "block_sgd", "adam")
 # A rise in the loss smaller than this fraction of the first loss is round-off, not a spike.
-ROUND_OFF = 1e-6
+ROUND_OFF = 1e-8
 
 
 @dataclass(frozen=True)

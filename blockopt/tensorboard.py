@@ -48,8 +48,8 @@ QUANTITIES = ("lambda_max", "lambda_min", "trace", "lr")
 
 @dataclass(frozen=True)
 class ProbeCost:
-    """What one probe cost: wall seconds, Hessian-vector products, and the share of training
-    wall time spent probing so far (all probes, in [0, 1])."""
+    """What one probe cost: wall seconds (its learning-rate search included), Hessian-vector
+    products, and the share of training wall time spent probing so far (all probes, in [0, 1])."""
 
     seconds: float
     hvps: int

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -293,3 +294,121 @@ def test_search_state_round_trips():
     _loss, other = _quadratic_run(0)
     other.load_state_dict(sd)
     assert other._lr_searched is True and other.mode_lrs == opt.mode_lrs
+
+
+def test_trials_use_the_usual_kernels():
+    """Trials are first order: they keep cuDNN and fused attention; only probes give them up."""
+    model = nn.Linear(2, 2)
+    with torch.backends.cudnn.flags(enabled=True):
+        with blockopt.isolation.isolated(model):
+            assert not torch.backends.cudnn.enabled
+        with blockopt.isolation.isolated(model, second_order=False):
+            assert torch.backends.cudnn.enabled
+
+
+def _switching_mlp(frozen=False, lr=1e-3, **options):
+    """An MLP whose probe adds stiff ridges on its first layer, so the first probe switches to
+    Adam, wrapped from an SGD over all its parameters (one of them frozen if asked)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    if frozen:
+        model[2].bias.requires_grad_(False)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+
+    def probe():
+        ridge = 1e3 * (model[0].weight ** 2).sum() + 1e-2 * (model[2].weight ** 2).sum()
+        return F.cross_entropy(model(x), y) + ridge
+
+    sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = blockopt.wrap(sgd, model, probe, **options)
+    return model, opt, x, y
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def test_a_frozen_parameter_in_the_groups_does_not_block_the_search():
+    model, opt, x, y = _switching_mlp(frozen=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fault, no failed search
+        _step(model, opt, x, y)
+    assert opt.mode == "adam" and not opt.faults
+    assert "trials on the probe's batch" in opt.history[0].reason
+
+
+def test_a_failing_search_keeps_the_probe_and_the_step_norm_match():
+    model, opt, x, y = _switching_mlp()
+    calls = {"n": 0}
+    probe = opt.probe
+
+    def breaks_after_the_spectra():
+        calls["n"] += 1
+        if calls["n"] > 1:  # the spectra need one call; the trials fail
+            raise MemoryError("no room for the trial's copies")
+        return probe()
+
+    opt.probe = breaks_after_the_spectra
+    with pytest.warns(blockopt.ProbeFaultWarning, match="learning-rate search failed"):
+        _step(model, opt, x, y)
+    _m, plain, _x, _y = _switching_mlp(lr_search=False)
+    _step(_m, plain, _x, _y)
+    assert opt.mode == plain.mode == "adam" and not opt.faults and len(opt.spectra_history) == 1
+    assert opt.mode_lrs["adam"] == plain.mode_lrs["adam"]
+    assert "learning-rate search failed (MemoryError" in opt.history[0].reason
+    assert opt._lr_searched is False
+
+
+def test_a_warmup_in_progress_does_not_change_the_searched_factor():
+    """The factor is searched at the schedule's base rate, so a 100-fold warmup at the switch
+    gives the factor a run without warmup gets (searched at the warmed-down rate, trials would
+    all be too small and the walk would go up)."""
+    scales = []
+    for warmup in (False, True):
+        model = StiffQuadratic()
+        opt = blockopt.BlockOptimizer(model, model, lr=1e-4)  # Adam's match is about right here
+        if warmup:
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=10)
+            assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)
+        opt.zero_grad()
+        model().backward()
+        opt.step()
+        assert opt.mode == "adam" and "(1 times the previous)" in opt.history[0].reason
+        scales.append(opt._scales["adam"])
+    assert scales[1] == pytest.approx(scales[0], rel=1e-9)
+
+
+def test_the_search_leaves_the_carried_state_alone():
+    """Momentum carried into Adam is the same with and without the search: the trials worked
+    on copies. After the switch step Adam's moments do not depend on the learning rate."""
+    runs = []
+    for search in (True, False):
+        model, opt, x, y = _switching_mlp(lr_search=search, probe_every=3)
+        opt.policy.thresholds = blockopt.Thresholds(10.0, 10.0)  # stay in SGD at step 0
+        _step(model, opt, x, y)
+        _step(model, opt, x, y)
+        _step(model, opt, x, y)  # SGD's momentum is not empty now
+        opt.policy.thresholds = blockopt.Thresholds()
+        _step(model, opt, x, y)  # the probe at step 3 switches to Adam, then Adam steps
+        assert opt.mode == "adam"
+        runs.append(opt.active_optimizer.state_dict()["state"])
+    assert runs[0].keys() == runs[1].keys() and runs[0]
+    for key, state in runs[0].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(state[name]), torch.as_tensor(runs[1][key][name]))
+
+
+def test_training_resumed_after_a_search_is_bitwise_the_same():
+    model, opt, x, y = _switching_mlp()
+    _step(model, opt, x, y)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    for _ in range(5):
+        _step(model, opt, x, y)
+    model2, opt2, _x, _y = _switching_mlp()
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    for _ in range(5):
+        _step(model2, opt2, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
