@@ -1,6 +1,11 @@
 """A short learning-rate search: walk a geometric grid of multipliers of a starting learning rate
 and keep the one whose trial ends at the lowest loss.
 
+The grid can be anchored at round values: :func:`grid_start` gives the multiplier that moves a
+learning rate to the nearest power of ``factor`` (with the default factor, sqrt(10): ..., 1e-3,
+3.16e-3, 1e-2, ...), so that the search returns round learning rates, which do not wobble with
+the learning rate it started from and which a user can write down and keep.
+
 Pure numerics, no model: ``trial(multiplier)`` is any callable returning the loss reached with
 the learning rate times ``multiplier`` (the optimizer runs a few steps on its probe batch and puts
 everything back). The walk starts at 1, steps by ``factor`` in the direction that improves and
@@ -17,7 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_FACTOR", "LrSearch", "search_multiplier"]
+__all__ = ["DEFAULT_FACTOR", "LrSearch", "grid_start", "search_multiplier"]
 
 DEFAULT_FACTOR = math.sqrt(10.0)  # half a decade per step
 
@@ -36,21 +41,36 @@ class LrSearch:
         return dict(self.trials)[self.multiplier]
 
 
+def grid_start(lr: float, factor: float = DEFAULT_FACTOR) -> float:
+    """The multiplier that takes ``lr`` to the nearest power of ``factor`` (in log scale)."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    _check_factor(factor)
+    return factor ** round(math.log(lr) / math.log(factor)) / lr
+
+
+def _check_factor(factor: float) -> None:
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
+        raise ValueError(f"factor must be a finite number above 1, got {factor!r}")
+
+
 def search_multiplier(
     trial: Callable[[float], float],
     *,
+    start: float = 1.0,
     factor: float = DEFAULT_FACTOR,
     max_trials: int = 8,
     max_up: int = 1,
 ) -> LrSearch:
-    """Walk multipliers ``factor**k`` from ``k = 0``: first up (at most to ``k = max_up``),
-    then, if going up did not help, down, while each step lowers the trial loss; at most
-    ``max_trials`` calls of ``trial``.
+    """Walk multipliers ``start * factor**k`` from ``k = 0``: first up (at most to
+    ``k = max_up``), then, if going up did not help, down, while each step lowers the trial
+    loss; at most ``max_trials`` calls of ``trial``.
 
     Ties keep the multiplier found first, so a learning rate changes only on a strict
     improvement."""
-    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
-        raise ValueError(f"factor must be a finite number above 1, got {factor!r}")
+    _check_factor(factor)
+    if not (isinstance(start, (int, float)) and math.isfinite(start) and start > 0):
+        raise ValueError(f"start must be a positive finite number, got {start!r}")
     if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 2:
         raise ValueError(f"max_trials must be an int of at least 2, got {max_trials!r}")
     if isinstance(max_up, bool) or not isinstance(max_up, int) or max_up < 0:
@@ -58,7 +78,7 @@ def search_multiplier(
     tried: dict[float, float] = {}
 
     def run(k: int) -> float:
-        m = factor**k
+        m = start * factor**k
         value = float(trial(m))
         tried[m] = value if math.isfinite(value) else math.inf
         return tried[m]
@@ -76,4 +96,4 @@ def search_multiplier(
             k += direction
         if moved or len(tried) >= max_trials:
             break
-    return LrSearch(factor**best_k, tuple(tried.items()))
+    return LrSearch(start * factor**best_k, tuple(tried.items()))

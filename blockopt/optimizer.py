@@ -9,12 +9,12 @@ optimizers over the same parameters; only the active one steps. On a switch, sta
 (:func:`blockopt.modes.transfer_state`) and, unless the user fixed the new mode's learning rate,
 its factor starts where the first step in the new mode has the same norm as a step in the old
 one would have had (a switch changes the direction of the update, not its size). When a probe
-made the switch, a short search then moves it by powers of sqrt(10), at most one up and down
-while trial runs on the probe's batch end lower (:mod:`blockopt.lr_search`,
-:mod:`blockopt.lr_trials`); later probes re-check it downwards only. An SGD
-learning rate that a probe finds far beyond SGD's stability limit on the largest block curvature
-is cut first (:func:`blockopt.tuning.sgd_lr_cap`), so that the size carried over is one SGD
-could take.
+made the switch, a short search then walks the round rates 10^(k/2) from the one nearest it,
+at most one step up and down while trial runs on the probe's batch end lower
+(:mod:`blockopt.lr_search`, :mod:`blockopt.lr_trials`); later probes re-check it downwards only.
+An SGD learning rate that a probe finds far beyond SGD's stability limit on the largest block
+curvature is cut first (:func:`blockopt.tuning.sgd_lr_cap`), so that the size carried over is one
+SGD could take.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 from .blocks import Strategy, partition
 from .distributed import Reduce, ddp_of, fault_kind, no_sync, probe_reduce, refuse_sharded
 from .heterogeneity import Heterogeneity, heterogeneity
-from .lr_search import LrSearch, search_multiplier
+from .lr_search import LrSearch, grid_start, search_multiplier
 from .lr_trials import trial_loss
 from .modes import MODES, BlockSGD, resolve_optimizer_class, transfer_state
 from .policy import (
@@ -121,8 +121,9 @@ class BlockOptimizer(Optimizer):
         max_factor: bound on block SGD's per-block learning-rate factors.
         lr_search, search_steps: when a probe switches to a mode whose learning rate is not
             fixed in ``lrs``, search its learning rate: trials of ``search_steps`` steps on the
-            probe's batch, half a decade apart, from the step-norm match, at most one step up
-            and down while the trials improve (see module doc); later probes re-check it
+            probe's batch on round rates half a decade apart, from the one nearest the step-norm
+            match, at most one step up and down while the trials improve (see module doc);
+            later probes re-check it
             downwards only. ``lr_search=False``: keep the step-norm match.
         history: the cap on ``history`` (decisions), ``spectra_history`` (probe results) and
             ``faults`` (failed probes): each keeps at most this many entries, the oldest dropped
@@ -546,7 +547,8 @@ class BlockOptimizer(Optimizer):
     def _search_lr(self, max_up: int) -> list[str]:
         """Search the active mode's learning rate (:mod:`blockopt.lr_search`) with trials on the
         probe's batch (:func:`blockopt.lr_trials.trial_loss`), starting from the current one and
-        going at most ``max_up`` half-decades up. Trials run at the schedule's base learning
+        going at most ``max_up`` half-decades up (from the nearest round rate, see
+        :func:`blockopt.lr_search.grid_start`). Trials run at the schedule's base learning
         rate (``initial_lr``, which schedulers set), so that a warmup or decay in progress does
         not skew the mode's factor, which applies at every point of the schedule. A search that
         fails keeps the learning rate and says why. Returns a note for the decision's reason."""
@@ -601,8 +603,11 @@ class BlockOptimizer(Optimizer):
                 self._reduce,
             )
 
+        # A search at a switch starts from the round learning rate nearest the step-norm match;
+        # a re-check starts where the rate is, so that it can only lower it.
+        start = grid_start(base_lrs[0]) if max_up > 0 and base_lrs[0] > 0 else 1.0
         with no_sync(self.model):
-            return search_multiplier(trial, max_up=max_up)
+            return search_multiplier(trial, start=start, max_up=max_up)
 
     def _training_seconds(self) -> float:
         """Wall time since the first step (0 before it), probes included."""
