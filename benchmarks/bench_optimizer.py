@@ -24,6 +24,7 @@ rewrites the "Optimizer" section of docs/BENCHMARKS.md:
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import math
@@ -148,19 +149,14 @@ def _quadratic(case: str) -> Callable[[int], Setup]:
     return build
 
 
-_CACHE: dict[str, Any] = {}
-
-
+@functools.cache
 def _digits() -> data.Digits:
-    if "digits" not in _CACHE:
-        _CACHE["digits"] = data.digits(seed=0)
-    return _CACHE["digits"]
+    return data.digits(seed=0)
 
 
+@functools.cache
 def _corpus() -> data.Corpus:
-    if "corpus" not in _CACHE:
-        _CACHE["corpus"] = data.text_corpus(vocab_size=64)
-    return _CACHE["corpus"]
+    return data.text_corpus(vocab_size=64)
 
 
 def _image(factory: Callable[[], nn.Module]) -> Callable[[int], Setup]:
@@ -168,10 +164,8 @@ def _image(factory: Callable[[], nn.Module]) -> Callable[[int], Setup]:
         d = _digits()
         torch.manual_seed(seed)
         model = factory()
-        n = len(d.y_train)
-        batches = data.epoch_batches(n, IMAGE_BATCH, generator=torch.Generator().manual_seed(seed))
-        fixed = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))
-        px, py = d.x_train[fixed[:IMAGE_BATCH]], d.y_train[fixed[:IMAGE_BATCH]]
+        batches, fixed = data.seeded_batches(len(d.y_train), IMAGE_BATCH, seed)
+        px, py = d.x_train[fixed], d.y_train[fixed]
         ex, ey = d.x_train[:EVAL_IMAGES], d.y_train[:EVAL_IMAGES]
 
         def train_loss(i: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 - :func:`digits`: scikit-learn's 8x8 handwritten digits (1797 images, 10 classes), scaled to
   [0, 1] and split deterministically into train and test sets. Needs scikit-learn.
-- :func:`epoch_batches`: the indices of training step ``i``'s batch, in epochs of shuffled data.
+- :func:`epoch_batches`: the indices of training step ``i``'s batch, in epochs of shuffled data;
+  :func:`seeded_batches`: a run's training batches and its fixed probe batch, from its seed.
 - :func:`text_corpus` / :func:`text_batches`: the English text of Python's own ``pydoc_data.topics``
   (about 460k characters), as a character-level token stream over a 64-symbol vocabulary.
 """
@@ -15,7 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Corpus", "Digits", "digits", "epoch_batches", "text_batches", "text_corpus"]
+__all__ = [
+    "Corpus",
+    "Digits",
+    "digits",
+    "epoch_batches",
+    "seeded_batches",
+    "text_batches",
+    "text_corpus",
+]
 
 
 @dataclass(frozen=True)
@@ -105,3 +114,15 @@ def epoch_batches(
         return orders[epoch][k * batch_size : (k + 1) * batch_size]
 
     return batch
+
+
+def seeded_batches(
+    n: int, batch_size: int, seed: int
+) -> tuple[Callable[[int], torch.Tensor], torch.Tensor]:
+    """Run ``seed``'s batches out of ``n`` examples: ``batch(i)``, step ``i``'s indices
+    (:func:`epoch_batches` drawn from ``seed``), and the indices of the run's fixed probe batch,
+    drawn from a stream of their own (``10_000 + seed``) so that probing does not move the
+    training batches."""
+    batch = epoch_batches(n, batch_size, generator=torch.Generator().manual_seed(seed))
+    probe = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))
+    return batch, probe[:batch_size]

@@ -144,10 +144,8 @@ def _digits_task(factory: Callable[[], nn.Module]) -> Callable[[int], Workload]:
         d = _digits()
         torch.manual_seed(seed)
         model = factory()
-        n = len(d.y_train)
-        batches = data.epoch_batches(n, IMAGE_BATCH, generator=torch.Generator().manual_seed(seed))
-        fixed = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))
-        px, py = d.x_train[fixed[:IMAGE_BATCH]], d.y_train[fixed[:IMAGE_BATCH]]
+        batches, fixed = data.seeded_batches(len(d.y_train), IMAGE_BATCH, seed)
+        px, py = d.x_train[fixed], d.y_train[fixed]
 
         def train_loss(i: int) -> torch.Tensor:
             idx = batches(i)
