@@ -66,10 +66,8 @@ def _train_and_evaluate(
             return math.inf
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
-            p.grad = g
+            p.grad = g  # isolated() puts the caller's .grad back afterwards
         opt.step()
-        for p in params:
-            p.grad = None
     with torch.no_grad():
         value = float(probe())
     return value if math.isfinite(value) else math.inf

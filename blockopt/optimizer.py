@@ -579,9 +579,7 @@ class BlockOptimizer(Optimizer):
         ]
 
     def _run_search(self, max_up: int) -> LrSearch:
-        live = self._active()
-        self._sync_lr(live, self.mode)
-        state = live.state_dict()
+        state = self._active().state_dict()  # its lrs are replaced below
         scale = self._scales[self.mode]
         base_lrs = [g.get("initial_lr", g["lr"]) * scale for g in self.param_groups]
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
