@@ -270,6 +270,10 @@ def test_a_switch_searches_the_new_modes_learning_rate():
     _loss, searched = _quadratic_run(1)
     assert matched.mode == searched.mode == "adam"
     base = matched.mode_lrs["adam"]
+    # the match in closed form: SGD's first step lr * g against Adam's sign step of norm sqrt(n)
+    q = StiffQuadratic()
+    g = torch.cat([h * (w - t) for h, w, t in zip(q.h, q.ws, q.targets)]).detach()
+    assert base == pytest.approx(1e-6 * g.norm().item() / math.sqrt(g.numel()), rel=1e-6)
     start = base * grid_start(base)
     assert start == pytest.approx(0.01, rel=1e-12) and 0.008 < base < 0.009
     lr = searched.mode_lrs["adam"]
