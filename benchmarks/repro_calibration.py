@@ -37,7 +37,8 @@ CLAIM = (
 @dataclass(frozen=True)
 class Case:
     """One calibration point: a score and what training (or the quadratic) showed at it.
-    ``block_ok`` is None where block SGD was not measured."""
+    ``block_ok`` is None where block SGD was not measured; ``max_ratio`` is the decades between
+    the largest and smallest block curvature (0 where not recorded)."""
 
     label: str
     source: str
@@ -45,6 +46,7 @@ class Case:
     sgd_ok: bool
     block_ok: bool | None
     evidence: str
+    max_ratio: float = 0.0
 
 
 def verdict(case: Case, mode: str) -> str:
@@ -77,7 +79,7 @@ def evaluate(cases: list[Case], t: blockopt.Thresholds) -> dict[str, Any]:
     """Counts of each verdict and of cases whose margins are met."""
     counts = dict.fromkeys(("right", "acceptable", "unneeded", "unknown", "wrong"), 0)
     for c in cases:
-        counts[verdict(c, t.target(c.score))] += 1
+        counts[verdict(c, t.target(c.score, c.max_ratio))] += 1
     return {**counts, "margins_met": sum(margins_met(c, t) for c in cases), "cases": len(cases)}
 
 
@@ -91,7 +93,9 @@ def recommend(cases: list[Case], current: blockopt.Thresholds) -> tuple[blockopt
         return (e["wrong"], e["unneeded"] + e["unknown"], -e["margins_met"], distance)
 
     candidates = [current] + [
-        blockopt.Thresholds(float(s), float(a), current.margin, current.min_interval)
+        blockopt.Thresholds(
+            float(s), float(a), current.margin, current.min_interval, current.block_ratio
+        )
         for s in GRID
         for a in GRID
         if s <= a
@@ -146,14 +150,20 @@ def cases_from(data: dict[str, Any]) -> tuple[list[Case], list[str]]:
                 + f"; on par: at most {100 * on_par:.0f}%)"
             )
             if a is not None and name in a["results"]:
-                init = [(r["seed"], float(r["spread"])) for r in a["results"][name]]
-                source = "(a) init"
+                rows, source = a["results"][name], "(a) init"
             else:
-                init = [(r["seed"], float(r["spread"])) for r in res["init"]]
-                source = "(d) init"
-            for seed, s in init:
+                rows, source = res["init"], "(d) init"
+            for r in rows:
                 cases.append(
-                    Case(f"{LABELS[name]}, seed {seed}", source, s, sgd_ok, block_ok, evidence)
+                    Case(
+                        f"{LABELS[name]}, seed {r['seed']}",
+                        source,
+                        float(r["spread"]),
+                        sgd_ok,
+                        block_ok,
+                        evidence,
+                        float(r.get("max_ratio", 0.0)),
+                    )
                 )
             # After training in the mode that suits it: what the policy would see later on.
             mode = "sgd" if sgd_ok else "adam"
@@ -166,6 +176,7 @@ def cases_from(data: dict[str, Any]) -> tuple[list[Case], list[str]]:
                         sgd_ok,
                         block_ok,
                         evidence,
+                        float(res["end"][mode].get("max_ratio", 0.0)),
                     )
                 )
     elif a is not None:
@@ -207,9 +218,68 @@ def cases_from(data: dict[str, Any]) -> tuple[list[Case], list[str]]:
                         sgd_ok,
                         block_ok,
                         evidence,
+                        float(spec.get("max_ratio", 0.0)),
                     )
                 )
     return cases, notes
+
+
+def _block_ratio_text(cases: list[Case], t: blockopt.Thresholds, d: dict[str, Any] | None) -> str:
+    """Where ``block_ratio`` acts: the cases below ``sgd_below`` and their ``max_ratio``, and
+    what part (d) measured for block SGD against SGD on the models among them."""
+    band = [c for c in cases if c.score < t.sgd_below]
+    if not band:
+        return "**`block_ratio`.** No case scores below `sgd_below`."
+    ranges = []
+    for group in sorted({_group(c) for c in band}):
+        ratios = [c.max_ratio for c in band if _group(c) == group]
+        ranges.append(f"{group} {min(ratios):.2f}-{max(ratios):.2f}")
+    text = (
+        f"**`block_ratio`.** Below `sgd_below` the policy still picks block SGD when `max_ratio` "
+        f"(decades between the largest and the smallest block curvature) exceeds "
+        f"`block_ratio={t.block_ratio:g}` (entering needs {t.block_ratio + t.margin:g}, leaving "
+        f"{t.block_ratio - t.margin:g}): the score weighs blocks by size, so a few small blocks "
+        "far below the rest do not move it, yet one learning rate leaves them learning "
+        "10^max_ratio times slower. `max_ratio` of the cases below `sgd_below`: "
+        + "; ".join(ranges)
+        + ". The verdicts above (SGD and block SGD both keep up there) cannot tell the two apart; "
+        "the final training losses can:"
+    )
+    if d is None:
+        return text + " part (d) did not run."
+    rows = []
+    for name in MODELS:
+        res = d["results"].get(name)
+        if res is None or not any(_group(c) == LABELS[name] for c in band):
+            continue
+        sgd = res["runs"].get("sgd", [])
+        block = [r for r in res["block_sgd"]["runs"] if not r.get("diverged")]
+        if not sgd or not block:
+            continue
+        best_block = min(r["train_loss"] for r in block)
+        ratio = statistics.median(r["train_loss"] for r in sgd) / best_block
+        rows.append(
+            [
+                LABELS[name],
+                ", ".join(f"{r['train_loss']:.2g} (lr {r['lr']:.2g})" for r in sgd),
+                ", ".join(f"{r['train_loss']:.2g} (lr {r['lr']:.2g})" for r in block),
+                f"{ratio:.1f}x",
+            ]
+        )
+    return "\n\n".join(
+        [
+            text,
+            table(
+                [
+                    "model",
+                    "SGD final training loss (tuned lr, per seed)",
+                    "block SGD final training loss (per lr tried)",
+                    "SGD over the best block SGD",
+                ],
+                rows,
+            ),
+        ]
+    )
 
 
 def _group(case: Case) -> str:
@@ -267,19 +337,20 @@ def run(fig_dir: Path, data: dict[str, Any], *, quick: bool = False) -> Section:
     ev_current, ev_best = evaluate(cases, current), evaluate(cases, best)
     rows = []
     for c in sorted(cases, key=lambda c: c.score):
-        mode = current.target(c.score)
+        mode = current.target(c.score, c.max_ratio)
         rows.append(
             [
                 c.label,
                 c.source,
                 f"{c.score:.2f}",
+                f"{c.max_ratio:.2f}",
                 "yes" if c.sgd_ok else "no",
                 "-" if c.block_ok is None else ("yes" if c.block_ok else "no"),
                 mode,
                 verdict(c, mode),
                 "yes" if margins_met(c, current) else "no",
-                best.target(c.score),
-                verdict(c, best.target(c.score)),
+                best.target(c.score, c.max_ratio),
+                verdict(c, best.target(c.score, c.max_ratio)),
                 c.evidence,
             ]
         )
@@ -325,6 +396,7 @@ def run(fig_dir: Path, data: dict[str, Any], *, quick: bool = False) -> Section:
                     "case",
                     "from",
                     "score",
+                    "max_ratio",
                     "SGD keeps up",
                     "block SGD keeps up",
                     "default picks",
@@ -373,14 +445,19 @@ def run(fig_dir: Path, data: dict[str, Any], *, quick: bool = False) -> Section:
         "defaults within those bounds."
     )
     agreement = " ".join(parts)
+    ratio_text = _block_ratio_text(cases, current, data.get("d"))
     return Section(
         key="calibration",
         title="Calibration of the switching thresholds",
-        markdown="\n\n".join([CLAIM, measurement, agreement]),
+        markdown="\n\n".join([CLAIM, measurement, agreement, ratio_text]),
         data={
             "missing": missing,
             "notes": notes,
-            "current": {"sgd_below": current.sgd_below, "adam_above": current.adam_above},
+            "current": {
+                "sgd_below": current.sgd_below,
+                "adam_above": current.adam_above,
+                "block_ratio": current.block_ratio,
+            },
             "best": {"sgd_below": best.sgd_below, "adam_above": best.adam_above},
             "margin": current.margin,
             "evaluation_current": ev_current,
@@ -394,9 +471,10 @@ def run(fig_dir: Path, data: dict[str, Any], *, quick: bool = False) -> Section:
                     "sgd_ok": c.sgd_ok,
                     "block_ok": c.block_ok,
                     "evidence": c.evidence,
-                    "default_pick": current.target(c.score),
-                    "default_verdict": verdict(c, current.target(c.score)),
-                    "best_pick": best.target(c.score),
+                    "max_ratio": c.max_ratio,
+                    "default_pick": current.target(c.score, c.max_ratio),
+                    "default_verdict": verdict(c, current.target(c.score, c.max_ratio)),
+                    "best_pick": best.target(c.score, c.max_ratio),
                 }
                 for c in cases
             ],

@@ -280,7 +280,7 @@ def _report(args: argparse.Namespace, model, spectra) -> dict[str, Any]:
     lrs = tune_block_lrs(spectra, args.base_lr, max_factor=args.max_factor)
     thresholds = Thresholds()
     score = float(h)
-    mode = thresholds.target(score)
+    mode = thresholds.target(score, h.max_ratio)
     n_params = sum(s.numel for s in spectra.values())
     print(
         f"{args.target}: {type(model).__name__}, {len(spectra)} blocks (strategy "
@@ -295,7 +295,7 @@ def _report(args: argparse.Namespace, model, spectra) -> dict[str, Any]:
         f"heterogeneity score: {score:.2f} decades (spread of the block curvature scales "
         f"max(|lambda_max|, |lambda_min|) over the bulk of the parameters)"
     )
-    print(f"recommended mode: {mode} ({thresholds.reason(score)})")
+    print(f"recommended mode: {mode} ({thresholds.reason(score, h.max_ratio)})")
     print(
         "cond: |lambda|max / |lambda|min of the two extreme Ritz values (see --help); lr: base lr "
         f"{args.base_lr:g} (the stiffest block's) times clip(rho_max / rho, 1, "
@@ -305,7 +305,7 @@ def _report(args: argparse.Namespace, model, spectra) -> dict[str, Any]:
         "score": score,
         "heterogeneity": h.to_dict(),
         "recommended_mode": mode,
-        "reason": thresholds.reason(score),
+        "reason": thresholds.reason(score, h.max_ratio),
         "base_lr": args.base_lr,
         "max_factor": args.max_factor,
         "strategy": args.strategy,
@@ -502,7 +502,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t = Thresholds()
     print("blockopt auto")
     print(
-        f"(score: heterogeneity in decades; below {t.sgd_below:g} calls for sgd, above "
+        f"(score: heterogeneity in decades; below {t.sgd_below:g} calls for sgd (block_sgd "
+        f"if some blocks sit more than {t.block_ratio:g} decades below the stiffest), above "
         f"{t.adam_above:g} for adam, block_sgd in between)"
     )
     print(auto_table(results))

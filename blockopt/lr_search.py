@@ -10,10 +10,18 @@ Pure numerics, no model: ``trial(multiplier)`` is any callable returning the los
 the learning rate times ``multiplier`` (the optimizer runs a few steps on its probe batch and puts
 everything back). The walk starts at 1, steps by ``factor`` in the direction that improves and
 stops at the first trial that does not; a non-finite loss counts as worse than any finite one.
-The walk goes at most ``max_up`` steps upwards (``0``: only smaller learning rates, for
-re-checking one found before) but as far down as its budget allows: trials on one small batch
-favour large steps that memorise the batch, so an increase is bounded while a decrease, the safe
-direction, is not.
+The walk goes at most ``max_up`` steps upwards (``0``: only smaller learning rates) but as far
+down as its budget allows: trials on one small batch favour large steps that memorise the batch,
+so an increase is bounded while a decrease, the safe direction, is not.
+
+:func:`recheck_multiplier` re-checks a rate found before. Short trials favour small rates once
+training is under way (the short-horizon bias of greedy learning-rate tuning), and on a batch the
+model already fits, every step only drifts its loss, so "lower while the trial improves" would
+ratchet a good rate down by decades. A re-check therefore lowers the rate only when its trial
+shows it unstable (the batch's loss more than ``rise`` times what it was, or not finite), and
+only to a rate that lowers that loss by at least ``min_gain`` of it. Both are measured against
+``max(|loss|, floor)``: once the loss is a tiny share of where training started, its relative
+swings over a trial are noise, not instability.
 """
 
 from __future__ import annotations
@@ -22,9 +30,21 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_FACTOR", "LrSearch", "grid_start", "search_multiplier"]
+__all__ = [
+    "DEFAULT_FACTOR",
+    "MIN_GAIN",
+    "NOISE_SHARE",
+    "RISE",
+    "LrSearch",
+    "grid_start",
+    "recheck_multiplier",
+    "search_multiplier",
+]
 
 DEFAULT_FACTOR = math.sqrt(10.0)  # half a decade per step
+MIN_GAIN = 0.01  # a re-check moves to a rate whose trial lowers the loss by at least this share
+RISE = 2.0  # a re-check calls a rate unstable when its trial ends above this multiple of the loss
+NOISE_SHARE = 0.01  # the optimizer's re-check floor: this share of the first training loss
 
 
 @dataclass(frozen=True)
@@ -97,3 +117,53 @@ def search_multiplier(
         if moved or len(tried) >= max_trials:
             break
     return LrSearch(start * factor**best_k, tuple(tried.items()))
+
+
+def recheck_multiplier(
+    trial: Callable[[float], float],
+    baseline: float,
+    *,
+    factor: float = DEFAULT_FACTOR,
+    max_trials: int = 8,
+    rise: float = RISE,
+    min_gain: float = MIN_GAIN,
+    floor: float = 0.0,
+) -> LrSearch:
+    """Keep the current rate (multiplier 1) unless its trial is unstable: not finite, or ending
+    above ``baseline`` (the loss before any step) by more than ``(rise - 1) * size``, where
+    ``size = max(|baseline|, floor)``. Then walk ``factor**-k`` down while the trial loss falls,
+    and move to the best rate found if it ends below ``baseline`` by more than ``min_gain *
+    size``: a rate that makes no real progress is no better than the current one. At most
+    ``max_trials`` calls of ``trial``; the baseline is recorded in ``trials`` as multiplier 0."""
+    _check_factor(factor)
+    if not (isinstance(baseline, (int, float)) and math.isfinite(baseline)):
+        raise ValueError(f"baseline must be a finite number, got {baseline!r}")
+    if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 2:
+        raise ValueError(f"max_trials must be an int of at least 2, got {max_trials!r}")
+    if not (isinstance(rise, (int, float)) and math.isfinite(rise) and rise >= 1.0):
+        raise ValueError(f"rise must be a finite number of at least 1, got {rise!r}")
+    if not (isinstance(min_gain, (int, float)) and 0.0 <= min_gain < 1.0):
+        raise ValueError(f"min_gain must be a number in [0, 1), got {min_gain!r}")
+    if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0.0):
+        raise ValueError(f"floor must be a non-negative finite number, got {floor!r}")
+    size = max(abs(baseline), floor)
+    tried: dict[float, float] = {0.0: float(baseline)}
+
+    def run(k: int) -> float:
+        m = factor**-k
+        value = float(trial(m))
+        tried[m] = value if math.isfinite(value) else math.inf
+        return tried[m]
+
+    best = run(0)
+    if best <= baseline + (rise - 1.0) * size:
+        return LrSearch(1.0, tuple(tried.items()))
+    best_k = 0
+    while len(tried) - 1 < max_trials:
+        value = run(best_k + 1)
+        if not value < best:
+            break
+        best_k, best = best_k + 1, value
+    if best_k and best < baseline - min_gain * size:
+        return LrSearch(factor**-best_k, tuple(tried.items()))
+    return LrSearch(1.0, tuple(tried.items()))

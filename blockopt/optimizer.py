@@ -11,7 +11,8 @@ its factor starts where the first step in the new mode has the same norm as a st
 one would have had (a switch changes the direction of the update, not its size). When a probe
 made the switch, a short search then walks the round rates 10^(k/2) from the one nearest it,
 at most one step up and down while trial runs on the probe's batch end lower
-(:mod:`blockopt.lr_search`, :mod:`blockopt.lr_trials`); later probes re-check it downwards only.
+(:mod:`blockopt.lr_search`, :mod:`blockopt.lr_trials`); later probes re-check it and lower it
+only if its trial shows it unstable.
 An SGD learning rate that a probe finds far beyond SGD's stability limit on the largest block
 curvature is cut first (:func:`blockopt.tuning.sgd_lr_cap`), so that the size carried over is one
 SGD could take.
@@ -37,7 +38,13 @@ from torch.optim import Optimizer
 from .blocks import Strategy, partition
 from .distributed import Reduce, ddp_of, fault_kind, no_sync, probe_reduce, refuse_sharded
 from .heterogeneity import Heterogeneity, heterogeneity
-from .lr_search import LrSearch, grid_start, search_multiplier
+from .lr_search import (
+    NOISE_SHARE,
+    LrSearch,
+    grid_start,
+    recheck_multiplier,
+    search_multiplier,
+)
 from .lr_trials import trial_loss
 from .modes import MODES, BlockSGD, resolve_optimizer_class, transfer_state
 from .policy import (
@@ -123,8 +130,8 @@ class BlockOptimizer(Optimizer):
             fixed in ``lrs``, search its learning rate: trials of ``search_steps`` steps on the
             probe's batch on round rates half a decade apart, from the one nearest the step-norm
             match, at most one step up and down while the trials improve (see module doc);
-            later probes re-check it
-            downwards only. ``lr_search=False``: keep the step-norm match.
+            later probes lower it only if a trial shows it unstable (the probe's loss more than
+            doubled). ``lr_search=False``: keep the step-norm match.
         history: the cap on ``history`` (decisions), ``spectra_history`` (probe results) and
             ``faults`` (failed probes): each keeps at most this many entries, the oldest dropped
             first, and so does ``state_dict()``; memory stays bounded however long training runs.
@@ -494,13 +501,13 @@ class BlockOptimizer(Optimizer):
             # Cap a grossly unstable SGD learning rate first, so that a switch matches the
             # step SGD would really take; then the new mode's, if it is an SGD mode.
             notes += self._cap_lr(rho_max)
-            decision = self.policy.decide(self.step_count, float(score), self.mode)
+            decision = self.policy.decide(self.step_count, float(score), self.mode, score.max_ratio)
             if decision.switched:
                 self.switch(decision.new_mode)
                 notes += self._cap_lr(rho_max)
-                notes += self._search_lr(max_up=SEARCH_MAX_UP)
+                notes += self._search_lr(recheck=False)
             elif self._lr_searched:
-                notes += self._search_lr(max_up=0)
+                notes += self._search_lr(recheck=True)
         if notes:
             decision = dataclasses.replace(decision, reason="; ".join([decision.reason, *notes]))
         self.history.append(decision)
@@ -544,11 +551,13 @@ class BlockOptimizer(Optimizer):
             f"than {UNSTABLE_FACTOR:g} times the stability limit {limit_used:.3g}"
         ]
 
-    def _search_lr(self, max_up: int) -> list[str]:
+    def _search_lr(self, recheck: bool) -> list[str]:
         """Search the active mode's learning rate (:mod:`blockopt.lr_search`) with trials on the
-        probe's batch (:func:`blockopt.lr_trials.trial_loss`), starting from the current one and
-        going at most ``max_up`` half-decades up (from the nearest round rate, see
-        :func:`blockopt.lr_search.grid_start`). Trials run at the schedule's base learning
+        probe's batch (:func:`blockopt.lr_trials.trial_loss`): after a switch from the round rate
+        nearest the current one (:func:`blockopt.lr_search.grid_start`), at most
+        ``SEARCH_MAX_UP`` half-decades up; at a later probe (``recheck``) only down, and only if
+        its trial shows the rate unstable (:func:`blockopt.lr_search.recheck_multiplier`, with
+        changes below ``NOISE_SHARE`` of the first training loss counted as noise). Trials run at the schedule's base learning
         rate (``initial_lr``, which schedulers set), so that a warmup or decay in progress does
         not skew the mode's factor, which applies at every point of the schedule. A search that
         fails keeps the learning rate and says why. Returns a note for the decision's reason."""
@@ -556,7 +565,7 @@ class BlockOptimizer(Optimizer):
             return []
         start = time.perf_counter()
         try:
-            found = self._run_search(max_up)
+            found = self._run_search(recheck)
         except Exception as err:  # the probe itself succeeded; keep its result and the lr
             note = (
                 f"{self.mode} learning-rate search failed ({type(err).__name__}: {err}); kept "
@@ -567,18 +576,20 @@ class BlockOptimizer(Optimizer):
         finally:
             self.probe_seconds += time.perf_counter() - start
         self._lr_searched = True
-        if found.multiplier == 1.0 and max_up == 0:
+        if found.multiplier == 1.0 and recheck:
             return []
         self._scales[self.mode] *= found.multiplier
         self._sync_lr(self._active(), self.mode)
-        tried = ", ".join(f"{m:.3g}x: {loss:.4g}" for m, loss in found.trials)
+        tried = ", ".join(
+            f"{m:.3g}x: {loss:.4g}" if m else f"before: {loss:.4g}" for m, loss in found.trials
+        )
         return [
             f"{self.mode} learning rate {self.mode_lrs[self.mode]:.3g} "
             f"({found.multiplier:.3g} times the previous) from {self.search_steps}-step trials "
             f"on the probe's batch ({tried})"
         ]
 
-    def _run_search(self, max_up: int) -> LrSearch:
+    def _run_search(self, recheck: bool) -> LrSearch:
         state = self._active().state_dict()  # its lrs are replaced below
         scale = self._scales[self.mode]
         base_lrs = [g.get("initial_lr", g["lr"]) * scale for g in self.param_groups]
@@ -591,21 +602,23 @@ class BlockOptimizer(Optimizer):
                 group["lr"] = lr * multiplier
             return opt
 
-        def trial(multiplier: float) -> float:
+        def trial(multiplier: float, steps: int | None = None) -> float:
             return trial_loss(
                 self.probe_model,
                 self.probe,
                 params,
                 lambda: scratch(multiplier),
-                self.search_steps,
+                self.search_steps if steps is None else steps,
                 self._reduce,
             )
 
-        # A search at a switch starts from the round learning rate nearest the step-norm match;
-        # a re-check starts where the rate is, so that it can only lower it.
-        start = grid_start(base_lrs[0]) if max_up > 0 and base_lrs[0] > 0 else 1.0
         with no_sync(self.model):
-            return search_multiplier(trial, start=start, max_up=max_up)
+            if recheck:  # from where the rate is, against the loss before any step
+                floor = NOISE_SHARE * self.schedule.loss_scale  # 0 if no loss was observed
+                return recheck_multiplier(trial, trial(1.0, steps=0), floor=floor)
+            # after a switch, from the round learning rate nearest the step-norm match
+            start = grid_start(base_lrs[0]) if base_lrs[0] > 0 else 1.0
+            return search_multiplier(trial, start=start, max_up=SEARCH_MAX_UP)
 
     def _training_seconds(self) -> float:
         """Wall time since the first step (0 before it), probes included."""
@@ -647,6 +660,7 @@ class BlockOptimizer(Optimizer):
             "adam_above": t.adam_above,
             "margin": t.margin,
             "min_interval": t.min_interval,
+            "block_ratio": t.block_ratio,
             "monitor_only": self.monitor_only,
             "pin_mode": self.pin_mode or "none",
         }
@@ -917,7 +931,7 @@ def _check_options(
         raise TypeError(
             f"thresholds must be a blockopt.Thresholds, got {type(thresholds).__name__}; build "
             "one with blockopt.Thresholds(sgd_below=1.0, adam_above=1.5, margin=0.25, "
-            "min_interval=50)"
+            "min_interval=50, block_ratio=2.0)"
         )
     for label, value in (("lrs", lrs), ("optimizers", optimizers)):
         if value is not None and not isinstance(value, Mapping):

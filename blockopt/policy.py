@@ -24,23 +24,29 @@ __all__ = [
 ]
 
 MODES = ("sgd", "block_sgd", "adam")
-# A rise in the loss smaller than this fraction of the first loss is round-off, not a spike.
-ROUND_OFF = 1e-8
+# A rise in the loss smaller than this share of the first loss is noise, not a spike: near the
+# end of a run that fits its data, the loss wobbles by multiples of itself at a tiny scale.
+SPIKE_FLOOR = 0.01
 
 
 @dataclass(frozen=True)
 class Thresholds:
     """Scores below ``sgd_below`` suit SGD, above ``adam_above`` Adam, in between blockwise-lr
-    SGD. A switch needs the score beyond a boundary by ``margin`` decades, and at least
-    ``min_interval`` steps since the last switch."""
+    SGD. Below ``sgd_below``, blockwise-lr SGD also wins when the block curvatures span more than
+    ``block_ratio`` decades in all (``max_ratio``): the bulk of the parameters shares one scale,
+    but a few small blocks (normalisation gains and biases, typically) sit so far below it that
+    one learning rate leaves them learning ``10**max_ratio`` times slower, which per-block rates
+    fix at SGD's memory. A switch needs the score (or ``max_ratio``) beyond a boundary by
+    ``margin`` decades, and at least ``min_interval`` steps since the last switch."""
 
     sgd_below: float = 1.0
     adam_above: float = 1.5
     margin: float = 0.25
     min_interval: int = 50
+    block_ratio: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("sgd_below", "adam_above", "margin"):
+        for name in ("sgd_below", "adam_above", "margin", "block_ratio"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
@@ -54,21 +60,30 @@ class Thresholds:
         if self.min_interval < 0:
             raise ValueError(f"min_interval must be non-negative, got {self.min_interval}")
 
-    def target(self, score: float) -> str:
-        """The mode a score calls for, without hysteresis."""
-        return _target(score, self.sgd_below, self.adam_above)
+    def target(self, score: float, max_ratio: float = 0.0) -> str:
+        """The mode a score (and ``max_ratio``, both from :func:`blockopt.heterogeneity`)
+        calls for, without hysteresis."""
+        return _target(score, max_ratio, self.sgd_below, self.adam_above, self.block_ratio)
 
-    def reason(self, score: float) -> str:
-        mode = self.target(score)
+    def reason(self, score: float, max_ratio: float = 0.0) -> str:
+        mode = self.target(score, max_ratio)
         if mode == "sgd":
             return (
                 f"score {score:.2f} < {self.sgd_below:g}: block curvatures within "
-                f"{self.sgd_below:g} decade(s), one learning rate suits every block"
+                f"{self.sgd_below:g} decade(s) over the bulk of the parameters and "
+                f"{max_ratio:.2f} <= {self.block_ratio:g} over all blocks, one learning rate "
+                "suits every block"
             )
         if mode == "adam":
             return (
                 f"score {score:.2f} > {self.adam_above:g}: block curvatures span more than "
                 f"{self.adam_above:g} decades, per-coordinate learning rates needed"
+            )
+        if score < self.sgd_below:
+            return (
+                f"score {score:.2f} < {self.sgd_below:g} but max_ratio {max_ratio:.2f} > "
+                f"{self.block_ratio:g}: some blocks sit more than {self.block_ratio:g} decades "
+                "below the stiffest, one learning rate per block"
             )
         return (
             f"{self.sgd_below:g} <= score {score:.2f} <= {self.adam_above:g}: blocks differ in "
@@ -126,22 +141,31 @@ class SwitchPolicy:
     thresholds: Thresholds = field(default_factory=Thresholds)
     last_switch: int | None = None
 
-    def decide(self, step: int, score: float, mode: str) -> Decision:
+    def decide(self, step: int, score: float, mode: str, max_ratio: float = 0.0) -> Decision:
+        """The mode to train in after a probe at ``step`` that scored ``score`` (``spread``)
+        and ``max_ratio``, from ``mode``; switching sets ``last_switch``."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
-        if not math.isfinite(score):
+        if not (math.isfinite(score) and math.isfinite(max_ratio)):
             return Decision(step, score, mode, mode, "stay: the score is not finite")
         t = self.thresholds
-        wanted = t.target(score)
+        wanted = t.target(score, max_ratio)
         if wanted == mode:
-            return Decision(step, score, mode, mode, f"stay: {t.reason(score)}")
-        # Hysteresis: moving towards Adam needs the score above a boundary plus the margin,
-        # moving towards SGD below a boundary minus the margin.
+            return Decision(step, score, mode, mode, f"stay: {t.reason(score, max_ratio)}")
+        # Hysteresis: moving towards Adam needs the score (or max_ratio) above a boundary plus
+        # the margin, moving towards SGD below a boundary minus the margin.
         shift = t.margin if MODES.index(wanted) > MODES.index(mode) else -t.margin
-        confirmed = _target(score, t.sgd_below + shift, t.adam_above + shift)
+        confirmed = _target(
+            score, max_ratio, t.sgd_below + shift, t.adam_above + shift, t.block_ratio + shift
+        )
         if confirmed == mode:
             return Decision(
-                step, score, mode, mode, f"stay: score {score:.2f} within the {t.margin:g} margin"
+                step,
+                score,
+                mode,
+                mode,
+                f"stay: score {score:.2f} (max_ratio {max_ratio:.2f}) within the "
+                f"{t.margin:g} margin",
             )
         if self.last_switch is not None and step - self.last_switch < t.min_interval:
             return Decision(
@@ -153,14 +177,16 @@ class SwitchPolicy:
                 f"min_interval={t.min_interval}",
             )
         self.last_switch = step
-        return Decision(step, score, mode, confirmed, t.reason(score))
+        return Decision(step, score, mode, confirmed, t.reason(score, max_ratio))
 
 
-def _target(score: float, sgd_below: float, adam_above: float) -> str:
-    if score < sgd_below:
-        return "sgd"
+def _target(
+    score: float, max_ratio: float, sgd_below: float, adam_above: float, block_ratio: float
+) -> str:
     if score > adam_above:
         return "adam"
+    if score < sgd_below and max_ratio <= block_ratio:
+        return "sgd"
     return "block_sgd"
 
 
@@ -170,11 +196,11 @@ class ProbeSchedule:
     intervals that start at ``base``, grow by ``growth`` (up to ``max_interval``) while the score
     moves less than ``stable_tol`` decades between probes, and fall back to ``base`` after a
     switch. A loss spike (a loss above ``spike_factor`` times its running average, by more than
-    ``ROUND_OFF`` times the first loss seen, so that losses at round-off or below zero do not
-    count as spikes) brings the next probe forward to the next step. A failed probe is retried
-    after the normal interval (``every``, or ``base``; at least 2 steps), doubling with each
-    consecutive failure up to ``max_interval``, and spikes do not bring it forward; the first
-    success starts over."""
+    ``SPIKE_FLOOR`` (1%) of the first loss seen, so that the wobble of a loss near zero, or
+    below it, does not count) brings the next probe forward to the next step. A failed probe is
+    retried after the normal interval (``every``, or ``base``; at least 2 steps), doubling with
+    each consecutive failure up to ``max_interval``, and spikes do not bring it forward; the
+    first success starts over."""
 
     every: int | None = None
     first: int = 0
@@ -238,7 +264,7 @@ class ProbeSchedule:
         if self.losses_seen == 0:
             self.loss_scale = abs(loss)
         spike = self.loss_avg is not None and loss - self.loss_avg > max(
-            (self.spike_factor - 1) * abs(self.loss_avg), ROUND_OFF * self.loss_scale
+            (self.spike_factor - 1) * abs(self.loss_avg), SPIKE_FLOOR * self.loss_scale
         )
         if spike and self.losses_seen >= 10 and self.every is None and not self.failures:
             self.next_step = min(self.next_step, step + 1)

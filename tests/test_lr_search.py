@@ -17,11 +17,81 @@ from hypothesis import strategies as st
 from torch import nn
 
 import blockopt
-from blockopt.lr_search import DEFAULT_FACTOR, grid_start, search_multiplier
+from blockopt.lr_search import (
+    DEFAULT_FACTOR,
+    MIN_GAIN,
+    NOISE_SHARE,
+    RISE,
+    grid_start,
+    recheck_multiplier,
+    search_multiplier,
+)
 from blockopt.lr_trials import trial_loss
 from blockopt.optimizer import SEARCH_MAX_UP
 
 # -- the walk --------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.floats(-1e6, 1e6),
+    st.floats(0.0, 1e3),
+    st.lists(st.floats(-1e7, 1e7, allow_nan=False) | st.just(math.inf), min_size=1, max_size=12),
+)
+def test_recheck_moves_only_off_an_unstable_rate_and_only_to_real_progress(base, floor, values):
+    """Whatever the trials return: the rate never goes up; it moves only when its own trial was
+    unstable, to the best rate of the downward walk, and only if that one lowers the loss by
+    more than MIN_GAIN of max(|baseline|, floor); at most 8 trials."""
+    it = iter(values + [math.inf] * 12)
+    found = recheck_multiplier(lambda _m: next(it), base, floor=floor)
+    size = max(abs(base), floor)
+    trials = dict(found.trials)
+    assert trials[0.0] == base and 2 <= len(trials) <= 9 and found.multiplier <= 1.0
+    current = trials[1.0]
+    if current <= base + (RISE - 1) * size:
+        assert found.multiplier == 1.0 and len(trials) == 2
+    walked = [trials[m] for m in sorted(trials, reverse=True) if m > 0]
+    best = min(walked)
+    if found.multiplier != 1.0:
+        assert trials[found.multiplier] == best < base - MIN_GAIN * size
+        assert current > base + (RISE - 1) * size
+    elif current > base + (RISE - 1) * size and len(walked) > 1:
+        assert best == walked[0] or best >= base - MIN_GAIN * size
+
+
+def test_recheck_examples():
+    """A stalled-but-stable rate stays; a diverging one steps down to the best lower rate; a
+    fitted batch (no rate makes real progress) keeps the rate; a floor turns the relative
+    swings of a tiny loss into noise."""
+    r = DEFAULT_FACTOR
+
+    def table(values):
+        return lambda m: values[round(-math.log(m, r))]
+
+    assert recheck_multiplier(table({0: 1.9}), 1.0).multiplier == 1.0  # below 2x: stable
+    found = recheck_multiplier(table({0: math.inf, 1: 3.0, 2: 0.5, 3: 0.7}), 1.0)
+    assert found.multiplier == pytest.approx(r**-2) and len(found.trials) == 5
+    fitted = recheck_multiplier(table({0: 3e-5, 1: 1.2e-5, 2: 1.0e-5, 3: 1.0e-5}), 1e-5)
+    assert fitted.multiplier == 1.0  # 1e-5 -> 1e-5: no real progress anywhere
+    drift = {0: 3e-4, 1: 1.5e-4, 2: 8e-5, 3: 9e-5}
+    assert recheck_multiplier(table(drift), 1e-4).multiplier == pytest.approx(r**-2)
+    assert recheck_multiplier(table(drift), 1e-4, floor=0.02).multiplier == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"baseline": math.nan}, "baseline"),
+        ({"rise": 0.5}, "rise"),
+        ({"min_gain": 1.0}, "min_gain"),
+        ({"floor": -1.0}, "floor"),
+        ({"max_trials": 1}, "max_trials"),
+        ({"factor": 1.0}, "factor"),
+    ],
+)
+def test_recheck_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        recheck_multiplier(lambda m: m, **{"baseline": 1.0, **kwargs})
 
 
 @settings(max_examples=200, deadline=None)
@@ -289,13 +359,71 @@ def test_the_search_pays_off_on_the_stiff_quadratic():
     assert searched_loss < 1e-9 < 1.0 < plain_loss
 
 
-def test_later_probes_lower_a_searched_rate():
-    """Near the minimum a smaller Adam step does better, so later probes lower the rate."""
+def test_rechecks_keep_a_rate_that_still_makes_progress():
+    """Near the minimum a smaller Adam step would end a short trial lower, but the searched rate
+    still lowers the loss, so later probes keep it (no ratchet down) and the run converges."""
     loss, opt = _quadratic_run(600, lr=1e-5)
     first_lr = float(opt.history[0].reason.split("adam learning rate ")[1].split()[0])
-    lowered = [d for d in list(opt.history)[1:] if "trials" in d.reason]
-    assert lowered and all("times the previous" in d.reason for d in lowered)
-    assert opt.mode_lrs["adam"] < first_lr / 3 and loss < 1e-12
+    later = list(opt.history)[1:]
+    assert later and not any("trials" in d.reason for d in later)
+    assert opt.mode_lrs["adam"] == pytest.approx(first_lr, rel=1e-3) and loss < 1e-12
+
+
+class _Bowl(nn.Module):
+    """A homogeneous quadratic whose curvature the test can raise mid-run."""
+
+    def __init__(self, n: int = 20):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+        self.register_buffer("t", torch.linspace(1.0, 2.0, n, dtype=torch.float64))
+        self.stiffness = 1.0
+
+    def forward(self) -> torch.Tensor:
+        return 0.5 * self.stiffness * ((self.w - self.t) ** 2).sum()
+
+
+def _bowl_run(stiffen_at: int | None, monkeypatch) -> tuple[blockopt.BlockOptimizer, list]:
+    """Start in Adam, switch to SGD at step 0 (score 0) and search its rate (0.316); from
+    ``stiffen_at`` the curvature is 20 times larger, so lr * lambda is 6.3, past SGD's stability
+    limit 3.8 but not the 10-times-past that caps the rate without a trial."""
+    calls = []
+
+    def spy(trial, baseline, **kwargs):
+        found = recheck_multiplier(trial, baseline, **kwargs)
+        calls.append((baseline, kwargs, found))
+        return found
+
+    monkeypatch.setattr(blockopt.optimizer, "recheck_multiplier", spy)
+    model = _Bowl()
+    opt = blockopt.BlockOptimizer(model, model, mode="adam", probe_every=40)
+    for i in range(160):
+        if i == stiffen_at:
+            model.stiffness = 20.0
+        opt.zero_grad()
+        loss = model()
+        loss.backward()
+        opt.observe_loss(loss)
+        opt.step()
+    return opt, calls
+
+
+def test_a_recheck_lowers_a_rate_the_curvature_made_unstable(monkeypatch):
+    steady, steady_calls = _bowl_run(None, monkeypatch)
+    assert steady.mode == "sgd" and steady.mode_lrs["sgd"] == pytest.approx(10**-0.5)
+    assert len(steady_calls) == 3 and all(found.multiplier == 1.0 for *_, found in steady_calls)
+    first_loss = 0.5 * float(((_Bowl().t) ** 2).sum())
+    for baseline, kwargs, found in steady_calls:
+        assert kwargs == {"floor": pytest.approx(NOISE_SHARE * first_loss)}
+        assert len(found.trials) == 2 and found.trials[0] == (0.0, baseline)  # one trial
+    stiff, calls = _bowl_run(110, monkeypatch)
+    assert stiff.mode_lrs["sgd"] == pytest.approx(10**-1.0)  # half a decade down, at step 120
+    baseline, _kwargs, found = calls[2]
+    losses = dict(found.trials)
+    assert found.multiplier == pytest.approx(DEFAULT_FACTOR**-1)
+    assert losses[1.0] > 1e6 * baseline  # the old rate diverges within the trial
+    assert losses[found.multiplier] < (1 - MIN_GAIN) * baseline
+    assert "0.316 times the previous" in stiff.history[3].reason
+    assert stiff.history[3].step == 120
 
 
 def test_fixed_rates_pins_and_monitoring_skip_the_search():
@@ -406,7 +534,8 @@ def test_the_search_leaves_the_carried_state_alone():
     runs = []
     for search in (True, False):
         model, opt, x, y = _switching_mlp(lr_search=search, probe_every=3)
-        opt.policy.thresholds = blockopt.Thresholds(10.0, 10.0)  # stay in SGD at step 0
+        # stay in SGD at step 0
+        opt.policy.thresholds = blockopt.Thresholds(10.0, 10.0, block_ratio=100.0)
         _step(model, opt, x, y)
         _step(model, opt, x, y)
         _step(model, opt, x, y)  # SGD's momentum is not empty now

@@ -15,6 +15,40 @@ def test_targets(score, mode):
     assert Thresholds().target(score) == mode
 
 
+@pytest.mark.parametrize(
+    ("score", "max_ratio", "mode"),
+    [
+        (0.3, 0.0, "sgd"),
+        (0.3, 2.0, "sgd"),  # at the boundary: one rate still suits every block
+        (0.3, 3.1, "block_sgd"),  # the BatchNorm CNN: bulk at one scale, gains 3 decades below
+        (1.2, 0.5, "block_sgd"),
+        (2.0, 5.0, "adam"),  # the ratio never holds a model back from Adam
+    ],
+)
+def test_targets_with_small_blocks_far_below(score, max_ratio, mode):
+    assert Thresholds().target(score, max_ratio) == mode
+
+
+def test_small_blocks_far_below_switch_with_hysteresis():
+    """Into block SGD needs max_ratio past block_ratio + margin, back to SGD both the score
+    below sgd_below - margin and max_ratio below block_ratio - margin; the reasons say which."""
+    policy = SwitchPolicy(Thresholds(block_ratio=2.0, margin=0.25, min_interval=0))
+    d = policy.decide(0, 0.3, "sgd", max_ratio=2.1)  # past 2, not past 2.25
+    assert not d.switched and "within the 0.25 margin" in d.reason and "max_ratio 2.10" in d.reason
+    d = policy.decide(1, 0.3, "sgd", max_ratio=3.1)
+    assert d.new_mode == "block_sgd"
+    assert "max_ratio 3.10 > 2" in d.reason and "more than 2 decades below" in d.reason
+    d = policy.decide(2, 0.3, "block_sgd", max_ratio=1.9)  # below 2, not below 1.75
+    assert not d.switched
+    d = policy.decide(3, 0.9, "block_sgd", max_ratio=1.0)  # the score is within its margin
+    assert not d.switched
+    d = policy.decide(4, 0.5, "block_sgd", max_ratio=1.0)
+    assert d.new_mode == "sgd" and "1.00 <= 2 over all blocks" in d.reason
+    d = policy.decide(5, 0.5, "adam", max_ratio=1.9)  # from Adam: 1.9 is not below 1.75
+    assert d.new_mode == "block_sgd"
+    assert not policy.decide(6, 0.5, "sgd", max_ratio=float("nan")).switched
+
+
 def test_hysteresis_margin_and_min_interval():
     policy = SwitchPolicy(Thresholds(sgd_below=1.0, adam_above=2.0, margin=0.25, min_interval=10))
     d = policy.decide(0, 2.1, "sgd")  # beyond 2.0 but not 2.25: only the block boundary cleared
@@ -39,6 +73,8 @@ def test_hysteresis_margin_and_min_interval():
         ({"sgd_below": float("nan")}, "sgd_below"),
         ({"min_interval": -1}, "min_interval"),
         ({"min_interval": 2.5}, "min_interval"),
+        ({"block_ratio": -0.5}, "block_ratio"),
+        ({"block_ratio": float("inf")}, "block_ratio"),
     ],
 )
 def test_bad_thresholds(kwargs, message):
@@ -94,17 +130,19 @@ def test_bad_schedule(kwargs):
         ProbeSchedule(**kwargs)
 
 
-def test_losses_at_round_off_or_below_zero_are_not_spikes():
-    """A loss that only wobbles at round-off (or sits below zero) must not pull probes forward;
-    a real rise from there still does."""
+def test_losses_near_or_below_zero_are_not_spikes():
+    """A loss that only wobbles near zero (or sits below zero) must not pull probes forward,
+    even by multiples of itself; a rise by more than 1% of the first loss still does."""
     s = ProbeSchedule(base=1000)
     s.after_probe(0, 1.0, switched=False)
     s.observe_loss(0, 10.0)
     for step, loss in enumerate([1e-13, -2e-13, 3e-13, -1e-12, 2e-12] * 60, start=1):
         s.observe_loss(step, loss)  # the running average decays to round-off too
     assert s.next_step == 1000 and abs(s.loss_avg) < 1e-4
-    s.observe_loss(301, 1e-3)  # 1e-4 of the first loss: a real rise
-    assert s.next_step == 302
+    s.observe_loss(301, 0.09)  # 90 times the average, but 0.9% of the first loss: noise
+    assert s.next_step == 1000
+    s.observe_loss(302, 0.5)  # 5% of the first loss: a real rise
+    assert s.next_step == 303
     negative = ProbeSchedule(base=100)
     negative.after_probe(0, 1.0, switched=False)
     for step in range(1, 20):

@@ -135,3 +135,32 @@ def test_calibration_with_missing_parts(tmp_path: Path) -> None:
     assert (hom["sgd_ok"], hom["block_ok"], hom["default_pick"]) == (True, False, "sgd")
     assert section.data["missing"] == ["(a)", "(d)"]
     assert (tmp_path / "calibration_scores.png").exists()
+
+
+def test_small_blocks_far_below_pick_block_sgd_and_the_losses_are_tabled() -> None:
+    """A case in SGD's band with max_ratio past block_ratio is judged as the policy picks it
+    (block SGD, acceptable where both keep up), and the block_ratio paragraph lists each
+    setting's max_ratio range and part (d)'s SGD over best block-SGD training loss."""
+    t = blockopt.Thresholds()
+    cnn = rc.Case("BatchNorm CNN, seed 0", "(a) init", 0.4, True, True, "", max_ratio=3.1)
+    mlp = rc.Case("MLP (tanh), seed 0", "(a) init", 0.1, True, True, "", max_ratio=1.0)
+    assert rc.evaluate([cnn, mlp], t) == {
+        "right": 1,
+        "acceptable": 1,
+        "unneeded": 0,
+        "unknown": 0,
+        "wrong": 0,
+        "margins_met": 2,
+        "cases": 2,
+    }
+    runs = {
+        "sgd": [{"train_loss": 6e-4, "lr": 0.1}, {"train_loss": 4e-4, "lr": 0.1}],
+        "adam": [],
+    }
+    block = {"runs": [{"train_loss": 1e-4, "lr": 0.03}, {"train_loss": 1.0, "diverged": True}]}
+    d = {"results": {"cnn": {"runs": runs, "block_sgd": block}}}
+    text = rc._block_ratio_text([cnn, mlp], t, d)
+    assert "BatchNorm CNN 3.10-3.10; MLP (tanh) 1.00-1.00" in text
+    assert "`block_ratio=2` (entering needs 2.25, leaving 1.75)" in text
+    assert "| BatchNorm CNN | 0.0006 (lr 0.1), 0.0004 (lr 0.1) | 0.0001 (lr 0.03) | 5.0x |" in text
+    assert "part (d) did not run" in rc._block_ratio_text([cnn], t, None)

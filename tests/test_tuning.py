@@ -84,9 +84,11 @@ def _run(opt, model, steps):
 def test_default_lr_on_a_stiff_problem_is_capped_instead_of_diverging():
     model = Stiff()
     # Both blocks have curvature 1 or 5000: spread log10(5000) = 3.7 decades, so the policy
-    # wants Adam; keep the SGD family to look at the cap alone.
+    # wants Adam; keep plain SGD to look at the cap alone.
     opt = blockopt.BlockOptimizer(
-        model, model, thresholds=blockopt.Thresholds(sgd_below=10.0, adam_above=10.0)
+        model,
+        model,
+        thresholds=blockopt.Thresholds(sgd_below=10.0, adam_above=10.0, block_ratio=10.0),
     )
     loss = _run(opt, model, 400)
     assert opt.mode == "sgd"
@@ -125,7 +127,7 @@ def test_no_cap_when_pinned_monitoring_fixed_or_stable():
     for kwargs in ({"pin_mode": "block_sgd"}, {"monitor_only": True}, {"lrs": {"sgd": 0.1}}):
         model = Stiff()
         opt = blockopt.BlockOptimizer(
-            model, model, thresholds=blockopt.Thresholds(10.0, 10.0), **kwargs
+            model, model, thresholds=blockopt.Thresholds(10.0, 10.0, block_ratio=10.0), **kwargs
         )
         opt.zero_grad()
         model().backward()
