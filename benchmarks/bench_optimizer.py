@@ -502,7 +502,7 @@ def render(
         f"with every option at its default and no tuning: learning rate {AUTO['lr']:g}, "
         f"momentum {AUTO['momentum']:g}, "
         f"starting in {AUTO['mode']}, thresholds `sgd_below={t.sgd_below:g}`, "
-        f"`adam_above={t.adam_above:g}`"
+        f"`adam_above={t.adam_above:g}`, `block_ratio={t.block_ratio:g}`"
         f", margin {t.margin:g}, at least {t.min_interval} steps between switches, the adaptive "
         "probe schedule, the learning-rate search at a switch; it is told the training loss "
         "through `observe_loss`. Learning rates "
@@ -595,9 +595,12 @@ def render(
         s = sums["cnn"]
         lines += [
             "",
-            f"CNN optimizer state: auto {s['memory']['auto'] / 1024:.1f} KiB, fixed Adam "
-            f"{s['memory']['adam'] / 1024:.1f} KiB (auto ends in "
-            f"{', '.join(sorted(set(s['end_modes'])))}).",
+            f"CNN optimizer state: auto {s['memory']['auto'] / 1024:.1f} KiB (it ends in "
+            f"{', '.join(sorted(set(s['end_modes'])))}), fixed SGD "
+            f"{s['memory']['sgd'] / 1024:.1f} KiB, fixed block SGD "
+            f"{s['memory']['block_sgd'] / 1024:.1f} KiB, fixed Adam "
+            f"{s['memory']['adam'] / 1024:.1f} KiB. Block SGD is SGD with one learning rate per "
+            "block: the same momentum buffer, no second moment.",
         ]
     lines += [
         "",
@@ -608,7 +611,9 @@ def render(
         f"{AUTO['search_steps']}-step trials of the new mode on the probe's batch on the round "
         "rates 10^(k/2) (..., 0.001, 0.0032, 0.01, ...), from the one nearest that match, at most "
         "one step up and down for as long as the trials keep improving; later probes re-check a "
-        "searched rate downwards. A probe that finds "
+        "searched rate downwards, to a rate that lowers the probe's loss by at least 1%, and in "
+        "the SGD modes only when a trial shows the rate unstable (the loss more than doubled, "
+        "by more than 1% of the first training loss). A probe that finds "
         "`lr * rho_max` more than 10 times past SGD's stability limit first cuts SGD's learning "
         "rate to half the limit (on the quadratics, whose curvature reaches 5000). The trials "
         "see only the probe's batch, never the evaluation data; their time counts as probe "

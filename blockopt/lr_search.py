@@ -17,11 +17,11 @@ so an increase is bounded while a decrease, the safe direction, is not.
 :func:`recheck_multiplier` re-checks a rate found before. Short trials favour small rates once
 training is under way (the short-horizon bias of greedy learning-rate tuning), and on a batch the
 model already fits, every step only drifts its loss, so "lower while the trial improves" would
-ratchet a good rate down by decades. A re-check therefore lowers the rate only when its trial
-shows it unstable (the batch's loss more than ``rise`` times what it was, or not finite), and
-only to a rate that lowers that loss by at least ``min_gain`` of it. Both are measured against
-``max(|loss|, floor)``: once the loss is a tiny share of where training started, its relative
-swings over a trial are noise, not instability.
+ratchet a good rate down by decades. A re-check therefore lowers the rate only to a rate that
+lowers the batch's loss by at least ``min_gain`` of it, and, for SGD-like steps, only when its
+trial shows the current rate unstable (the loss more than ``rise`` times what it was, or not
+finite). Both are measured against ``max(|loss|, floor)``: once the loss is a tiny share of where
+training started, its relative swings over a trial are noise, not instability.
 """
 
 from __future__ import annotations
@@ -128,13 +128,20 @@ def recheck_multiplier(
     rise: float = RISE,
     min_gain: float = MIN_GAIN,
     floor: float = 0.0,
+    keep_stable: bool = True,
 ) -> LrSearch:
-    """Keep the current rate (multiplier 1) unless its trial is unstable: not finite, or ending
-    above ``baseline`` (the loss before any step) by more than ``(rise - 1) * size``, where
-    ``size = max(|baseline|, floor)``. Then walk ``factor**-k`` down while the trial loss falls,
-    and move to the best rate found if it ends below ``baseline`` by more than ``min_gain *
-    size``: a rate that makes no real progress is no better than the current one. At most
-    ``max_trials`` calls of ``trial``; the baseline is recorded in ``trials`` as multiplier 0."""
+    """With ``keep_stable``, keep the current rate (multiplier 1) unless its trial is unstable:
+    not finite, or ending above ``baseline`` (the loss before any step) by more than
+    ``(rise - 1) * size``, where ``size = max(|baseline|, floor)``. Then (or at once, without
+    ``keep_stable``) walk ``factor**-k`` down while each trial ends lower than the best so far
+    by more than ``min_gain`` of it, and move to the best rate found if it ends below
+    ``baseline`` by more than ``min_gain * size``: a rate that makes no real progress is no
+    better than the current one. At most ``max_trials`` calls of ``trial``; the baseline is
+    recorded in ``trials`` as multiplier 0.
+
+    ``keep_stable`` suits steps that shrink with the gradient (SGD): near a minimum a stable
+    rate is not what holds the loss up. Normalised steps (Adam) keep a size the rate sets, so
+    there a stall at a loss floor the rate sets is a reason to lower it."""
     _check_factor(factor)
     if not (isinstance(baseline, (int, float)) and math.isfinite(baseline)):
         raise ValueError(f"baseline must be a finite number, got {baseline!r}")
@@ -156,12 +163,12 @@ def recheck_multiplier(
         return tried[m]
 
     best = run(0)
-    if best <= baseline + (rise - 1.0) * size:
+    if keep_stable and best <= baseline + (rise - 1.0) * size:
         return LrSearch(1.0, tuple(tried.items()))
     best_k = 0
     while len(tried) - 1 < max_trials:
         value = run(best_k + 1)
-        if not value < best:
+        if not value < (best - min_gain * abs(best) if math.isfinite(best) else best):
             break
         best_k, best = best_k + 1, value
     if best_k and best < baseline - min_gain * size:

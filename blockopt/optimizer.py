@@ -11,8 +11,8 @@ its factor starts where the first step in the new mode has the same norm as a st
 one would have had (a switch changes the direction of the update, not its size). When a probe
 made the switch, a short search then walks the round rates 10^(k/2) from the one nearest it,
 at most one step up and down while trial runs on the probe's batch end lower
-(:mod:`blockopt.lr_search`, :mod:`blockopt.lr_trials`); later probes re-check it and lower it
-only if its trial shows it unstable.
+(:mod:`blockopt.lr_search`, :mod:`blockopt.lr_trials`); later probes re-check it downwards, in
+the SGD modes only when a trial shows it unstable.
 An SGD learning rate that a probe finds far beyond SGD's stability limit on the largest block
 curvature is cut first (:func:`blockopt.tuning.sgd_lr_cap`), so that the size carried over is one
 SGD could take.
@@ -130,8 +130,9 @@ class BlockOptimizer(Optimizer):
             fixed in ``lrs``, search its learning rate: trials of ``search_steps`` steps on the
             probe's batch on round rates half a decade apart, from the one nearest the step-norm
             match, at most one step up and down while the trials improve (see module doc);
-            later probes lower it only if a trial shows it unstable (the probe's loss more than
-            doubled). ``lr_search=False``: keep the step-norm match.
+            later probes lower it to a rate whose trial gains at least 1%, in the SGD modes only
+            if a trial shows it unstable (the probe's loss more than doubled).
+            ``lr_search=False``: keep the step-norm match.
         history: the cap on ``history`` (decisions), ``spectra_history`` (probe results) and
             ``faults`` (failed probes): each keeps at most this many entries, the oldest dropped
             first, and so does ``state_dict()``; memory stays bounded however long training runs.
@@ -555,9 +556,10 @@ class BlockOptimizer(Optimizer):
         """Search the active mode's learning rate (:mod:`blockopt.lr_search`) with trials on the
         probe's batch (:func:`blockopt.lr_trials.trial_loss`): after a switch from the round rate
         nearest the current one (:func:`blockopt.lr_search.grid_start`), at most
-        ``SEARCH_MAX_UP`` half-decades up; at a later probe (``recheck``) only down, and only if
-        its trial shows the rate unstable (:func:`blockopt.lr_search.recheck_multiplier`, with
-        changes below ``NOISE_SHARE`` of the first training loss counted as noise). Trials run at the schedule's base learning
+        ``SEARCH_MAX_UP`` half-decades up; at a later probe (``recheck``) only down, to a rate
+        that makes real progress, and in the SGD modes only if a trial shows the rate unstable
+        (:func:`blockopt.lr_search.recheck_multiplier`; there, changes below ``NOISE_SHARE`` of
+        the first training loss count as noise). Trials run at the schedule's base learning
         rate (``initial_lr``, which schedulers set), so that a warmup or decay in progress does
         not skew the mode's factor, which applies at every point of the schedule. A search that
         fails keeps the learning rate and says why. Returns a note for the decision's reason."""
@@ -614,8 +616,11 @@ class BlockOptimizer(Optimizer):
 
         with no_sync(self.model):
             if recheck:  # from where the rate is, against the loss before any step
-                floor = NOISE_SHARE * self.schedule.loss_scale  # 0 if no loss was observed
-                return recheck_multiplier(trial, trial(1.0, steps=0), floor=floor)
+                baseline = trial(1.0, steps=0)
+                if _family(self.mode) == "sgd":  # stable SGD steps shrink near a minimum
+                    floor = NOISE_SHARE * self.schedule.loss_scale  # 0: no loss observed
+                    return recheck_multiplier(trial, baseline, floor=floor)
+                return recheck_multiplier(trial, baseline, keep_stable=False)
             # after a switch, from the round learning rate nearest the step-norm match
             start = grid_start(base_lrs[0]) if base_lrs[0] > 0 else 1.0
             return search_multiplier(trial, start=start, max_up=SEARCH_MAX_UP)

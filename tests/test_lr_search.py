@@ -4,6 +4,7 @@ optimizer does with them."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 import warnings
@@ -32,31 +33,40 @@ from blockopt.optimizer import SEARCH_MAX_UP
 # -- the walk --------------------------------------------------------------------------------
 
 
-@settings(max_examples=200, deadline=None)
+def _walk_of(found):
+    """The re-check's trial losses in walking order (multiplier 1, 1/r, 1/r**2, ...)."""
+    trials = dict(found.trials)
+    return [trials[m] for m in sorted(trials, reverse=True) if m > 0]
+
+
+@settings(max_examples=300, deadline=None)
 @given(
     st.floats(-1e6, 1e6),
     st.floats(0.0, 1e3),
     st.lists(st.floats(-1e7, 1e7, allow_nan=False) | st.just(math.inf), min_size=1, max_size=12),
+    st.booleans(),
 )
-def test_recheck_moves_only_off_an_unstable_rate_and_only_to_real_progress(base, floor, values):
-    """Whatever the trials return: the rate never goes up; it moves only when its own trial was
-    unstable, to the best rate of the downward walk, and only if that one lowers the loss by
-    more than MIN_GAIN of max(|baseline|, floor); at most 8 trials."""
+def test_recheck_moves_down_only_to_real_progress(base, floor, values, keep_stable):
+    """Whatever the trials return: the rate never goes up; each step of the walk gained more
+    than MIN_GAIN on the one before; a move lands on the walk's last rate, which lowers the
+    loss by more than MIN_GAIN of max(|baseline|, floor); with keep_stable, a stable current
+    rate is kept after one trial and only an unstable one moves; at most 8 trials."""
     it = iter(values + [math.inf] * 12)
-    found = recheck_multiplier(lambda _m: next(it), base, floor=floor)
+    found = recheck_multiplier(lambda _m: next(it), base, floor=floor, keep_stable=keep_stable)
     size = max(abs(base), floor)
     trials = dict(found.trials)
-    assert trials[0.0] == base and 2 <= len(trials) <= 9 and found.multiplier <= 1.0
-    current = trials[1.0]
-    if current <= base + (RISE - 1) * size:
-        assert found.multiplier == 1.0 and len(trials) == 2
-    walked = [trials[m] for m in sorted(trials, reverse=True) if m > 0]
-    best = min(walked)
+    walk = _walk_of(found)
+    assert trials[0.0] == base and 1 <= len(walk) <= 8 and found.multiplier <= 1.0
+    accepted = walk if len(walk) == 8 else walk[:-1]  # the last one ended the walk
+    for before, after in itertools.pairwise(accepted):
+        assert after < (before - MIN_GAIN * abs(before) if math.isfinite(before) else before)
+    stable = walk[0] <= base + (RISE - 1) * size
+    if keep_stable and stable:
+        assert found.multiplier == 1.0 and len(walk) == 1
     if found.multiplier != 1.0:
-        assert trials[found.multiplier] == best < base - MIN_GAIN * size
-        assert current > base + (RISE - 1) * size
-    elif current > base + (RISE - 1) * size and len(walked) > 1:
-        assert best == walked[0] or best >= base - MIN_GAIN * size
+        k = round(-math.log(found.multiplier, DEFAULT_FACTOR))
+        assert k == len(accepted) - 1 and trials[found.multiplier] < base - MIN_GAIN * size
+        assert not (keep_stable and stable)
 
 
 def test_recheck_examples():
@@ -76,6 +86,13 @@ def test_recheck_examples():
     drift = {0: 3e-4, 1: 1.5e-4, 2: 8e-5, 3: 9e-5}
     assert recheck_multiplier(table(drift), 1e-4).multiplier == pytest.approx(r**-2)
     assert recheck_multiplier(table(drift), 1e-4, floor=0.02).multiplier == 1.0
+    # Adam (keep_stable=False): a stall at a floor its rate sets is a reason to go down
+    stall = {0: 1.1e-5, 1: 2e-6, 2: 1.99e-6}
+    assert recheck_multiplier(table(stall), 1e-5).multiplier == 1.0  # stable: SGD keeps it
+    found = recheck_multiplier(table(stall), 1e-5, keep_stable=False)
+    assert found.multiplier == pytest.approx(1 / r) and len(found.trials) == 4  # 0.5% < 1%
+    drifting = recheck_multiplier(table({0: 1e-5, 1: 0.999e-5}), 1e-5, keep_stable=False)
+    assert drifting.multiplier == 1.0  # 0.1% gained: noise, not progress
 
 
 @pytest.mark.parametrize(
@@ -359,14 +376,15 @@ def test_the_search_pays_off_on_the_stiff_quadratic():
     assert searched_loss < 1e-9 < 1.0 < plain_loss
 
 
-def test_rechecks_keep_a_rate_that_still_makes_progress():
-    """Near the minimum a smaller Adam step would end a short trial lower, but the searched rate
-    still lowers the loss, so later probes keep it (no ratchet down) and the run converges."""
+def test_adam_rechecks_lower_a_rate_that_stalls_near_the_minimum():
+    """Adam's step keeps a size its rate sets, so near the minimum the loss stalls at a floor
+    the rate sets: later probes lower the searched rate (each step down gaining at least
+    MIN_GAIN), and the run converges."""
     loss, opt = _quadratic_run(600, lr=1e-5)
     first_lr = float(opt.history[0].reason.split("adam learning rate ")[1].split()[0])
-    later = list(opt.history)[1:]
-    assert later and not any("trials" in d.reason for d in later)
-    assert opt.mode_lrs["adam"] == pytest.approx(first_lr, rel=1e-3) and loss < 1e-12
+    lowered = [d for d in list(opt.history)[1:] if "trials" in d.reason]
+    assert lowered and all("times the previous" in d.reason for d in lowered)
+    assert opt.mode_lrs["adam"] < first_lr / 3 and loss < 1e-12
 
 
 class _Bowl(nn.Module):
