@@ -172,6 +172,11 @@ API_CASES = {
         TypeError,
         r"min_interval must be an int",
     ),
+    "Thresholds/block-ratio-infinite": (
+        lambda: blockopt.Thresholds(block_ratio=float("inf")),
+        ValueError,
+        r"block_ratio must be a non-negative finite number",
+    ),
     "BlockOptimizer/model-not-a-module": (
         lambda: blockopt.BlockOptimizer([torch.zeros(2, requires_grad=True)]),
         TypeError,
