@@ -74,6 +74,13 @@ def _check_factor(factor: float) -> None:
         raise ValueError(f"factor must be a finite number above 1, got {factor!r}")
 
 
+def _check_walk(max_trials: int, min_gain: float) -> None:
+    if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 2:
+        raise ValueError(f"max_trials must be an int of at least 2, got {max_trials!r}")
+    if not (isinstance(min_gain, (int, float)) and 0.0 <= min_gain < 1.0):
+        raise ValueError(f"min_gain must be a number in [0, 1), got {min_gain!r}")
+
+
 def search_multiplier(
     trial: Callable[[float], float],
     *,
@@ -81,18 +88,19 @@ def search_multiplier(
     factor: float = DEFAULT_FACTOR,
     max_trials: int = 8,
     max_up: int = 1,
+    min_gain: float = 0.0,
 ) -> LrSearch:
     """Walk multipliers ``start * factor**k`` from ``k = 0``: first up (at most to
     ``k = max_up``), then, if going up did not help, down, while each step lowers the trial
-    loss; at most ``max_trials`` calls of ``trial``.
+    loss below the best so far by more than ``min_gain`` of it; at most ``max_trials`` calls of
+    ``trial``.
 
     Ties keep the multiplier found first, so a learning rate changes only on a strict
     improvement."""
     _check_factor(factor)
     if not (isinstance(start, (int, float)) and math.isfinite(start) and start > 0):
         raise ValueError(f"start must be a positive finite number, got {start!r}")
-    if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 2:
-        raise ValueError(f"max_trials must be an int of at least 2, got {max_trials!r}")
+    _check_walk(max_trials, min_gain)
     if isinstance(max_up, bool) or not isinstance(max_up, int) or max_up < 0:
         raise ValueError(f"max_up must be a non-negative int, got {max_up!r}")
     tried: dict[float, float] = {}
@@ -110,7 +118,7 @@ def search_multiplier(
         moved = False
         while len(tried) < max_trials and k <= max_up:
             value = run(k)
-            if not value < best:
+            if not value < (best - min_gain * abs(best) if math.isfinite(best) else best):
                 break
             best_k, best, moved = k, value, True
             k += direction
@@ -143,34 +151,27 @@ def recheck_multiplier(
     rate is not what holds the loss up. Normalised steps (Adam) keep a size the rate sets, so
     there a stall at a loss floor the rate sets is a reason to lower it."""
     _check_factor(factor)
+    _check_walk(max_trials, min_gain)
     if not (isinstance(baseline, (int, float)) and math.isfinite(baseline)):
         raise ValueError(f"baseline must be a finite number, got {baseline!r}")
-    if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 2:
-        raise ValueError(f"max_trials must be an int of at least 2, got {max_trials!r}")
     if not (isinstance(rise, (int, float)) and math.isfinite(rise) and rise >= 1.0):
         raise ValueError(f"rise must be a finite number of at least 1, got {rise!r}")
-    if not (isinstance(min_gain, (int, float)) and 0.0 <= min_gain < 1.0):
-        raise ValueError(f"min_gain must be a number in [0, 1), got {min_gain!r}")
     if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0.0):
         raise ValueError(f"floor must be a non-negative finite number, got {floor!r}")
     size = max(abs(baseline), floor)
-    tried: dict[float, float] = {0.0: float(baseline)}
+    losses: dict[float, float] = {}
 
-    def run(k: int) -> float:
-        m = factor**-k
-        value = float(trial(m))
-        tried[m] = value if math.isfinite(value) else math.inf
-        return tried[m]
+    def once(m: float) -> float:  # the walk asks again for the rate the gate tried
+        if m not in losses:
+            value = float(trial(m))
+            losses[m] = value if math.isfinite(value) else math.inf
+        return losses[m]
 
-    best = run(0)
-    if keep_stable and best <= baseline + (rise - 1.0) * size:
-        return LrSearch(1.0, tuple(tried.items()))
-    best_k = 0
-    while len(tried) - 1 < max_trials:
-        value = run(best_k + 1)
-        if not value < (best - min_gain * abs(best) if math.isfinite(best) else best):
-            break
-        best_k, best = best_k + 1, value
-    if best_k and best < baseline - min_gain * size:
-        return LrSearch(factor**-best_k, tuple(tried.items()))
-    return LrSearch(1.0, tuple(tried.items()))
+    multiplier = 1.0
+    if not (keep_stable and once(1.0) <= baseline + (rise - 1.0) * size):
+        found = search_multiplier(
+            once, factor=factor, max_trials=max_trials, max_up=0, min_gain=min_gain
+        )
+        if found.loss < baseline - min_gain * size:
+            multiplier = found.multiplier
+    return LrSearch(multiplier, ((0.0, float(baseline)), *losses.items()))

@@ -188,6 +188,7 @@ def test_downward_walk_never_tries_a_larger_learning_rate():
         ({"max_trials": 1}, "max_trials"),
         ({"max_up": -1}, "max_up"),
         ({"start": 0.0}, "start"),
+        ({"min_gain": -0.1}, "min_gain"),
     ],
 )
 def test_walk_refuses_bad_settings(kwargs, message):
