@@ -33,7 +33,6 @@ from dataclasses import dataclass
 __all__ = [
     "DEFAULT_FACTOR",
     "MIN_GAIN",
-    "NOISE_SHARE",
     "RISE",
     "LrSearch",
     "grid_start",
@@ -44,7 +43,6 @@ __all__ = [
 DEFAULT_FACTOR = math.sqrt(10.0)  # half a decade per step
 MIN_GAIN = 0.01  # a re-check moves to a rate whose trial lowers the loss by at least this share
 RISE = 2.0  # a re-check calls a rate unstable when its trial ends above this multiple of the loss
-NOISE_SHARE = 0.01  # the optimizer's re-check floor: this share of the first training loss
 
 
 @dataclass(frozen=True)

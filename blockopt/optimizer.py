@@ -38,13 +38,7 @@ from torch.optim import Optimizer
 from .blocks import Strategy, partition
 from .distributed import Reduce, ddp_of, fault_kind, no_sync, probe_reduce, refuse_sharded
 from .heterogeneity import Heterogeneity, heterogeneity
-from .lr_search import (
-    NOISE_SHARE,
-    LrSearch,
-    grid_start,
-    recheck_multiplier,
-    search_multiplier,
-)
+from .lr_search import LrSearch, grid_start, recheck_multiplier, search_multiplier
 from .lr_trials import trial_loss
 from .modes import MODES, BlockSGD, resolve_optimizer_class, transfer_state
 from .policy import (
@@ -558,11 +552,12 @@ class BlockOptimizer(Optimizer):
         nearest the current one (:func:`blockopt.lr_search.grid_start`), at most
         ``SEARCH_MAX_UP`` half-decades up; at a later probe (``recheck``) only down, to a rate
         that makes real progress, and in the SGD modes only if a trial shows the rate unstable
-        (:func:`blockopt.lr_search.recheck_multiplier`; there, changes below ``NOISE_SHARE`` of
-        the first training loss count as noise). Trials run at the schedule's base learning
-        rate (``initial_lr``, which schedulers set), so that a warmup or decay in progress does
-        not skew the mode's factor, which applies at every point of the schedule. A search that
-        fails keeps the learning rate and says why. Returns a note for the decision's reason."""
+        (:func:`blockopt.lr_search.recheck_multiplier`; there, changes below the schedule's
+        ``noise_floor``, 1% of the first training loss, count as noise). Trials run at the
+        schedule's base learning rate (``initial_lr``, which schedulers set), so that a warmup
+        or decay in progress does not skew the mode's factor, which applies at every point of
+        the schedule. A search that fails keeps the learning rate and says why. Returns a note
+        for the decision's reason."""
         if not self.lr_search or self.mode in self._fixed_lrs:
             return []
         start = time.perf_counter()
@@ -618,7 +613,7 @@ class BlockOptimizer(Optimizer):
             if recheck:  # from where the rate is, against the loss before any step
                 baseline = trial(1.0, steps=0)
                 if _family(self.mode) == "sgd":  # stable SGD steps shrink near a minimum
-                    floor = NOISE_SHARE * self.schedule.loss_scale  # 0: no loss observed
+                    floor = self.schedule.noise_floor  # 0: no loss observed
                     return recheck_multiplier(trial, baseline, floor=floor)
                 return recheck_multiplier(trial, baseline, keep_stable=False)
             # after a switch, from the round learning rate nearest the step-norm match

@@ -24,9 +24,10 @@ __all__ = [
 ]
 
 MODES = ("sgd", "block_sgd", "adam")
-# A rise in the loss smaller than this share of the first loss is noise, not a spike: near the
-# end of a run that fits its data, the loss wobbles by multiples of itself at a tiny scale.
-SPIKE_FLOOR = 0.01
+# Loss changes smaller than this share of the first loss seen are noise: near the end of a run
+# that fits its data, the loss wobbles by multiples of itself at a tiny scale. Such a rise is no
+# spike, and no sign that a learning rate has become unstable.
+LOSS_NOISE = 0.01
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,8 @@ class ProbeSchedule:
     intervals that start at ``base``, grow by ``growth`` (up to ``max_interval``) while the score
     moves less than ``stable_tol`` decades between probes, and fall back to ``base`` after a
     switch. A loss spike (a loss above ``spike_factor`` times its running average, by more than
-    ``SPIKE_FLOOR`` (1%) of the first loss seen, so that the wobble of a loss near zero, or
-    below it, does not count) brings the next probe forward to the next step. A failed probe is
+    ``noise_floor``, 1% of the first loss seen, so that the wobble of a loss near zero, or below
+    it, does not count) brings the next probe forward to the next step. A failed probe is
     retried after the normal interval (``every``, or ``base``; at least 2 steps), doubling with
     each consecutive failure up to ``max_interval``, and spikes do not bring it forward; the
     first success starts over."""
@@ -257,6 +258,12 @@ class ProbeSchedule:
         self.last_score = score
         self.next_step = step + self.interval
 
+    @property
+    def noise_floor(self) -> float:
+        """Loss changes below this are noise: ``LOSS_NOISE`` of the first loss seen (0 before
+        any loss is seen)."""
+        return LOSS_NOISE * self.loss_scale
+
     def observe_loss(self, step: int, loss: float) -> None:
         """Track the training loss; a spike makes the next step a probe step."""
         if not math.isfinite(loss):
@@ -264,7 +271,7 @@ class ProbeSchedule:
         if self.losses_seen == 0:
             self.loss_scale = abs(loss)
         spike = self.loss_avg is not None and loss - self.loss_avg > max(
-            (self.spike_factor - 1) * abs(self.loss_avg), SPIKE_FLOOR * self.loss_scale
+            (self.spike_factor - 1) * abs(self.loss_avg), self.noise_floor
         )
         if spike and self.losses_seen >= 10 and self.every is None and not self.failures:
             self.next_step = min(self.next_step, step + 1)
