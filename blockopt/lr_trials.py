@@ -35,14 +35,15 @@ def trial_loss(
     reduce: Reduce | None = None,
 ) -> float:
     """The probe's loss after ``steps`` steps of ``optimizer()`` (a fresh scratch optimizer over
-    ``params``) on the probe's gradients; ``inf`` when the loss stops being finite. The
+    ``params``) on the probe's gradients; ``inf`` when the loss stops being finite. With
+    ``steps=0``, the loss where the parameters are, and no optimizer is built. The
     parameters, ``.grad``, buffers, modes and RNG streams are left exactly as they were."""
 
     def run() -> float:
         saved = [p.detach().clone() for p in params]
         try:
             with isolated(model, second_order=False):
-                return _train_and_evaluate(probe, params, optimizer(), steps)
+                return _train_and_evaluate(probe, params, optimizer, steps)
         finally:
             with torch.no_grad():
                 for p, value in zip(params, saved):
@@ -57,17 +58,19 @@ def trial_loss(
 def _train_and_evaluate(
     probe: Callable[[], torch.Tensor],
     params: Sequence[torch.Tensor],
-    opt: Optimizer,
+    optimizer: Callable[[], Optimizer],
     steps: int,
 ) -> float:
-    for _ in range(steps):
-        loss = probe()
-        if not torch.isfinite(loss.detach()).all():
-            return math.inf
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for p, g in zip(params, grads):
-            p.grad = g  # isolated() puts the caller's .grad back afterwards
-        opt.step()
+    if steps:  # the loss where the parameters are (steps=0) needs no optimizer
+        opt = optimizer()
+        for _ in range(steps):
+            loss = probe()
+            if not torch.isfinite(loss.detach()).all():
+                return math.inf
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = g  # isolated() puts the caller's .grad back afterwards
+            opt.step()
     with torch.no_grad():
         value = float(probe())
     return value if math.isfinite(value) else math.inf

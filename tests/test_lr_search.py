@@ -277,6 +277,22 @@ def test_trial_matches_a_replay_and_leaves_everything_as_it_was():
             assert torch.equal(torch.as_tensor(after[key][name]), torch.as_tensor(value))
 
 
+def test_a_zero_step_trial_is_the_loss_where_the_parameters_are_and_builds_no_optimizer():
+    """A re-check's baseline: the probe's loss as it stands, with no scratch optimizer built."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(3, 1), torch.randn(8, 3)
+
+    def probe():
+        return model(x).pow(2).mean()
+
+    def no_optimizer():
+        raise AssertionError("a zero-step trial built an optimizer")
+
+    with torch.no_grad():
+        expected = float(probe())
+    assert trial_loss(model, probe, list(model.parameters()), no_optimizer, 0) == expected
+
+
 def test_a_diverging_trial_is_infinite_and_a_failing_one_restores_the_parameters():
     torch.manual_seed(0)
     line = nn.Linear(5, 1).double()
