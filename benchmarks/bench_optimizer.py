@@ -448,6 +448,7 @@ def summarise(task: Task, out: dict[str, Any]) -> dict[str, Any]:
     s["auto_modes"] = [r.modes for r in auto]
     s["auto_end_lr"] = [r.end_lr for r in auto]
     s["auto_notes"] = sorted({n for r in auto for n in r.notes})
+    s["per_seed"] = {m: [floored(r.final) for r in runs[m]] for m in METHODS}
     s["ratio"] = final["auto"] / best if best > 0 else math.inf
     s["within"] = final["auto"] <= best * (1 + TOLERANCE)
     s["worst"] = all(final["auto"] > final[m] for m in FIXED)
@@ -590,6 +591,23 @@ def render(
             f"({ends}) | {ratio} "
             f"| {'yes' if s['within'] else '**no**'} | {'**yes**' if s['worst'] else 'no'} "
             f"| {', '.join(sorted(set(s['end_modes'])))} |"
+        )
+    lines += [
+        "",
+        "The medians hide the spread; the final losses per seed ("
+        + ", ".join(map(str, seeds))
+        + "):",
+        "",
+        "| task | best fixed | auto |",
+        "|---|---|---|",
+    ]
+    for task in tasks:
+        s = sums[task.key]
+        per = s["per_seed"]
+        lines.append(
+            f"| {task.label} | {s['best_fixed']}: "
+            f"{', '.join(_loss(x, task.floor) for x in per[s['best_fixed']])} | "
+            f"{', '.join(_loss(x, task.floor) for x in per['auto'])} |"
         )
     if "cnn" in sums:
         s = sums["cnn"]
