@@ -55,6 +55,7 @@ from .tuning import (
     DEFAULT_MAX_FACTOR,
     UNSTABLE_FACTOR,
     block_lr_factors,
+    held_factors,
     sgd_lr_cap,
     sgd_stability_limit,
 )
@@ -481,6 +482,10 @@ class BlockOptimizer(Optimizer):
     def _act(self, spectra: Spectra, score: Heterogeneity, factors: dict[str, float]) -> Decision:
         """Record a probe's result, cap SGD's learning rate if needed, decide and switch."""
         seconds_before = self.probe_seconds
+        held = 0  # block factors a loss spike kept from rising (see tuning.held_factors)
+        if self.schedule.spiked and self.spectra_history:  # factors measured before
+            kept = held_factors(factors, self.block_factors)
+            held, factors = sum(kept[b] < factors[b] for b in factors), kept
         self.probe_seconds += spectra.seconds
         self.last_score = score
         self.spectra_history.append((self.step_count, spectra))
@@ -503,6 +508,8 @@ class BlockOptimizer(Optimizer):
                 notes += self._search_lr(recheck=False)
             elif self._lr_searched:
                 notes += self._search_lr(recheck=True)
+        if held and self.mode == "block_sgd":
+            notes.append(f"a loss spike since the last probe: {held} block factor(s) not raised")
         if notes:
             decision = dataclasses.replace(decision, reason="; ".join([decision.reason, *notes]))
         self.history.append(decision)
@@ -1082,6 +1089,10 @@ def _schedule_state(current: ProbeSchedule, state: Any) -> dict[str, Any]:
         raise _bad_state(f"'schedule' has unknown keys {unknown}")
     for key, v in state.items():
         t = types[key]
+        if t == "bool":
+            if not isinstance(v, bool):
+                raise _bad_state(f"'schedule'[{key!r}] is {v!r}, not True or False")
+            continue
         if not ((v is None and "None" in t) or (_is_int(v) if "int" in t else _is_real(v))):
             raise _bad_state(f"'schedule'[{key!r}] is {v!r}, not of type {t}")
         if v is not None and not math.isfinite(v):

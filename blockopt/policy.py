@@ -201,7 +201,8 @@ class ProbeSchedule:
     it, does not count) brings the next probe forward to the next step. A failed probe is
     retried after the normal interval (``every``, or ``base``; at least 2 steps), doubling with
     each consecutive failure up to ``max_interval``, and spikes do not bring it forward; the
-    first success starts over."""
+    first success starts over. ``spiked`` says whether a spike was seen since the last successful
+    probe (with ``probe_every`` too), so that the probe can treat its readings with care."""
 
     every: int | None = None
     first: int = 0
@@ -217,6 +218,7 @@ class ProbeSchedule:
     losses_seen: int = 0
     loss_scale: float = 0.0  # the magnitude of the first loss seen
     failures: int = 0
+    spiked: bool = False
 
     def __post_init__(self) -> None:
         for name in ("first", "base", "max_interval"):
@@ -247,6 +249,7 @@ class ProbeSchedule:
             self.next_step = step + min(backoff, max(self.max_interval, normal))
             return
         recovered, self.failures = self.failures > 0, 0
+        self.spiked = False
         if self.every is not None:
             self.interval = self.every
         elif recovered or switched or self.last_score is None:
@@ -273,9 +276,11 @@ class ProbeSchedule:
         spike = self.loss_avg is not None and loss - self.loss_avg > max(
             (self.spike_factor - 1) * abs(self.loss_avg), self.noise_floor
         )
-        if spike and self.losses_seen >= 10 and self.every is None and not self.failures:
-            self.next_step = min(self.next_step, step + 1)
-            self.interval = self.base
+        if spike and self.losses_seen >= 10:
+            self.spiked = True
+            if self.every is None and not self.failures:
+                self.next_step = min(self.next_step, step + 1)
+                self.interval = self.base
         self.losses_seen += 1
         weight = max(0.05, 1.0 / self.losses_seen)
         self.loss_avg = (

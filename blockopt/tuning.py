@@ -7,6 +7,10 @@ the stiffest block (what a tuned single learning rate is), and every other block
 same ``lr * rho`` product, so each block sits as close to its own stability limit as the
 stiffest one does. The factor is bounded by ``max_factor`` (default 100) because curvature moves
 during training; blocks with no measurable curvature (zero, unused, non-finite) keep ``base_lr``.
+After a loss spike, a probe may lower a factor but not raise it (:func:`held_factors`): the
+curvature read at a spike is that of a transient, and a factor raised on it feeds the next
+spike (on the reference CNN, a spike's probe could lift a first-layer factor five-fold and keep
+the loss spiking to the end of training).
 
 Stability of SGD's learning rate: on a quadratic with curvature ``lambda``, ``torch.optim.SGD``
 converges iff ``lr * lambda`` is below :func:`sgd_stability_limit` (``2 (1 + mu) / (1 - d)`` with
@@ -43,6 +47,7 @@ __all__ = [
     "KNOWN_STRATEGIES",
     "UNSTABLE_FACTOR",
     "block_lr_factors",
+    "held_factors",
     "param_groups",
     "sgd_lr_cap",
     "sgd_stability_limit",
@@ -80,6 +85,12 @@ def block_lr_factors(
         for name, rho in zip(h.blocks, h.scales):
             factors[name] = min(max(top / rho, 1.0), max_factor)
     return factors
+
+
+def held_factors(factors: Mapping[str, float], previous: Mapping[str, float]) -> dict[str, float]:
+    """``factors``, each at most its ``previous`` value (blocks without one keep theirs): what a
+    probe after a loss spike sets, lowering rates where the curvature rose, raising none."""
+    return {name: min(f, previous.get(name, f)) for name, f in factors.items()}
 
 
 def tune_block_lrs(

@@ -581,6 +581,11 @@ LOAD_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], type, str]] = {
         ValueError,
         r"'schedule'\['loss_avg'\] is nan, not a finite number",
     ),
+    "schedule-spiked-not-a-bool": (
+        _set("schedule/spiked", 1),
+        ValueError,
+        r"'schedule'\['spiked'\] is 1, not True or False",
+    ),
     "block-factor-unknown-block": (
         _set("block_factors/net.9.weight", 2.0),
         ValueError,

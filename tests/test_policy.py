@@ -113,13 +113,32 @@ def test_fixed_interval_and_loss_spike():
     for step in range(1, 20):
         s.observe_loss(step, 1.0)
     assert s.next_step == 100
+    assert not s.spiked
     s.observe_loss(20, 5.0)
-    assert s.next_step == 21
+    assert s.next_step == 21 and s.spiked
     restored = ProbeSchedule()
     restored.load_state_dict(s.state_dict())
     assert restored == s
     with pytest.raises(ValueError, match="unknown probe-schedule state"):
         restored.load_state_dict({"bogus": 1})
+
+
+def test_spiked_records_a_spike_until_the_next_successful_probe():
+    """``spiked`` is set by any spike (a fixed interval or a failing probe included, though
+    neither moves the probe), survives a failed probe and is cleared by a successful one."""
+    for schedule in (ProbeSchedule(every=7), ProbeSchedule(base=100)):
+        schedule.after_probe(0, 1.0, switched=False)
+        for step in range(1, 10):
+            schedule.observe_loss(step, 1.0)
+        schedule.observe_loss(10, 50.0)  # the 10th loss: too early to call anything a spike
+        assert not schedule.spiked
+        schedule.observe_loss(11, 500.0)
+        assert schedule.spiked
+        assert schedule.next_step == (7 if schedule.every else 12)
+        schedule.after_probe(12, None, switched=False)  # failed: the spike is still unread
+        assert schedule.spiked
+        schedule.after_probe(13, 1.0, switched=False)
+        assert not schedule.spiked
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,13 @@ from torch import nn
 
 import blockopt
 from blockopt.models import MLP
-from blockopt.tuning import CAP_FRACTION, UNSTABLE_FACTOR, sgd_lr_cap, sgd_stability_limit
+from blockopt.tuning import (
+    CAP_FRACTION,
+    UNSTABLE_FACTOR,
+    held_factors,
+    sgd_lr_cap,
+    sgd_stability_limit,
+)
 
 
 def _converges(lr: float, momentum: float, dampening: float, nesterov: bool) -> bool:
@@ -227,6 +233,48 @@ def test_kept_block_lrs_make_gd_converge_far_faster_than_the_best_single_lr():
     fastest = _gd_steps(model, torch.optim.SGD(model.parameters(), lr=0.99 * 2 / rho_max), 1000)
     assert fastest == _gd_steps_exact(model, (0.99 * 2 / 300,) * 3)
     assert 500 < fastest < 600
+
+
+def test_held_factors_lower_but_never_raise():
+    previous = {"a": 10.0, "b": 1.0, "c": 100.0}
+    new = {"a": 100.0, "b": 0.5, "c": 100.0, "d": 7.0}
+    assert held_factors(new, previous) == {"a": 10.0, "b": 0.5, "c": 100.0, "d": 7.0}
+    assert held_factors(new, {}) == new
+
+
+def _spike(opt: blockopt.BlockOptimizer) -> None:
+    """Report ten steady losses, then one six times their level: a loss spike."""
+    for value in [1.0] * 10 + [6.0]:
+        opt.observe_loss(value)
+
+
+def test_a_probe_after_a_loss_spike_lowers_block_factors_but_does_not_raise_them():
+    model = BlockQuadratic()  # curvature scales (rho) 3, 30, 300
+    opt = blockopt.BlockOptimizer(model, model, lr=1e-3, pin_mode="block_sgd", steps=8)
+    opt.probe_now()
+
+    def factors() -> list[float]:
+        assert opt.active_optimizer.factors == opt.block_factors
+        return [opt.block_factors[name] for name in ("soft", "mid", "stiff")]
+
+    assert factors() == pytest.approx([100.0, 10.0, 1.0], rel=1e-6)
+    with torch.no_grad():
+        model.hessians[2] *= 10.0  # the stiff block stiffens: mid's factor would rise to 100
+    _spike(opt)
+    assert opt.schedule.spiked
+    decision = opt.probe_now()
+    assert factors() == pytest.approx([100.0, 10.0, 1.0], rel=1e-6)
+    assert "a loss spike since the last probe: 1 block factor(s) not raised" in decision.reason
+    assert not opt.schedule.spiked
+    decision = opt.probe_now()  # no spike since the last probe: the rise goes through
+    assert factors() == pytest.approx([100.0, 100.0, 1.0], rel=1e-6)
+    assert "loss spike" not in decision.reason
+    with torch.no_grad():
+        model.hessians[2] /= 100.0  # rho 3, 30, 30: the factors fall, spike or not
+    _spike(opt)
+    decision = opt.probe_now()
+    assert factors() == pytest.approx([10.0, 1.0, 1.0], rel=1e-6)
+    assert "loss spike" not in decision.reason
 
 
 def _quadratic_lrs() -> tuple[BlockQuadratic, dict[str, float]]:
