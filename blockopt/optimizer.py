@@ -393,10 +393,10 @@ class BlockOptimizer(Optimizer):
         self._observe(value)
 
     def _observe(self, value: float) -> None:
-        """Feed the schedule a training loss; when probes are reduced over ranks and loss spikes
-        can move a probe (no ``probe_every``), the mean over the ranks (one scalar all_reduce),
-        so that every rank probes at the same steps."""
-        if self._reduce is not None and self.probe is not None and self.schedule.every is None:
+        """Feed the schedule a training loss; when probes are reduced over ranks, the mean over
+        the ranks (one scalar all_reduce), so that every rank sees the same loss spikes: a spike
+        moves the next probe and holds block SGD's factors, and both must agree across ranks."""
+        if self._reduce is not None and self.probe is not None:
             device = self.blocks[0].parts[0].param.device
             value = float(self._reduce(torch.tensor([value], dtype=torch.float64, device=device)))
         self.schedule.observe_loss(self.step_count, value)

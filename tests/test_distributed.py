@@ -195,6 +195,12 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         spike.observe_loss(100.0 if rank == 0 and step == SPIKE_AT else 1.0)
         spike.step()  # the gradients left from training: the same update on both ranks
     result["spike_probes"] = [step for step, _ in spike.spectra_history]
+    # With a fixed interval a spike moves no probe, but it holds block SGD's factors at the next
+    # one, so every rank must see it too.
+    fixed = blockopt.BlockOptimizer(ddp, module_probe, lr=0.01, probe_every=100, steps=2)
+    for step in range(SPIKE_AT + 1):
+        fixed.observe_loss(100.0 if rank == 0 and step == SPIKE_AT else 1.0)
+    result["spiked_with_fixed_interval"] = fixed.schedule.spiked
 
     # A block only rank 0's loss uses: the ranks agree it is "ok", so they score alike.
     torch.manual_seed(0)
@@ -346,6 +352,7 @@ def test_ranks_agree_on_block_status_and_score_when_only_one_uses_a_block(ranks)
 
 def test_a_loss_spike_on_one_rank_moves_the_probe_on_every_rank(ranks):
     assert ranks[0]["spike_probes"] == ranks[1]["spike_probes"] == [0, SPIKE_AT + 1]
+    assert ranks[0]["spiked_with_fixed_interval"] and ranks[1]["spiked_with_fixed_interval"]
 
 
 def test_fsdp_is_refused_with_the_cause_and_the_fix(ranks):
