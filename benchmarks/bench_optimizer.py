@@ -407,11 +407,11 @@ def run_all(
         }
         rest: dict[tuple[str, str, int], Future] = {}
         extra: dict[tuple[str, int], Future] = {}
-        if SPREAD_TASK in steps:
-            for seed in range(max(seeds) + 1, spread_seeds):
-                extra["auto", seed] = ex.submit(
-                    train, SPREAD_TASK, seed, "auto", None, steps[SPREAD_TASK]
-                )
+        extra_seeds = range(max(seeds) + 1, spread_seeds) if SPREAD_TASK in steps else range(0)
+        for seed in extra_seeds:
+            extra["auto", seed] = ex.submit(
+                train, SPREAD_TASK, seed, "auto", None, steps[SPREAD_TASK]
+            )
         for (key, mode), fut in sweeps.items():
             runs = fut.result()
             task = BY_KEY[key]
@@ -423,7 +423,7 @@ def run_all(
             for seed in seeds[1:]:
                 rest[key, mode, seed] = ex.submit(train, key, seed, mode, best, steps[key])
             if key == SPREAD_TASK:
-                for seed in range(max(seeds) + 1, spread_seeds):
+                for seed in extra_seeds:
                     extra[mode, seed] = ex.submit(train, key, seed, mode, best, steps[key])
         for (key, mode, _seed), fut in rest.items():
             out[key]["runs"][mode].append(fut.result())

@@ -124,8 +124,8 @@ def test_fixed_interval_and_loss_spike():
 
 
 def test_spiked_records_a_spike_until_the_next_successful_probe():
-    """``spiked`` is set by any spike (a fixed interval or a failing probe included, though
-    neither moves the probe), survives a failed probe and is cleared by a successful one."""
+    """``spiked`` is set by any spike (with a fixed interval too, where it moves no probe),
+    survives a failed probe and is cleared by a successful one."""
     for schedule in (ProbeSchedule(every=7), ProbeSchedule(base=100)):
         schedule.after_probe(0, 1.0, switched=False)
         for step in range(1, 10):
