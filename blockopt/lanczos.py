@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "DEFAULT_BANDWIDTH",
     "LanczosResult",
+    "check_tol",
     "gaussian_density",
     "lanczos",
     "lanczos_many",
@@ -34,9 +35,33 @@ __all__ = [
 # Matvec over several operators: (operator indices, vectors) -> products, one per index.
 ManyMatvec = Callable[[Sequence[int], Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 
+SETTLED_STEPS = 2
+"""With a tolerance, a run stops after this many steps in a row that moved its extreme Ritz
+values by at most the tolerance: one calm step can be a pause before the next jump."""
+
 DEFAULT_BANDWIDTH = 0.01
 """Gaussian smoothing width as a fraction of the spectrum's scale ``max |theta|`` (see
 :func:`gaussian_density`)."""
+
+
+def check_tol(tol: float | None) -> None:
+    """Refuse a Lanczos stopping tolerance that is not ``None`` or a number in ``(0, 1)``."""
+    if tol is None:
+        return
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)):
+        raise TypeError(f"tol must be None or a number in (0, 1), got {type(tol).__name__}")
+    if not (math.isfinite(tol) and 0.0 < tol < 1.0):
+        raise ValueError(f"tol must be None or a number in (0, 1), e.g. 0.03, got {tol!r}")
+
+
+def _settled(alphas: Sequence[float], betas: Sequence[float], previous: tuple[float, float]):
+    """The extreme Ritz values of the tridiagonal, and whether both moved by at most what
+    ``previous`` allows: returns ``((lo, hi), moved)`` with ``moved`` relative to the scale."""
+    values, _ = ritz(alphas, betas)
+    lo, hi = float(values[0]), float(values[-1])
+    scale = max(abs(lo), abs(hi))
+    moved = max(abs(lo - previous[0]), abs(hi - previous[1]))
+    return (lo, hi), (moved / scale if scale > 0 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -46,7 +71,8 @@ class LanczosResult:
     ``alphas`` (length m) and ``betas`` (length m-1) define ``T``; ``ritz_values`` ascend and
     ``ritz_weights`` (squared first eigenvector components) sum to 1. ``breakdown`` is True when
     the Krylov space became invariant before ``steps`` were taken (then the Ritz values are exact
-    eigenvalues of the operator).
+    eigenvalues of the operator); ``settled`` when the run stopped early because its extreme Ritz
+    values had settled to the tolerance asked for.
     """
 
     alphas: tuple[float, ...]
@@ -54,6 +80,7 @@ class LanczosResult:
     ritz_values: tuple[float, ...]
     ritz_weights: tuple[float, ...]
     breakdown: bool
+    settled: bool = False
 
     @property
     def steps(self) -> int:
@@ -87,10 +114,12 @@ def lanczos(
     steps: int,
     *,
     reorthogonalize: bool = True,
+    tol: float | None = None,
 ) -> LanczosResult:
-    """Run ``steps`` Lanczos iterations of the symmetric operator ``matvec`` from ``v0``."""
+    """Run ``steps`` Lanczos iterations of the symmetric operator ``matvec`` from ``v0`` (fewer
+    with ``tol``; see :func:`lanczos_many`)."""
     return lanczos_many(
-        lambda _, vs: [matvec(vs[0])], [v0], steps, reorthogonalize=reorthogonalize
+        lambda _, vs: [matvec(vs[0])], [v0], steps, reorthogonalize=reorthogonalize, tol=tol
     )[0]
 
 
@@ -100,13 +129,21 @@ def lanczos_many(
     steps: int,
     *,
     reorthogonalize: bool = True,
+    tol: float | None = None,
 ) -> list[LanczosResult]:
     """Lanczos on several symmetric operators in lockstep.
 
     ``matvec(indices, vectors)`` returns ``A_i v`` for each operator index ``i`` still running;
     operator ``i`` starts from ``starts[i]`` (normalised here). Each run stops after ``steps``
-    iterations, at its own dimension, or at breakdown (``beta_j <= tol * |T|``, with ``tol`` a
-    small multiple of the working precision), whichever comes first.
+    iterations, at its own dimension, or at breakdown (``beta_j <= 100 eps sqrt(n) * |T|``),
+    whichever comes first.
+
+    With ``tol``, a run also stops once its extreme Ritz values have settled: after
+    ``SETTLED_STEPS`` (2) steps in a row, from the second on, that moved neither the largest nor
+    the smallest Ritz value by more than ``tol`` times the larger of their magnitudes. Extreme
+    Ritz values approach the extreme eigenvalues from inside, fastest where the spectrum's edge
+    stands out, so a block whose curvature scale is all that matters stops as soon as it is
+    known to about that tolerance (docs/BENCHMARKS.md, "Probe cost").
 
     With ``reorthogonalize`` (the default) every new vector is orthogonalised twice against all
     previous ones (classical Gram-Schmidt, "twice is enough"), so Ritz values do not repeat as
@@ -114,6 +151,7 @@ def lanczos_many(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_tol(tol)
     k = len(starts)
     if k == 0:
         return []
@@ -140,8 +178,11 @@ def lanczos_many(
     alphas: list[list[float]] = [[] for _ in range(k)]
     betas: list[list[float]] = [[] for _ in range(k)]
     scale = [0.0] * k  # running estimate of |T| for the breakdown test
+    extremes = [(math.nan, math.nan)] * k  # the extreme Ritz values after the previous step
     done = [False] * k
     broke = [False] * k
+    settled = [False] * k
+    calm = [0] * k  # steps in a row that moved the extreme Ritz values by at most tol
     active = list(range(k))
     while active:
         products = matvec(active, [current[i] for i in active])
@@ -174,6 +215,12 @@ def lanczos_many(
             if beta <= tols[i] * scale[i] or beta == 0.0:
                 done[i] = broke[i] = True
                 continue
+            if tol is not None:
+                extremes[i], moved = _settled(alphas[i], betas[i], extremes[i])
+                calm[i] = calm[i] + 1 if moved <= tol else 0  # NaN (the first step): False
+                if calm[i] >= SETTLED_STEPS:
+                    done[i] = settled[i] = True
+                    continue
             betas[i].append(beta)
             v_next = w / beta
             if reorthogonalize:
@@ -193,6 +240,7 @@ def lanczos_many(
                 ritz_values=tuple(float(x) for x in values),
                 ritz_weights=tuple(float(x) for x in weights),
                 breakdown=broke[i] or limits[i] < steps,
+                settled=settled[i],
             )
         )
     return results

@@ -25,7 +25,14 @@ from .blocks import Block, Strategy, partition
 from .distributed import Reduce, agree, agree_status, reduced_matvec, refuse_sharded
 from .hvp import BlockHessian
 from .isolation import isolated
-from .lanczos import DEFAULT_BANDWIDTH, LanczosResult, gaussian_density, lanczos_many, random_start
+from .lanczos import (
+    DEFAULT_BANDWIDTH,
+    LanczosResult,
+    check_tol,
+    gaussian_density,
+    lanczos_many,
+    random_start,
+)
 
 __all__ = [
     "BlockSpectrum",
@@ -148,9 +155,10 @@ class BlockSpectrum:
 class Spectra(Mapping[str, BlockSpectrum]):
     """Block name -> :class:`BlockSpectrum`, in partition order, with the probe's settings.
 
-    ``hvps`` counts the Hessian-vector products the probe took, ``seconds`` its wall time and
+    ``hvps`` counts the Hessian-vector products the probe took, ``seconds`` its wall time,
     ``dtype`` the (widest) floating-point type the products were computed in, which sets how
-    small a curvature can be told apart from round-off.
+    small a curvature can be told apart from round-off, and ``tol`` the Lanczos stopping
+    tolerance (``None``: every block ran ``steps`` steps, or to its size or breakdown).
     """
 
     def __init__(
@@ -163,14 +171,16 @@ class Spectra(Mapping[str, BlockSpectrum]):
         hvps: int = 0,
         seconds: float = 0.0,
         dtype: str = "float64",
+        tol: float | None = None,
     ) -> None:
         self._items = {s.name: s for s in spectra}
         if len(self._items) != len(spectra):
             raise ValueError("block names in a Spectra must be unique")
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype must name a torch floating-point type, got {dtype!r}")
+        check_tol(tol)
         self.steps, self.probes, self.seed = steps, probes, seed
-        self.hvps, self.seconds, self.dtype = hvps, seconds, dtype
+        self.hvps, self.seconds, self.dtype, self.tol = hvps, seconds, dtype, tol
 
     def __getitem__(self, name: str) -> BlockSpectrum:
         return self._items[name]
@@ -194,6 +204,7 @@ class Spectra(Mapping[str, BlockSpectrum]):
             "hvps": self.hvps,
             "seconds": self.seconds,
             "dtype": self.dtype,
+            "tol": self.tol,
             "blocks": [s.to_dict() for s in self._items.values()],
         }
 
@@ -212,6 +223,11 @@ class Spectra(Mapping[str, BlockSpectrum]):
                 f"{data.get('format')!r}; expected the output of Spectra.to_dict())"
             )
         blocks = _field(data, "blocks", "list", "spectra")
+        tol = data.get("tol")
+        if tol is not None:
+            tol = float(_field(data, "tol", "number", "spectra"))
+            if not 0.0 < tol < 1.0:
+                raise ValueError(f"spectra['tol'] is {tol!r}, not None or a number in (0, 1)")
         return cls(
             [BlockSpectrum.from_dict(b, where=f"blocks[{i}]") for i, b in enumerate(blocks)],
             steps=int(_field(data, "steps", "count", "spectra")),
@@ -220,6 +236,7 @@ class Spectra(Mapping[str, BlockSpectrum]):
             hvps=int(_field(data, "hvps", "count", "spectra", 0)),
             seconds=float(_field(data, "seconds", "number", "spectra", 0.0)),
             dtype=_field(data, "dtype", "str", "spectra", "float32"),
+            tol=tol,
         )
 
 
@@ -306,6 +323,7 @@ def block_spectra(
     steps: int = 30,
     probes: int = 1,
     seed: int = 0,
+    tol: float | None = None,
     vectorize: bool = False,
     workers: int | None = None,
     reduce: Reduce | None = None,
@@ -315,10 +333,14 @@ def block_spectra(
     ``probe`` is a zero-argument callable returning a scalar loss computed through ``model`` on a
     batch of the caller's choosing. ``blocks`` is a list from :func:`partition`, a partition
     strategy, or ``None`` for ``partition(model)``. Each block gets ``probes`` Lanczos runs of up
-    to ``steps`` steps. Start vectors depend only on ``seed`` and the block's name, so a block's
-    estimate does not change when other blocks are added or removed. ``vectorize`` and
-    ``workers`` choose how the products are computed (see :class:`blockopt.BlockHessian`); the
-    results do not depend on ``workers``.
+    to ``steps`` steps; with ``tol``, a run stops earlier once its extreme Ritz values have
+    settled to ``tol`` relative (see :func:`blockopt.lanczos.lanczos_many`): the curvature
+    scales that decide the heterogeneity score and the block learning rates then cost a
+    fraction of ``steps`` products per block, while ``tol=None`` gives the full ``steps``-point
+    quadrature every block's density needs. Start vectors depend only on ``seed`` and the
+    block's name, so a block's estimate does not change when other blocks are added or removed.
+    ``vectorize`` and ``workers`` choose how the products are computed (see
+    :class:`blockopt.BlockHessian`); the results do not depend on ``workers``.
 
     ``reduce`` averages over data-parallel ranks (e.g. :class:`blockopt.distributed.RankMean`,
     called on every rank at once): the probe's loss, and each Lanczos step's products of all
@@ -328,6 +350,7 @@ def block_spectra(
     The probe leaves ``.grad``, buffers, train/eval modes and global RNG states as it found them.
     """
     check_lanczos_settings(steps, probes)
+    check_tol(tol)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     refuse_sharded(model, "block_spectra")
@@ -364,7 +387,7 @@ def block_spectra(
             return hessian.matvec_many([op // probes for op in ops], vs)
 
         runs = lanczos_many(
-            matvec if reduce is None else reduced_matvec(matvec, reduce), starts, steps
+            matvec if reduce is None else reduced_matvec(matvec, reduce), starts, steps, tol=tol
         )
         status = [hessian.status(i) for i in range(len(blocks))]
         if reduce is not None:
@@ -395,6 +418,7 @@ def block_spectra(
         hvps=hvps,
         seconds=time.perf_counter() - start,
         dtype=str(dtype).removeprefix("torch."),
+        tol=tol,
     )
 
 

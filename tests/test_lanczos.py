@@ -179,3 +179,69 @@ def test_gaussian_density_integrates_to_one(offsets, sigma):
     grid = np.linspace(lo, hi, int((hi - lo) / (sigma / 5)) + 2)
     d = gaussian_density(nodes, weights, grid, sigma)
     assert np.trapezoid(d, grid) == pytest.approx(1.0, abs=1e-6)
+
+
+def _extreme_moves(res) -> list[float]:
+    """How far each step from the second on moved the extreme Ritz values, relative to them."""
+    moves, previous = [], None
+    for k in range(1, res.steps + 1):
+        values, _ = ritz(res.alphas[:k], res.betas[: k - 1])
+        lo, hi = values[0], values[-1]
+        if previous is not None:
+            scale = max(abs(lo), abs(hi))
+            moved = max(abs(lo - previous[0]), abs(hi - previous[1]))
+            moves.append(moved / scale if scale > 0 else 0.0)
+        previous = (lo, hi)
+    return moves
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(symmetric_matrices(), st.sampled_from([1e-1, 1e-2, 1e-3]))
+def test_tol_stops_after_two_settled_steps_and_keeps_the_full_runs_prefix(mat, tol):
+    """A run with ``tol`` is the full run cut at the first point where two steps in a row (from
+    the second on) each moved neither extreme Ritz value by more than ``tol`` of their scale:
+    the same numbers to the bit."""
+    a, v0 = mat
+    n = a.shape[0]
+    full = _run(a, v0, n)
+    early = _run(a, v0, n, tol=tol)
+    k = early.steps
+    assert early.alphas == full.alphas[:k]
+    assert early.betas == full.betas[: k - 1]
+    calm = [m <= tol for m in _extreme_moves(full)]  # calm[j]: step j + 2
+    pairs = [calm[j - 1] and calm[j] for j in range(1, len(calm))]  # pairs[j - 1]: ends at j + 2
+    if early.settled:
+        assert k >= 3 and pairs[k - 3] and not any(pairs[: k - 3])
+        assert not early.breakdown
+    else:  # ran as far as the full run (its size or breakdown): no earlier pair settled
+        assert k == full.steps and not any(pairs[: max(k - 3, 0)])
+
+
+def test_tol_saves_steps_where_the_spectrum_has_clear_edges():
+    """Eigenvalues 1..1000 on a log scale with two outliers: the extremes settle in a few steps,
+    within the tolerance of the exact ones, well before the dimension."""
+    rng = np.random.default_rng(0)
+    lam = np.concatenate([10.0 ** rng.uniform(0, 2, 198), [1e3, -5e2]])
+    q, _ = np.linalg.qr(rng.standard_normal((200, 200)))
+    a = q @ np.diag(lam) @ q.T
+    res = _run(a, rng.standard_normal(200), 200, tol=1e-3)
+    assert res.settled and res.steps < 30
+    assert res.ritz_values[-1] == pytest.approx(1e3, rel=1e-3)
+    assert res.ritz_values[0] == pytest.approx(-5e2, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("tol", "error"),
+    [
+        (0.0, ValueError),
+        (1.0, ValueError),
+        (-0.1, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        (True, TypeError),
+        ("0.1", TypeError),
+    ],
+)
+def test_bad_tol_is_refused(tol, error):
+    with pytest.raises(error, match="tol must be None or a number in"):
+        lanczos(lambda v: v, torch.ones(3), 3, tol=tol)

@@ -221,3 +221,38 @@ def test_hvp_count_and_settings_recorded(case):
 def test_blocks_argument_accepts_a_strategy(case):
     by_name = blockopt.block_spectra(case.model, case.probe, "module", steps=2)
     assert list(by_name) == [b.name for b in blockopt.partition(case.model, "module")]
+
+
+def test_tol_keeps_the_decisions_of_a_full_dense_reference(case):
+    """With ``tol``, every block's curvature scale stays within 5% of its dense float64 value,
+    the heterogeneity score within 0.1 decades of the dense blocks' and each block learning-rate
+    factor within 25%: what the optimizer decides on. Blocks stop early or at their size."""
+    from blockopt.heterogeneity import heterogeneity
+    from blockopt.tuning import block_lr_factors
+
+    blocks, eigs, _ = _dense_eigs(case)
+    exact = blockopt.block_spectra(case.model, case.probe, blocks, steps=100)
+    early = blockopt.block_spectra(case.model, case.probe, blocks, steps=100, tol=0.05)
+    assert early.tol == 0.05 and early.hvps <= exact.hvps
+    h_exact, h_early = heterogeneity(exact), heterogeneity(early)
+    assert h_early.blocks == h_exact.blocks
+    for name, rho in zip(h_exact.blocks, h_exact.scales):
+        assert rho == pytest.approx(abs(eigs[name]).max(), rel=1e-8)
+    for name, rho in zip(h_early.blocks, h_early.scales):
+        assert rho == pytest.approx(abs(eigs[name]).max(), rel=0.05), name
+    assert abs(float(h_early) - float(h_exact)) <= 0.1
+    f_exact, f_early = block_lr_factors(exact), block_lr_factors(early)
+    for name in f_exact:
+        assert f_early[name] == pytest.approx(f_exact[name], rel=0.25), name
+
+
+def test_tol_round_trips_through_to_dict(case):
+    spectra = blockopt.block_spectra(case.model, case.probe, steps=6, tol=0.05)
+    back = Spectra.from_dict(json.loads(json.dumps(spectra.to_dict())))
+    assert back.tol == 0.05 and dict(back) == dict(spectra)
+    old = spectra.to_dict()
+    del old["tol"]  # written before the field existed
+    assert Spectra.from_dict(old).tol is None
+    for bad in (0.0, 1.5, "0.1", True):
+        with pytest.raises(ValueError, match="tol"):
+            Spectra.from_dict({**spectra.to_dict(), "tol": bad})
