@@ -46,8 +46,10 @@ from .policy import (
     ProbeFault,
     ProbeFaultWarning,
     ProbeSchedule,
+    Spend,
     SwitchPolicy,
     Thresholds,
+    is_share,
 )
 from .spectra import Spectra, block_spectra, check_lanczos_settings
 from .tensorboard import ProbeCost, TensorBoardLogger
@@ -72,8 +74,11 @@ _INSTALLED = {
     "last_score": "last_score",
     "step_count": "step_count",
     "probe_seconds": "probe_seconds",
+    "train_seconds": "_train_seconds_saved",
     "lr_searched": "_lr_searched",
 }
+# The default share of training wall time that probes (with their learning-rate searches) take.
+DEFAULT_PROBE_BUDGET = 0.03
 # A search at a switch may raise the step-norm match by at most this many half-decades: trials on
 # the probe's one batch reward steps that memorise it (on the digits CNN after 50 steps of
 # training, 20 trial steps at ten times the match end 4 times lower on the probe's batch, and the
@@ -117,6 +122,17 @@ class BlockOptimizer(Optimizer):
             at step ``t`` draws its start vectors from ``seed + t``.
         probe_every: probe every this many steps; default: an adaptive schedule
             (:class:`blockopt.policy.ProbeSchedule`).
+        probe_budget: the share of training wall time that probes, learning-rate searches and
+            re-checks (failed probes too) may take, in (0, 1), default 3%; ``None``: no budget.
+            After each probe the next waits, beyond the adaptive interval and even beyond its
+            1000-step cap, until probing again would keep ``opt.probe_share`` within the
+            budget, the next probe taken to cost what this one did (the wait is rounded up to
+            50, 100, 200, ... steps, so that timing noise rarely moves it); a loss spike brings
+            the next probe forward only as far as the budget allows. The first probe always
+            runs, whatever it costs (it picks the starting mode), and counts: later probes wait
+            until the share is back within the budget. Ignored with ``probe_every``. With a
+            budget the probe steps depend on measured time, so two runs of one seed may probe
+            at different steps; ``probe_every=N`` or ``probe_budget=None`` repeat to the bit.
         thresholds: :class:`blockopt.policy.Thresholds` for switching.
         monitor_only: probe and record, never switch.
         pin_mode: stay in this mode whatever the score (implies no switching).
@@ -163,6 +179,7 @@ class BlockOptimizer(Optimizer):
         probes: int = 1,
         seed: int = 0,
         probe_every: int | None = None,
+        probe_budget: float | None = DEFAULT_PROBE_BUDGET,
         thresholds: Thresholds | None = None,
         monitor_only: bool = False,
         pin_mode: str | None = None,
@@ -193,6 +210,11 @@ class BlockOptimizer(Optimizer):
             raise TypeError(f"lr_search must be True or False, got {lr_search!r}")
         if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
             raise ValueError(f"search_steps must be a positive int, got {search_steps!r}")
+        if probe_budget is not None and not is_share(probe_budget):
+            raise ValueError(
+                "probe_budget must be the share of training wall time probes may take, a "
+                f"number in (0, 1) such as 0.03 for 3%, or None for no budget; got {probe_budget!r}"
+            )
         _check_options(
             thresholds=thresholds,
             lrs=lrs,
@@ -270,7 +292,7 @@ class BlockOptimizer(Optimizer):
         self.lr_search, self.search_steps = lr_search, search_steps
         self._lr_searched = False  # whether the active mode's learning rate came from a search
         self.policy = SwitchPolicy(thresholds or Thresholds())
-        self.schedule = ProbeSchedule(every=probe_every)
+        self.schedule = ProbeSchedule(every=probe_every, budget=probe_budget)
         self.history: deque[Decision] = deque(maxlen=history)
         self.spectra_history: deque[tuple[int, Spectra]] = deque(maxlen=history)
         self.faults: deque[ProbeFault] = deque(maxlen=history)
@@ -278,7 +300,8 @@ class BlockOptimizer(Optimizer):
         self.block_factors = dict.fromkeys((b.name for b in self.blocks), 1.0)
         self.step_count = 0
         self.probe_seconds = 0.0
-        self._clock_start: float | None = None  # wall time of the first step
+        self._clock_start: float | None = None  # wall time of the first step (since a load)
+        self._train_seconds_saved = 0.0  # training wall time before that: from a checkpoint
         self._strategy = strategy
         self.logger = (
             TensorBoardLogger(logdir, writer, figures=log_figures)
@@ -378,7 +401,7 @@ class BlockOptimizer(Optimizer):
                 loss = closure()
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 self._observe(float(loss.detach()))
-        if self.probe is not None and self.schedule.due(self.step_count):
+        if self.probe is not None and self._probe_due():
             with torch.enable_grad():
                 self._probe_or_fault()
         opt = self._active()
@@ -386,6 +409,15 @@ class BlockOptimizer(Optimizer):
         opt.step()
         self.step_count += 1
         return loss
+
+    def _probe_due(self) -> bool:
+        """Whether to probe at this step. A probe due while the budget still waits to place an
+        earlier probe's cost (one taken before any step was timed) is placed first, and may be
+        deferred: that needs the time spent, at a step the step counts alone fix."""
+        step = self.step_count
+        if self.schedule.due(step) and self.schedule.budget_pending:
+            self.schedule.place_pending(step, self._spend(0.0))
+        return self.schedule.due(step)
 
     def observe_loss(self, loss: float | torch.Tensor) -> None:
         """Report the training loss when stepping without a closure (enables spike detection)."""
@@ -402,14 +434,19 @@ class BlockOptimizer(Optimizer):
         self.schedule.observe_loss(self.step_count, value)
 
     def _probe_or_fault(self) -> None:
-        """Probe; when the probe fails, discard it, warn, log and back off: training goes on."""
+        """Probe; when the probe fails, discard it, warn, log and back off: training goes on.
+        The failed probe's time counts as probe time, against the budget too."""
+        start = time.perf_counter()
         try:
             self.probe_now()
             return
         except Exception as err:  # a failed probe must never stop training
             fault = ProbeFault(self.step_count, fault_kind(err), f"{type(err).__name__}: {err}")
+        cost = time.perf_counter() - start
+        self.probe_seconds += cost  # the failed probe left probe_seconds as it found them
         self.faults.append(fault)
-        self.schedule.after_probe(self.step_count, None, False)
+        spend = self._spend(cost) if self.schedule.budgeted else None
+        self.schedule.after_probe(self.step_count, None, False, spend)
         if fault.kind == "out_of_memory" and torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # the failed probe's tensors are gone with its traceback
         text = _fault_text(fault, self.mode, self.schedule.next_step, self.schedule.failures)
@@ -418,8 +455,9 @@ class BlockOptimizer(Optimizer):
             self.logger.log_event(fault.step, text)
 
     def probe_now(self) -> Decision | None:
-        """Probe immediately, record the result and act on it; returns the decision. Errors
-        propagate (during :meth:`step` a failed probe is discarded with a warning instead)."""
+        """Probe immediately, record the result and act on it (the next probe's step too,
+        within the budget); returns the decision. Errors propagate (during :meth:`step` a
+        failed probe is discarded with a warning instead)."""
         if self.probe is None:
             raise RuntimeError("this optimizer has no probe; pass probe=... to probe")
         with no_sync(self.model):  # a closure calling the DDP wrapper prepares no reduction
@@ -464,6 +502,8 @@ class BlockOptimizer(Optimizer):
         for key, attr in _INSTALLED.items():
             if key in values:
                 setattr(self, attr, values[key])
+        if "train_seconds" in values:  # the clock restarts at the first step after a load
+            self._clock_start = None
         for key, records in (
             ("history", self.history),
             ("spectra", self.spectra_history),
@@ -513,12 +553,11 @@ class BlockOptimizer(Optimizer):
         if notes:
             decision = dataclasses.replace(decision, reason="; ".join([decision.reason, *notes]))
         self.history.append(decision)
-        self.schedule.after_probe(self.step_count, float(score), decision.switched)
+        seconds = self.probe_seconds - seconds_before  # the probe with its search, if any
+        spend = self._spend(seconds) if self.schedule.budgeted else None
+        self.schedule.after_probe(self.step_count, float(score), decision.switched, spend)
         if self.logger is not None:
-            elapsed = self._training_seconds()
-            share = min(self.probe_seconds / elapsed, 1.0) if elapsed > 0 else 1.0
-            # the probe's time with its learning-rate search, if any
-            cost = ProbeCost(self.probe_seconds - seconds_before, spectra.hvps, share)
+            cost = ProbeCost(seconds, spectra.hvps, self.probe_share)
             self.logger.log_probe(
                 self.step_count, spectra, score, self.mode, self.block_lrs(), cost
             )
@@ -628,8 +667,29 @@ class BlockOptimizer(Optimizer):
             return search_multiplier(trial, start=start, max_up=SEARCH_MAX_UP)
 
     def _training_seconds(self) -> float:
-        """Wall time since the first step (0 before it), probes included."""
-        return 0.0 if self._clock_start is None else time.perf_counter() - self._clock_start
+        """Training wall time, probes included: since the first step (0 before it), plus what
+        a loaded checkpoint had trained (counted from the first step after the load)."""
+        running = 0.0 if self._clock_start is None else time.perf_counter() - self._clock_start
+        return self._train_seconds_saved + running
+
+    @property
+    def probe_share(self) -> float:
+        """The share of training wall time spent probing so far (probes, learning-rate
+        searches, re-checks and failed probes), ``probe_seconds`` over the wall time since the
+        first step, in [0, 1]; 0.0 before the first step. The budget keeps it near or below
+        ``probe_budget``, except early on, while the first probe's cost dominates."""
+        elapsed = self._training_seconds()
+        return min(self.probe_seconds / elapsed, 1.0) if elapsed > 0 else 0.0
+
+    def _spend(self, cost: float) -> Spend:
+        """The probe time so far for the budget, with ``cost`` the probe just taken's. Under
+        DDP the times are averaged over the ranks (one all_reduce of [P, E, c]), so that every
+        rank computes the same next probe step."""
+        values = [self.probe_seconds, self._training_seconds(), cost]
+        if self._reduce is not None:
+            device = self.blocks[0].parts[0].param.device
+            values = self._reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+        return Spend(values[0], values[1], self.step_count, values[2])
 
     def block_lrs(self) -> dict[str, float]:
         """Block name -> the learning rate the current mode applies to it: its param group's
@@ -663,6 +723,7 @@ class BlockOptimizer(Optimizer):
             "steps": self.steps,
             "probes": self.probes,
             "probe_every": self.schedule.every or 0,
+            "probe_budget": self.schedule.budget or 0.0,
             "sgd_below": t.sgd_below,
             "adam_above": t.adam_above,
             "margin": t.margin,
@@ -671,12 +732,11 @@ class BlockOptimizer(Optimizer):
             "monitor_only": self.monitor_only,
             "pin_mode": self.pin_mode or "none",
         }
-        elapsed = self._training_seconds()
         final = {
             "blockopt/final_score": float(self.last_score) if self.last_score else 0.0,
             "blockopt/final_mode": float(MODES.index(self.mode)),
             "blockopt/switch_count": float(sum(d.switched for d in self.history)),
-            "blockopt/final_probe_share": self.probe_seconds / elapsed if elapsed > 0 else 0.0,
+            "blockopt/final_probe_share": self.probe_share,
             **{k: float(v) for k, v in (metrics or {}).items()},
         }
         self.logger.close(hparams, final, step=self.step_count)
@@ -730,6 +790,7 @@ class BlockOptimizer(Optimizer):
             "block_factors": {b: float(v) for b, v in self.block_factors.items()},
             "step_count": self.step_count,
             "probe_seconds": float(self.probe_seconds),
+            "train_seconds": float(self._training_seconds()),
             "lr_searched": self._lr_searched,
             "blocks": [b.name for b in self.blocks],
             "shapes": _group_shapes(self.param_groups),
@@ -796,6 +857,13 @@ class BlockOptimizer(Optimizer):
         lr_searched = extra.get("lr_searched", False)
         if not isinstance(lr_searched, bool):
             raise _bad_state(f"'lr_searched' is {lr_searched!r}, not True or False")
+        schedule = _schedule_state(self.schedule, extra["schedule"])
+        train_seconds = extra.get("train_seconds")
+        if train_seconds is None:  # saved before it was recorded: take the budget as kept
+            budget = schedule.get("budget", self.schedule.budget) or DEFAULT_PROBE_BUDGET
+            train_seconds = probe_seconds / budget
+        if not (_is_real(train_seconds) and math.isfinite(train_seconds) and train_seconds >= 0):
+            raise _bad_state(f"'train_seconds' is {train_seconds!r}, not a non-negative number")
         self._check_base(base)
         inner = extra["inner"]
         if not isinstance(inner, Mapping) or not set(inner) <= set(MODES):
@@ -805,7 +873,7 @@ class BlockOptimizer(Optimizer):
             "scales": scales,
             "block_factors": factors,
             "inner": {m: self._restored_mode(m, sd, factors) for m, sd in inner.items()},
-            "schedule": _schedule_state(self.schedule, extra["schedule"]),
+            "schedule": schedule,
             "last_switch": last_switch,
             "history": _records(extra["history"], "history", Decision),
             "spectra": spectra,
@@ -813,6 +881,7 @@ class BlockOptimizer(Optimizer):
             "last_score": heterogeneity(spectra[-1][1]) if spectra else None,
             "step_count": _count(extra["step_count"], "step_count"),
             "probe_seconds": float(probe_seconds),
+            "train_seconds": float(train_seconds),
             "lr_searched": lr_searched,
         }
 
@@ -901,6 +970,8 @@ _STATE_KEYS = (
     "probe_seconds",
     "blocks",
 )
+# The budget's state in a fresh schedule, for states saved without it.
+_BUDGET_STATE = {"budget_step": 0, "pending_cost": None}
 # Per-parameter state that torch.optim classes keep in the parameter's shape.
 _MOMENT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -1097,15 +1168,24 @@ def _schedule_state(current: ProbeSchedule, state: Any) -> dict[str, Any]:
             raise _bad_state(f"'schedule'[{key!r}] is {v!r}, not of type {t}")
         if v is not None and not math.isfinite(v):
             raise _bad_state(f"'schedule'[{key!r}] is {v!r}, not a finite number")
-    for key in ("next_step", "losses_seen", "failures"):
+    for key in ("next_step", "losses_seen", "failures", "budget_step"):
         if state.get(key, 0) < 0:
             raise _bad_state(f"'schedule'[{key!r}] is {state[key]!r}, not a count >= 0")
+    budget = state.get("budget")
+    if budget is not None and not is_share(budget):
+        raise _bad_state(f"'schedule'['budget'] is {budget!r}, not a share in (0, 1) or None")
+    if (state.get("pending_cost") or 0.0) < 0:
+        raise _bad_state(
+            f"'schedule'['pending_cost'] is {state['pending_cost']!r}, not seconds >= 0 or None"
+        )
     if state.get("interval", 1) < 1:
         raise _bad_state(f"'schedule'['interval'] is {state['interval']!r}, not a step count >= 1")
     if state.get("loss_scale", 0.0) < 0:
         raise _bad_state(
             f"'schedule'['loss_scale'] is {state['loss_scale']!r}, not a magnitude >= 0"
         )
+    # A state saved before the budget existed: the budget is this optimizer's, unspent.
+    state = {**_BUDGET_STATE, **state}
     try:
         ProbeSchedule(**{**current.state_dict(), **state})
     except (TypeError, ValueError) as err:

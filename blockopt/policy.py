@@ -1,8 +1,9 @@
 """From heterogeneity scores to a mode, and when to probe next.
 
-Pure decision logic, no tensors: :class:`SwitchPolicy` maps a score history to ``"sgd"``,
-``"block_sgd"`` or ``"adam"`` with hysteresis, and :class:`ProbeSchedule` says at which step the
-next probe runs.
+Pure decision logic, no tensors and no clocks: :class:`SwitchPolicy` maps a score history to
+``"sgd"``, ``"block_sgd"`` or ``"adam"`` with hysteresis, and :class:`ProbeSchedule` says at which
+step the next probe runs, within a share of training time (:func:`budget_wait`) measured by the
+caller and handed over as a :class:`Spend`.
 
 Default thresholds (calibrated in docs/REPRODUCTION.md, "Calibration"): the score is the
 ``spread`` of :func:`blockopt.heterogeneity`, in decades.
@@ -10,7 +11,9 @@ Default thresholds (calibrated in docs/REPRODUCTION.md, "Calibration"): the scor
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +22,11 @@ __all__ = [
     "ProbeFault",
     "ProbeFaultWarning",
     "ProbeSchedule",
+    "Spend",
     "SwitchPolicy",
     "Thresholds",
+    "budget_grid",
+    "budget_wait",
 ]
 
 MODES = ("sgd", "block_sgd", "adam")
@@ -28,6 +34,8 @@ MODES = ("sgd", "block_sgd", "adam")
 # that fits its data, the loss wobbles by multiples of itself at a tiny scale. Such a rise is no
 # spike, and no sign that a learning rate has become unstable.
 LOSS_NOISE = 0.01
+# The budget never defers a probe by more steps than this: "no probe in this run".
+MAX_BUDGET_WAIT = 2**40
 
 
 @dataclass(frozen=True)
@@ -191,6 +199,62 @@ def _target(
     return "block_sgd"
 
 
+@dataclass(frozen=True)
+class Spend:
+    """Probe time spent so far, as the probe budget reads it: ``probe_seconds`` (P: every probe,
+    learning-rate search and re-check, failed probes included), ``train_seconds`` (E: training
+    wall time since the first step, probes included), the ``steps`` done, and ``cost`` (c: the
+    seconds of the probe just taken, its search included)."""
+
+    probe_seconds: float
+    train_seconds: float
+    steps: int
+    cost: float
+
+    @property
+    def step_seconds(self) -> float:
+        """tau: the mean seconds per step spent training, not probing."""
+        return (self.train_seconds - self.probe_seconds) / max(self.steps, 1)
+
+
+def budget_wait(budget: float, spend: Spend) -> int | None:
+    """The fewest further steps ``k >= 0`` after which a probe keeps probing within ``budget``:
+    ``P + c <= budget * (E + k * tau + c)``, with ``tau`` the mean non-probe seconds per step so
+    far and the next probe taken to cost what this one did (``c``). ``None`` when no training
+    time has been measured yet (no step done, or ``tau <= 0``): the budget cannot place the
+    probe. At most ``MAX_BUDGET_WAIT``."""
+    tau = spend.step_seconds
+    if spend.steps < 1 or not tau > 0:
+        return None
+    need = spend.probe_seconds + spend.cost
+    cost, elapsed = spend.cost, spend.train_seconds
+
+    def fits(k: int) -> bool:
+        return need <= budget * (elapsed + k * tau + cost)
+
+    x = (need / budget - elapsed - cost) / tau
+    if not x < MAX_BUDGET_WAIT:
+        return MAX_BUDGET_WAIT
+    k = max(0, math.ceil(x))
+    # the division above rounds; settle on the smallest k the inequality itself accepts
+    while k > 0 and fits(k - 1):
+        k -= 1
+    while not fits(k) and k < MAX_BUDGET_WAIT:
+        k += 1
+    return k
+
+
+def budget_grid(k: int, base: int) -> int:
+    """``k`` steps rounded up to the schedule's doubling grid ``base * 2**j`` (0 stays 0), so
+    that timing noise rarely changes the step a budget chooses."""
+    if k <= 0:
+        return 0
+    steps = base
+    while steps < k:
+        steps *= 2
+    return steps
+
+
 @dataclass
 class ProbeSchedule:
     """When to probe: at step ``first``, then every ``every`` steps if given; otherwise at
@@ -202,7 +266,18 @@ class ProbeSchedule:
     retried after the normal interval (``every``, or ``base``; at least 2 steps), doubling with
     each consecutive failure up to ``max_interval``, and spikes do not bring it forward; the
     first success starts over. ``spiked`` says whether a spike was seen since the last successful
-    probe (with ``probe_every`` too), so that the probe can treat its readings with care."""
+    probe (with ``probe_every`` too), so that the probe can treat its readings with care.
+
+    ``budget`` (a share in (0, 1), or ``None``) caps the share of training wall time that
+    probing takes, with ``every`` unset (a fixed interval ignores it): each probe, failed or
+    not, hands :meth:`after_probe` the :class:`Spend` so far, and the next probe waits
+    :func:`budget_wait` steps, rounded up by :func:`budget_grid`, when that is longer than the
+    normal interval (or backoff), even beyond ``max_interval``; ``budget_step`` is the earliest
+    step the budget allows, and a spike brings the next probe forward no further than that.
+    The probe at ``first`` always runs: it decides the starting mode. Its cost counts all the
+    same. A probe taken before any training step was timed cannot be placed; its cost waits in
+    ``pending_cost`` until the next probe falls due, where :meth:`place_pending` places it with
+    the spend then. The schedule reads no clock: the caller measures and passes the times."""
 
     every: int | None = None
     first: int = 0
@@ -211,6 +286,7 @@ class ProbeSchedule:
     growth: float = 2.0
     stable_tol: float = 0.25
     spike_factor: float = 2.0
+    budget: float | None = None
     interval: int = 0
     next_step: int = 0
     last_score: float | None = None
@@ -219,6 +295,8 @@ class ProbeSchedule:
     loss_scale: float = 0.0  # the magnitude of the first loss seen
     failures: int = 0
     spiked: bool = False
+    budget_step: int = 0  # the earliest step at which the budget allows the next probe
+    pending_cost: float | None = None  # the cost of a probe the budget could not place yet
 
     def __post_init__(self) -> None:
         for name in ("first", "base", "max_interval"):
@@ -233,20 +311,42 @@ class ProbeSchedule:
             raise ValueError("need 1 <= base <= max_interval")
         if self.growth < 1 or self.spike_factor <= 1 or self.stable_tol < 0:
             raise ValueError("need growth >= 1, spike_factor > 1 and stable_tol >= 0")
+        if self.budget is not None:
+            if not is_share(self.budget):
+                raise ValueError(
+                    f"probe_budget must be a share of training time in (0, 1), e.g. 0.03 for "
+                    f"3%, or None for no budget; got {self.budget!r}"
+                )
+            self.budget = float(self.budget)
         if not self.interval:
             self.interval = self.every or self.base
             self.next_step = self.first
 
+    @property
+    def budgeted(self) -> bool:
+        """Whether the budget applies: one is set and the interval is not fixed."""
+        return self.budget is not None and self.every is None
+
+    @property
+    def budget_pending(self) -> bool:
+        """Whether a probe's cost waits to be placed (see :meth:`place_pending`)."""
+        return self.budgeted and self.pending_cost is not None
+
     def due(self, step: int) -> bool:
         return step >= self.next_step
 
-    def after_probe(self, step: int, score: float | None, switched: bool) -> None:
-        """Set the next probe step; ``score`` is None when the probe failed (then back off)."""
+    def after_probe(
+        self, step: int, score: float | None, switched: bool, spend: Spend | None = None
+    ) -> None:
+        """Set the next probe step; ``score`` is None when the probe failed (then back off).
+        ``spend`` (the time spent so far) lets the budget defer it; without it, or without a
+        budget, or with ``every``, the normal schedule alone decides."""
         if score is None:
             self.failures += 1
             normal = max(self.every or self.base, 2)
             backoff = normal << min(self.failures - 1, 62)
-            self.next_step = step + min(backoff, max(self.max_interval, normal))
+            next_step = step + min(backoff, max(self.max_interval, normal))
+            self.next_step = self._within_budget(step, next_step, spend)
             return
         recovered, self.failures = self.failures > 0, 0
         self.spiked = False
@@ -259,7 +359,34 @@ class ProbeSchedule:
         else:
             self.interval = self.base
         self.last_score = score
-        self.next_step = step + self.interval
+        self.next_step = self._within_budget(step, step + self.interval, spend)
+
+    def _within_budget(self, step: int, next_step: int, spend: Spend | None) -> int:
+        """``next_step``, or the budget's step after a probe at ``step`` when that is later."""
+        if not self.budgeted or spend is None:
+            return next_step
+        assert self.budget is not None
+        k = budget_wait(self.budget, spend)
+        if k is None:  # no training time measured yet: place it at the next due step
+            self.pending_cost, self.budget_step = float(spend.cost), step
+            return next_step
+        self.pending_cost = None
+        self.budget_step = step + budget_grid(k, self.base)
+        return max(next_step, self.budget_step)
+
+    def place_pending(self, step: int, spend: Spend) -> None:
+        """At a step where a probe is due, place the cost of a probe that ran before any
+        training step was timed (``pending_cost``, taken as the next probe's cost), now that
+        ``spend`` has steps: the due probe runs now only if the budget allows it."""
+        if not self.budget_pending:
+            return
+        assert self.budget is not None and self.pending_cost is not None
+        k = budget_wait(self.budget, dataclasses.replace(spend, cost=self.pending_cost))
+        if k is None:  # still nothing measured: the probe runs, and its own cost waits
+            return
+        self.pending_cost = None
+        self.budget_step = step + budget_grid(k, self.base)
+        self.next_step = max(self.next_step, self.budget_step)
 
     @property
     def noise_floor(self) -> float:
@@ -268,7 +395,8 @@ class ProbeSchedule:
         return LOSS_NOISE * self.loss_scale
 
     def observe_loss(self, step: int, loss: float) -> None:
-        """Track the training loss; a spike makes the next step a probe step."""
+        """Track the training loss; a spike makes the next step a probe step, or the budget's
+        step (``budget_step``) when that is later."""
         if not math.isfinite(loss):
             return
         if self.losses_seen == 0:
@@ -279,7 +407,7 @@ class ProbeSchedule:
         if spike and self.losses_seen >= 10:
             self.spiked = True
             if self.every is None and not self.failures:
-                self.next_step = min(self.next_step, step + 1)
+                self.next_step = min(self.next_step, max(step + 1, self.budget_step))
                 self.interval = self.base
         self.losses_seen += 1
         weight = max(0.05, 1.0 / self.losses_seen)
@@ -295,3 +423,13 @@ class ProbeSchedule:
         if unknown:
             raise ValueError(f"unknown probe-schedule state keys: {sorted(unknown)}")
         self.__dict__.update(state)
+
+
+def is_share(value: Any) -> bool:
+    """A real number (bools excluded) strictly between 0 and 1: a valid ``budget``."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 < value < 1
+    )

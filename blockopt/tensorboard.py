@@ -5,7 +5,8 @@ Tags (scalars grouped by the part before ``/``):
 - ``blockopt/score``, ``blockopt/max_ratio``, ``blockopt/js``: the heterogeneity score and its
   companions; ``blockopt/mode``: 0 = sgd, 1 = block_sgd, 2 = adam;
   ``blockopt/probe_seconds``, ``blockopt/probe_hvps``, ``blockopt/probe_share``: the probe's cost
-  and the share of training wall time spent probing so far.
+  and the share of training wall time spent probing so far (``BlockOptimizer.probe_share``,
+  which its ``probe_budget`` bounds).
 - ``blockopt.lambda_max/<block>``, ``blockopt.lambda_min/<block>``, ``blockopt.trace/<block>``,
   ``blockopt.lr/<block>``: per block, the extreme Ritz values, the trace estimate and the
   learning rate in effect.
@@ -49,7 +50,8 @@ QUANTITIES = ("lambda_max", "lambda_min", "trace", "lr")
 @dataclass(frozen=True)
 class ProbeCost:
     """What one probe cost: wall seconds (its learning-rate search included), Hessian-vector
-    products, and the share of training wall time spent probing so far (all probes, in [0, 1])."""
+    products, and the share of training wall time spent probing so far (all probes, failed ones
+    and searches included, in [0, 1]: ``BlockOptimizer.probe_share``)."""
 
     seconds: float
     hvps: int

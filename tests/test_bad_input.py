@@ -237,6 +237,27 @@ API_CASES = {
         ValueError,
         r"probe_every must be a positive int or None, got 0",
     ),
+    "BlockOptimizer/probe-budget-0": (
+        lambda: _opt(probe_budget=0),
+        ValueError,
+        r"probe_budget must be the share of training wall time probes may take, a number in "
+        r"\(0, 1\) such as 0\.03 for 3%, or None for no budget; got 0",
+    ),
+    "BlockOptimizer/probe-budget-1": (
+        lambda: _opt(probe_budget=1.0),
+        ValueError,
+        r"probe_budget must be the share .* got 1\.0",
+    ),
+    "BlockOptimizer/probe-budget-bool": (
+        lambda: _opt(probe_budget=True),
+        ValueError,
+        r"probe_budget must be the share .* got True",
+    ),
+    "BlockOptimizer/probe-budget-string": (
+        lambda: _opt(probe_budget="3%"),
+        ValueError,
+        r"probe_budget must be the share .* got '3%'",
+    ),
     "BlockOptimizer/history-0": (
         lambda: _opt(history=0),
         ValueError,
@@ -398,6 +419,7 @@ def _snapshot(opt: blockopt.BlockOptimizer) -> dict[str, Any]:
         "schedule": opt.schedule.state_dict(),
         "last_switch": opt.policy.last_switch,
         "probe_seconds": opt.probe_seconds,
+        "train_seconds": (opt._train_seconds_saved, opt._clock_start),
         "last_score": opt.last_score,
     }
 
@@ -580,6 +602,36 @@ LOAD_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], type, str]] = {
         _set("schedule/loss_avg", float("nan")),
         ValueError,
         r"'schedule'\['loss_avg'\] is nan, not a finite number",
+    ),
+    "schedule-negative-budget-step": (
+        _set("schedule/budget_step", -1),
+        ValueError,
+        r"'schedule'\['budget_step'\] is -1, not a count >= 0",
+    ),
+    "schedule-budget-step-float": (
+        _set("schedule/budget_step", 2.5),
+        ValueError,
+        r"'schedule'\['budget_step'\] is 2\.5, not of type int",
+    ),
+    "schedule-budget-out-of-range": (
+        _set("schedule/budget", 1.5),
+        ValueError,
+        r"'schedule'\['budget'\] is 1\.5, not a share in \(0, 1\) or None",
+    ),
+    "schedule-budget-string": (
+        _set("schedule/budget", "0.03"),
+        ValueError,
+        r"'schedule'\['budget'\] is '0\.03', not of type float \| None",
+    ),
+    "schedule-negative-pending-cost": (
+        _set("schedule/pending_cost", -2.0),
+        ValueError,
+        r"'schedule'\['pending_cost'\] is -2\.0, not seconds >= 0 or None",
+    ),
+    "train-seconds-negative": (
+        _set("train_seconds", -1.0),
+        ValueError,
+        r"'train_seconds' is -1\.0, not a non-negative number",
     ),
     "schedule-spiked-not-a-bool": (
         _set("schedule/spiked", 1),

@@ -190,7 +190,10 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     )
 
     # The schedule: a loss spike on rank 0 alone brings the next probe forward on both ranks.
-    spike = blockopt.BlockOptimizer(ddp, module_probe, lr=0.01, steps=2, monitor_only=True)
+    # probe_budget=None: a budget would clip the spike's probe by measured time
+    spike = blockopt.BlockOptimizer(
+        ddp, module_probe, lr=0.01, steps=2, monitor_only=True, probe_budget=None
+    )
     for step in range(SPIKE_AT + 3):
         spike.observe_loss(100.0 if rank == 0 and step == SPIKE_AT else 1.0)
         spike.step()  # the gradients left from training: the same update on both ranks

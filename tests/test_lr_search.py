@@ -396,7 +396,9 @@ def test_adam_rechecks_lower_a_rate_that_stalls_near_the_minimum():
     """Adam's step keeps a size its rate sets, so near the minimum the loss stalls at a floor
     the rate sets: later probes lower the searched rate (each step down gaining at least
     MIN_GAIN), and the run converges."""
-    loss, opt = _quadratic_run(600, lr=1e-5)
+    # probe_budget=None: the re-checks read here run at the adaptive schedule's steps, which a
+    # budget would move by measured time (the quadratic's steps cost next to nothing)
+    loss, opt = _quadratic_run(600, lr=1e-5, probe_budget=None)
     first_lr = float(opt.history[0].reason.split("adam learning rate ")[1].split()[0])
     lowered = [d for d in list(opt.history)[1:] if "trials" in d.reason]
     assert lowered and all("times the previous" in d.reason for d in lowered)
@@ -584,12 +586,13 @@ def test_the_search_leaves_the_carried_state_alone():
 
 
 def test_training_resumed_after_a_search_is_bitwise_the_same():
-    model, opt, x, y = _switching_mlp()
+    # probe_budget=None: a budget places probes by measured time, which no two runs share
+    model, opt, x, y = _switching_mlp(probe_budget=None)
     _step(model, opt, x, y)
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
     for _ in range(5):
         _step(model, opt, x, y)
-    model2, opt2, _x, _y = _switching_mlp()
+    model2, opt2, _x, _y = _switching_mlp(probe_budget=None)
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
     for _ in range(5):

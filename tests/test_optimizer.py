@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -349,3 +350,215 @@ def test_switch_to_adam_matches_the_step_norm():
     taken = sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), params)).sqrt().item()
     assert taken == pytest.approx(before, rel=1e-5)
     assert isinstance(nn.Module(), nn.Module) and Path(__file__).exists()
+
+
+# -- the probe budget, on a fake clock ---------------------------------------------------------
+
+STEP_SECONDS, PROBE_SECONDS = 0.125, 8.0  # powers of two: the fake times add up exactly
+
+
+class FakeClock:
+    """``time.perf_counter`` for the optimizer: it moves only when told to, so that the probe
+    steps a budget chooses are exactly predictable."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr("blockopt.optimizer.time.perf_counter", fake)
+    return fake
+
+
+def _budget_run(clock, steps, start=0, opt=None, fail_at=(), losses=None, **options):
+    """Train the MLP in monitor_only mode (no switch, so no learning-rate search) with a
+    training step of STEP_SECONDS and a probe of PROBE_SECONDS on the fake clock; the probe
+    raises after its time is spent when it runs at a step in ``fail_at``; ``losses`` (step ->
+    loss) are reported with observe_loss."""
+    model, x, y, _probe = _task()
+    if opt is None:
+        opt = blockopt.BlockOptimizer(model, None, lr=0.05, monitor_only=True, **options)
+    attempts = []
+
+    def timed_probe():
+        clock.advance(PROBE_SECONDS)
+        attempts.append(opt.step_count)
+        if opt.step_count in fail_at:
+            raise RuntimeError("the probe's batch is gone")
+        return F.cross_entropy(opt.probe_model(x), y)
+
+    opt.probe = timed_probe
+    for i in range(start, start + steps):
+        idx = torch.arange(i * 8, i * 8 + 16) % len(y)
+        opt.zero_grad()
+        loss = F.cross_entropy(opt.probe_model(x[idx]), y[idx])
+        loss.backward()
+        clock.advance(STEP_SECONDS)
+        if losses is not None:
+            opt.observe_loss(losses.get(i, 1.0))
+        opt.step()
+    return opt, attempts
+
+
+# With a 25% budget, 0.125 s steps and 8 s probes: the probe at step 0 runs before any step is
+# timed; at step 50 (due by the interval) 8 + 8 <= 0.25 (14.25 + 0.125 k + 8) needs k >= 334,
+# 400 on the grid: step 450. There 16 + 8 <= 0.25 (72.25 + 0.125 k + 8) needs k >= 126: 200
+# steps, longer than the interval (100 or 50): step 650; likewise k = 118 there: step 850.
+BUDGET_PROBES = [0, 450, 650, 850]
+
+
+def test_the_budget_places_probes_on_the_fake_clock(clock):
+    opt, attempts = _budget_run(clock, 0, probe_budget=0.25)
+    assert opt.probe_share == 0.0  # before the first step
+    opt, attempts = _budget_run(clock, 900, opt=opt)
+    assert [t for t, _ in opt.spectra_history] == attempts == BUDGET_PROBES
+    assert opt.probe_seconds == 4 * PROBE_SECONDS
+    # the clock starts at the first step: 899 steps' training time after it
+    assert opt.probe_share == 32.0 / (32.0 + 899 * STEP_SECONDS)
+    assert (opt.schedule.budget_step, opt.schedule.next_step) == (1050, 1050)
+
+
+def test_the_first_probe_runs_whatever_it_costs(clock):
+    opt, attempts = _budget_run(clock, 60, probe_budget=0.01)
+    # 8 s of 8 s at step 0; at step 50, 16 <= 0.01 (22.25 + 0.125 k) needs k >= 12622: 12800
+    assert attempts == [0] and opt.schedule.next_step == 50 + 12800
+    assert opt.probe_share == 8.0 / (8.0 + 59 * STEP_SECONDS)
+
+
+def test_a_spike_moves_the_probe_no_earlier_than_the_budget_allows(clock):
+    spike = {i: 1.0 for i in range(900)} | {500: 100.0}
+    budgeted, attempts = _budget_run(clock, 900, losses=spike, probe_budget=0.25)
+    assert attempts == BUDGET_PROBES  # the spike at 500 waits for the budget's step 650
+    assert [d.step for d in budgeted.history] == BUDGET_PROBES
+    _free, attempts = _budget_run(clock, 600, losses=spike, probe_budget=None)
+    assert attempts == [0, 50, 100, 200, 400, 501]  # to the next step, as without a budget
+
+
+def test_a_failed_probe_counts_its_time_and_waits_for_the_budget(clock):
+    with pytest.warns(blockopt.ProbeFaultWarning, match="next probe is at step 650"):
+        opt, attempts = _budget_run(clock, 900, fail_at={450}, probe_budget=0.25)
+    # the failed probe took 8 s like the others: the same steps as when it succeeds, not the
+    # backoff's 500
+    assert attempts == BUDGET_PROBES and [f.step for f in opt.faults] == [450]
+    assert [t for t, _ in opt.spectra_history] == [0, 650, 850]
+    assert opt.probe_seconds == 4 * PROBE_SECONDS
+
+
+def test_a_fixed_interval_ignores_the_budget(clock):
+    opt, attempts = _budget_run(clock, 301, probe_every=100, probe_budget=0.01)
+    assert attempts == [0, 100, 200, 300] and opt.schedule.budget_step == 0
+    assert opt.probe_share == 32.0 / (32.0 + 300 * STEP_SECONDS)
+
+
+def test_without_a_budget_the_schedule_is_the_adaptive_one(clock):
+    opt, attempts = _budget_run(clock, 800, probe_budget=None)
+    replay = blockopt.policy.ProbeSchedule()
+    expected = []
+    for decision in opt.history:  # the decisions' scores, fed to a schedule without a budget
+        expected.append(replay.next_step)
+        replay.after_probe(replay.next_step, decision.score, decision.switched)
+    assert attempts == expected and attempts[:2] == [0, 50]
+    assert opt.schedule == replay
+
+
+def test_probes_time_is_averaged_over_the_ranks_before_the_budget_reads_it(clock):
+    """Under DDP every rank must pick the same next probe: the [P, E, c] timing goes through
+    the reduce hook (here one rank's identity) as one float64 tensor at every probe, and at the
+    step where the first probe's cost is placed."""
+    model, *_ = _task()
+    opt = blockopt.BlockOptimizer(model, None, lr=0.05, monitor_only=True, probe_budget=0.25)
+    timings = []
+
+    def reduce(tensor):
+        if tensor.dtype == torch.float64 and tensor.shape == (3,):
+            timings.append(tensor.tolist())
+        return tensor
+
+    opt._reduce = reduce
+    _budget_run(clock, 460, opt=opt)
+    assert timings == [
+        [8.0, 8.0, 8.0],  # the probe at step 0
+        [8.0, 14.25, 0.0],  # step 50: the first probe's cost placed
+        [16.0, 72.25, 8.0],  # the probe at step 450
+    ]
+
+
+def test_probe_share_goes_to_tensorboard(clock):
+    class Writer:
+        def __init__(self):
+            self.scalars, self.final = {}, {}
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.setdefault(tag, []).append((step, value))
+
+        def add_hparams(self, hparams, metrics, global_step=None):
+            self.hparams, self.final = hparams, metrics
+
+        def add_histogram_raw(self, *args, **kwargs):
+            pass
+
+        add_custom_scalars = add_text = add_figure = flush = close = add_histogram_raw
+
+    writer = Writer()
+    model, *_ = _task()
+    opt = blockopt.BlockOptimizer(
+        model, None, lr=0.05, monitor_only=True, probe_budget=0.25, writer=writer
+    )
+    _budget_run(clock, 500, opt=opt)
+    opt.close()
+    assert writer.scalars["blockopt/probe_share"] == [(0, 1.0), (450, 16.0 / 72.25)]
+    assert writer.final["blockopt/final_probe_share"] == opt.probe_share == 16.0 / 78.375
+    assert writer.hparams["probe_budget"] == 0.25
+
+
+def test_the_budget_state_survives_a_checkpoint(clock):
+    straight, attempts = _budget_run(clock, 900, probe_budget=0.25)
+    first, _ = _budget_run(clock, 500, probe_budget=0.25)
+    state = first.state_dict()
+    assert state["blockopt"]["train_seconds"] == 16.0 + 499 * STEP_SECONDS
+    assert state["blockopt"]["schedule"]["budget_step"] == 650
+    assert state["blockopt"]["schedule"]["budget"] == 0.25
+    model, *_ = _task()
+    model.load_state_dict(first.probe_model.state_dict())
+    resumed = blockopt.BlockOptimizer(model, None, lr=0.05, monitor_only=True)
+    resumed.load_state_dict(state)
+    assert resumed.schedule == first.schedule and resumed.probe_share == 16.0 / 78.375
+    clock.advance(1e6)  # time between save and load is no training time
+    resumed, later = _budget_run(clock, 400, start=500, opt=resumed)
+    assert later == [650, 850] == attempts[2:]
+    assert resumed.probe_seconds == straight.probe_seconds
+    assert resumed.schedule == straight.schedule
+
+
+def test_a_checkpoint_saved_before_the_budget_still_loads(clock):
+    opt, _ = _budget_run(clock, 60, probe_budget=0.25)
+    state = opt.state_dict()
+    for key in ("budget", "budget_step", "pending_cost"):
+        del state["blockopt"]["schedule"][key]
+    del state["blockopt"]["train_seconds"]
+    model, *_ = _task()
+    fresh = blockopt.BlockOptimizer(model, None, lr=0.05, monitor_only=True, probe_budget=0.5)
+    fresh.schedule.budget_step = 77  # left from its own use: the state replaces it
+    fresh.load_state_dict(state)
+    assert fresh.schedule.budget == 0.5  # this optimizer's budget, unspent
+    assert (fresh.schedule.budget_step, fresh.schedule.pending_cost) == (0, None)
+    assert fresh.schedule.next_step == opt.schedule.next_step
+    # the training time is taken as what the saved probe time would have kept within budget
+    assert fresh.state_dict()["blockopt"]["train_seconds"] == 8.0 / 0.5
+    assert fresh.probe_share == 0.5
+
+
+@pytest.mark.parametrize("budget", [0.03, np.float64(0.03), np.float32(0.5), None])
+def test_probe_budget_takes_shares_and_none(budget):
+    model, *_ = _task()
+    opt = blockopt.BlockOptimizer(model, None, probe_budget=budget)
+    assert opt.schedule.budget == (None if budget is None else pytest.approx(float(budget)))
+    assert opt.schedule.budget is None or type(opt.schedule.budget) is float

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from blockopt.policy import ProbeSchedule, SwitchPolicy, Thresholds
+from blockopt.policy import (
+    MAX_BUDGET_WAIT,
+    ProbeSchedule,
+    Spend,
+    SwitchPolicy,
+    Thresholds,
+    budget_grid,
+    budget_wait,
+)
 
 
 @pytest.mark.parametrize(
@@ -170,3 +179,136 @@ def test_losses_near_or_below_zero_are_not_spikes():
     assert negative.next_step == 100
     negative.observe_loss(21, 6.0)
     assert negative.next_step == 22
+
+
+# -- the probe budget ---------------------------------------------------------------------------
+
+# P = 10 s probed of E = 20 s trained over 100 steps: tau = (20 - 10) / 100 = 0.1 s a step. The
+# next 10 s probe keeps a 3% budget when 10 + 10 <= 0.03 (20 + 0.1 k + 10), k >= 6366.67: 6367,
+# on the grid 50 * 2**7 = 6400.
+DEAR = Spend(probe_seconds=10.0, train_seconds=20.0, steps=100, cost=10.0)
+
+
+def test_budget_wait_is_the_fewest_steps_that_keep_the_share():
+    assert DEAR.step_seconds == pytest.approx(0.1)
+    assert budget_wait(0.03, DEAR) == 6367
+    # 8 s of 72.25 s over 450 steps (tau 0.125 s), an 8 s probe, 25%: k = 126 exactly, where
+    # 8 + 16 = 0.25 (72.25 + 0.125 * 126 + 8) holds with equality
+    assert budget_wait(0.25, Spend(16.0, 72.25, 450, 8.0)) == 126
+    assert budget_wait(0.03, Spend(1.0, 1000.0, 1000, 1.0)) == 0  # 0.2% spent: probe at once
+    assert budget_wait(0.03, Spend(10.0, 10.0, 0, 10.0)) is None  # no step timed yet
+    assert budget_wait(0.03, Spend(10.0, 10.0, 5, 10.0)) is None  # no training time measured
+    assert budget_wait(0.5, Spend(1.0, 1.0 + 2**-40, 1, 1.0)) == MAX_BUDGET_WAIT
+
+
+@pytest.mark.parametrize(
+    ("k", "steps"), [(0, 0), (1, 50), (50, 50), (51, 100), (100, 100), (101, 200), (6367, 6400)]
+)
+def test_budget_grid_rounds_up_to_base_times_a_power_of_two(k, steps):
+    assert budget_grid(k, 50) == steps
+
+
+def test_budget_defers_the_next_probe_beyond_max_interval():
+    s = ProbeSchedule(budget=0.03)
+    s.after_probe(100, 1.0, switched=False, spend=DEAR)
+    assert (s.interval, s.budget_step, s.next_step) == (50, 6500, 6500)
+    assert s.next_step - 100 > s.max_interval
+    s.after_probe(6500, 1.0, switched=False, spend=Spend(20.0, 2000.0, 6500, 10.0))
+    assert s.next_step == 6600  # 30 <= 0.03 * 2010: the budget allows it, the interval decides
+
+
+def test_the_normal_interval_wins_when_it_is_longer():
+    s = ProbeSchedule(base=50, budget=0.5)
+    s.after_probe(0, 1.0, switched=False)
+    s.after_probe(50, 1.0, switched=False)  # stable: the interval grows to 100
+    # tau = 0.01 s; 2 <= 0.5 (2 + 0.01 k + 1) needs k >= 100: budget step 200, the interval 400
+    for step, interval in ((150, 200), (350, 400)):
+        s.after_probe(step, 1.0, switched=False, spend=Spend(1.0, 2.0, 100, 1.0))
+        assert (s.interval, s.budget_step, s.next_step) == (interval, step + 100, step + interval)
+
+
+def test_a_spike_brings_the_probe_forward_only_as_far_as_the_budget_allows():
+    def run(budget):
+        s = ProbeSchedule(base=100, budget=budget)
+        s.after_probe(0, 1.0, switched=False)
+        # tau = 0.01 s; 2 <= 0.5 (2 + 0.01 k + 1) needs k >= 100: the budget allows step 200
+        s.after_probe(100, 1.0, switched=False, spend=Spend(1.0, 2.0, 100, 1.0))
+        for step in range(101, 111):
+            s.observe_loss(step, 1.0)
+        s.observe_loss(111, 100.0)
+        return s
+
+    budgeted, free = run(0.5), run(None)
+    assert budgeted.budget_step == 200 and budgeted.spiked and budgeted.next_step == 200
+    assert free.budget_step == 0 and free.spiked and free.next_step == 112
+    late = budgeted  # once the budget allows a probe at once, a spike brings it to the next step
+    late.after_probe(200, 1.0, switched=False, spend=Spend(1.0, 1000.0, 200, 1.0))
+    assert (late.budget_step, late.next_step) == (200, 400)
+    for step in range(201, 230):
+        late.observe_loss(step, 1.0)
+    late.observe_loss(230, 100.0)
+    assert late.next_step == 231
+
+
+def test_the_first_probe_runs_and_its_cost_waits_for_a_step_time():
+    s = ProbeSchedule(budget=0.03)
+    assert s.due(0) and s.budget_step == 0  # whatever the first probe will cost
+    s.after_probe(0, 1.0, switched=False, spend=Spend(10.0, 10.0, 0, 10.0))
+    assert s.budget_pending and s.pending_cost == 10.0 and s.next_step == 50
+    s.place_pending(50, Spend(10.0, 10.0, 50, 0.0))  # still no training time: the probe runs
+    assert s.budget_pending and s.due(50)
+    # tau = 5 / 50 = 0.1 s; 10 + 10 <= 0.03 (15 + 0.1 k + 10) needs k >= 6416.67: 6417, 12800
+    s.place_pending(50, Spend(10.0, 15.0, 50, 0.0))
+    assert not s.budget_pending and s.pending_cost is None
+    assert (s.budget_step, s.next_step) == (12850, 12850) and not s.due(50)
+    s.place_pending(60, Spend(10.0, 16.0, 60, 0.0))  # nothing pending: nothing changes
+    assert s.next_step == 12850
+
+
+def test_a_failed_probe_backs_off_and_waits_for_the_budget():
+    s = ProbeSchedule(base=50, budget=0.03)
+    s.after_probe(100, None, switched=False, spend=DEAR)
+    assert (s.failures, s.budget_step, s.next_step) == (1, 6500, 6500)
+    cheap = ProbeSchedule(base=50, budget=0.03)  # a failure that cost a millisecond
+    cheap.after_probe(100, None, switched=False, spend=Spend(0.1, 20.0, 100, 0.001))
+    cheap.after_probe(150, None, switched=False, spend=Spend(0.1, 25.0, 150, 0.001))
+    assert (cheap.failures, cheap.budget_step, cheap.next_step) == (2, 150, 250)
+
+
+def test_a_fixed_interval_ignores_the_budget():
+    s = ProbeSchedule(every=7, budget=0.03)
+    assert not s.budgeted
+    s.after_probe(100, 1.0, switched=False, spend=DEAR)
+    assert (s.next_step, s.budget_step, s.pending_cost) == (107, 0, None)
+    s.after_probe(107, None, switched=False, spend=DEAR)
+    assert s.next_step == 114
+
+
+def test_without_a_budget_the_spend_changes_nothing():
+    plain, handed = ProbeSchedule(), ProbeSchedule(budget=None)
+    for step, score in ((0, 1.0), (50, 1.1), (150, 1.1), (350, 2.0), (400, None), (450, 1.0)):
+        plain.after_probe(step, score, switched=False)
+        handed.after_probe(step, score, switched=False, spend=DEAR)
+        for s in (plain, handed):
+            for t in range(step + 1, step + 12):
+                s.observe_loss(t, 1.0 if t % 11 else 50.0)
+        assert plain == handed
+
+
+@pytest.mark.parametrize("budget", [0, 0.0, 1, 1.0, -0.1, 1.5, float("nan"), True, "0.03"])
+def test_bad_budget(budget):
+    with pytest.raises(ValueError, match=r"probe_budget must be a share .* or None"):
+        ProbeSchedule(budget=budget)
+
+
+def test_budget_accepts_numpy_floats_and_its_state_round_trips():
+    s = ProbeSchedule(budget=np.float32(0.25))
+    assert type(s.budget) is float and s.budget == pytest.approx(0.25)
+    s.after_probe(0, 1.0, switched=False, spend=Spend(8.0, 8.0, 0, 8.0))
+    s.place_pending(50, Spend(8.0, 14.25, 50, 0.0))
+    s.after_probe(450, 1.0, switched=False, spend=Spend(16.0, 72.25, 450, 8.0))
+    state = s.state_dict()
+    assert state["budget_step"] == 650 and state["pending_cost"] is None
+    restored = ProbeSchedule()
+    restored.load_state_dict(state)
+    assert restored == s and restored.budgeted

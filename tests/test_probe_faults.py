@@ -276,13 +276,13 @@ def _trace(opt) -> tuple:
         dict(opt._scales),
         opt.policy.last_switch,
         opt.mode,
-        opt.probe_seconds,
     )
 
 
 def test_a_switch_that_fails_leaves_no_trace_of_the_probe(monkeypatch):
     """Acting on a probe is all or nothing: when the switch it calls for fails, the spectra,
-    score, factors, learning-rate scales, policy and mode are as before the probe."""
+    score, factors, learning-rate scales, policy and mode are as before the probe; only its
+    time counts, as probe time (read off a fake clock that the probe moves by 2 s)."""
     torch.manual_seed(0)
     model = Net()
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
@@ -290,16 +290,21 @@ def test_a_switch_that_fails_leaves_no_trace_of_the_probe(monkeypatch):
         model, lambda: F.cross_entropy(model(x), y), thresholds=FORCE_SWITCH, probe_every=1
     )
     _train(opt, model, x, y, 1)  # a good probe at step 0 and a switch to block_sgd or adam
-    before = _trace(opt)
+    before, seconds = _trace(opt), opt.probe_seconds
 
     def broken(src, dst):
         raise RuntimeError("state transfer failed")
 
     monkeypatch.setattr("blockopt.optimizer.transfer_state", broken)
+    clock = [0.0]
+    monkeypatch.setattr("blockopt.optimizer.time.perf_counter", lambda: clock[0])
+    probe = opt.probe
+    opt.probe = lambda: (clock.__setitem__(0, clock[0] + 2.0), probe())[1]
     opt.policy.thresholds = blockopt.Thresholds(100.0, 100.0, 0.0, 0)  # now calls for "sgd"
     with pytest.warns(ProbeFaultWarning, match="state transfer failed"):
         _train(opt, model, x, y, 1, start=1)
     assert _trace(opt) == before
+    assert opt.probe_seconds == seconds + 2.0
     assert [f.kind for f in opt.faults] == ["probe_error"]
 
 
