@@ -1,0 +1,560 @@
+"""Benchmark: what one probe costs, in training steps, and how close its decisions stay to a
+40-step reference as the Lanczos levers are turned.
+
+Models: the demo tasks (tiny GPT on ``pydoc_data.topics`` text, tiny ViT and BatchNorm CNN on
+scikit-learn's digits; ``blockopt.demo.TASKS``) at initialisation and after 300 steps of AdamW
+(lr 3e-3), and the heterogeneous and homogeneous quadratics of ``bench_optimizer.py`` (3 blocks
+of 30 coordinates; their curvature does not change, so they are probed once).
+
+For each model state, every setting's probe (``block_spectra`` on the optimizer's default
+partition) is compared with a reference of 40 Lanczos steps and no tolerance on the same batch
+and seed: the heterogeneity score and its ``max_ratio``, the mode ``Thresholds().target`` picks
+and the block learning-rate factors of ``block_lr_factors``. A probe's cost is its wall time
+(median of repeats, settings interleaved) over the median time of a training step (zero_grad,
+forward, backward, SGD step at lr 0), both on one thread (torch's and numpy's BLAS). It
+rewrites the "Probe cost" section of docs/BENCHMARKS.md:
+
+    python benchmarks/bench_probe_cost.py     # --quick: smoke run, GPT only, printed only
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_docs import write_section
+from bench_optimizer import _quadratic
+from torch import nn
+
+import blockopt
+from blockopt import data, demo
+from blockopt.blocks import Block
+from blockopt.isolation import isolated
+from blockopt.tuning import block_lr_factors
+
+SECTION = "## Probe cost"
+COMMAND = "python benchmarks/bench_probe_cost.py"
+
+SEED = 0  # model, batches and Lanczos start vectors
+TRAIN_STEPS = 300  # AdamW steps before the "trained" probes
+TRAIN_LR = 3e-3
+TIMED_STEPS = 30  # training steps timed, before and after a state's probes
+REPEATS, QUICK_REPEATS = 3, 1
+# Cheap probes (the quadratics: milliseconds) are repeated until a state's settings have run
+# for about MIN_SECONDS, at most MAX_REPEATS times, so that their medians are not timer noise.
+MIN_SECONDS, MAX_REPEATS = 2.0, 15
+REFERENCE_STEPS = 40
+QUARTER = 4  # the small-batch setting probes the first 1/QUARTER of the probe's batch
+# The acceptance bar: "equal decisions" to the reference, and the cost goal.
+SCORE_TOL = 0.1  # decades
+FACTOR_TOL = 0.25  # relative
+GOAL = 5.0  # times cheaper than setting 1 (the optimizer's previous default)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One probe configuration. ``quarter``: probe a quarter of the batch; ``workers``: block
+    products run on this many threads (2 means two cores, the rest run on one)."""
+
+    label: str
+    steps: int
+    tol: float | None
+    quarter: bool = False
+    workers: int = 1
+
+
+SETTINGS = (
+    Setting("1. previous default", 10, None),
+    Setting("2. tol 0.02 (default)", 10, 0.02),
+    Setting("3. tol 0.05", 10, 0.05),
+    Setting("4. tol 0.1", 10, 0.1),
+    Setting("5. 5 steps", 5, None),
+    Setting("6. quarter batch, tol 0.02", 10, 0.02, quarter=True),
+    Setting("7. tol 0.02, 2 cores", 10, 0.02, workers=2),
+)
+BASELINE, DEFAULT_SETTING, TWO_CORES = SETTINGS[0], SETTINGS[1], SETTINGS[6]
+REFERENCE = Setting("reference", REFERENCE_STEPS, None)
+
+
+@dataclass
+class Case:
+    """A model state to probe: its model, training loss, full-batch probe and (for the demo
+    tasks) the probe on a quarter of the batch."""
+
+    key: str
+    title: str
+    model: nn.Module
+    train_loss: Callable[[int], torch.Tensor]
+    probe: Callable[[], torch.Tensor]
+    quarter_probe: Callable[[], torch.Tensor] | None
+    batch: str  # the probe batch in words
+    state: str = "fixed curvature"
+
+
+@dataclass
+class Row:
+    """One setting's measurements on one model state."""
+
+    setting: str
+    seconds: list[float]
+    hvps: int
+    score: float
+    max_ratio: float
+    mode: str
+    factors: dict[str, float]
+    cost_steps: float = 0.0
+    score_diff: float = 0.0
+    ratio_diff: float = 0.0
+    same_mode: bool = True
+    factor_error: float = 0.0
+    equal: bool = True
+    cheaper: float = 1.0  # setting 1's time over this one's
+    hvp_cheaper: float = 1.0  # setting 1's products over this one's
+
+    def failures(self) -> str:
+        """Which parts of the bar this row misses, in words."""
+        out = []
+        if abs(self.score_diff) > SCORE_TOL:
+            out.append(f"score {self.score_diff:+.2f}")
+        if not self.same_mode:
+            out.append(f"mode {self.mode}")
+        if self.factor_error > FACTOR_TOL:
+            out.append(f"factor {self.factor_error:.0%}")
+        return ", ".join(out)
+
+
+@dataclass
+class Table:
+    """One model state: the training step's time, the reference and every setting."""
+
+    key: str
+    title: str
+    state: str
+    batch: str
+    blocks: int
+    params: int
+    step_seconds: float
+    repeats: int
+    reference: Row
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def short(self) -> str:
+        """A short name of the model state, for the findings."""
+        if self.state.startswith("after"):
+            return f"{self.key} trained"
+        return f"{self.key} init" if self.state.startswith("at ") else self.key
+
+    def row(self, s: Setting) -> Row | None:
+        return next((r for r in self.rows if r.setting == s.label), None)
+
+
+# -- model states ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _digits() -> data.Digits:
+    return data.digits(seed=0)  # as demo.py: one split for every seed
+
+
+@functools.cache
+def _corpus() -> data.Corpus:
+    return data.text_corpus(vocab_size=demo.VOCAB)
+
+
+def _probe_batch(key: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's batch of demo task ``key``, drawn as demo.py draws it."""
+    if key == "gpt":
+        corpus = _corpus()
+        cut = round((1 - demo.HELD_OUT_TEXT) * len(corpus.tokens))
+        train = data.Corpus(corpus.tokens[:cut], corpus.vocab)
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        return data.text_batches(train, demo.TEXT_BATCH, demo.CONTEXT, generator=gen)
+    d = _digits()
+    _batches, fixed = data.seeded_batches(len(d.y_train), demo.IMAGE_BATCH, seed)
+    return d.x_train[fixed], d.y_train[fixed]
+
+
+def _loss_fn(key: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if key == "gpt":
+        return F.cross_entropy(out.flatten(0, 1), y.flatten())
+    return F.cross_entropy(out, y)
+
+
+def demo_case(key: str, seed: int) -> Case:
+    """Demo task ``key`` at initialisation, with its probe and a quarter-batch probe built from
+    the same batch (checked against the demo's own probe)."""
+    task = demo.TASKS[key]
+    work = task.build(seed)
+    model = work.model
+    x, y = _probe_batch(key, seed)
+    n = x.shape[0] // QUARTER
+    qx, qy = x[:n], y[:n]
+    with isolated(model), torch.no_grad():
+        ours, theirs = float(_loss_fn(key, model, x, y)), float(work.probe())
+    if ours != theirs:
+        raise RuntimeError(f"{key}: the rebuilt probe batch gives {ours}, the demo's {theirs}")
+    unit = f"windows of {demo.CONTEXT} characters" if key == "gpt" else "images"
+    return Case(
+        key,
+        task.title,
+        model,
+        work.train_loss,
+        work.probe,
+        lambda: _loss_fn(key, model, qx, qy),
+        f"{x.shape[0]} {unit} (quarter: {n})",
+        "at initialisation",
+    )
+
+
+def quadratic_case(case: str, seed: int) -> Case:
+    """A quadratic of bench_optimizer.py; its loss is exact, there is no batch."""
+    setup = _quadratic(case)(seed)
+    return Case(
+        f"quad_{case[:3]}",
+        f"{case.capitalize()} quadratic (3 blocks of 30)",
+        setup.model,
+        setup.train_loss,
+        setup.probe,
+        None,
+        "none (exact loss)",
+    )
+
+
+def train(case: Case, steps: int) -> None:
+    """``steps`` steps of AdamW (lr ``TRAIN_LR``, no weight decay) on the case's training loss."""
+    opt = torch.optim.AdamW(case.model.parameters(), lr=TRAIN_LR, weight_decay=0.0)
+    for i in range(steps):
+        opt.zero_grad()
+        case.train_loss(i).backward()
+        opt.step()
+    opt.zero_grad()
+
+
+def step_times(case: Case, n: int, offset: int = 0) -> list[float]:
+    """Wall times of ``n`` training steps at lr 0 (the weights do not move)."""
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.0)
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        opt.zero_grad()
+        case.train_loss(offset + i).backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    opt.zero_grad()
+    return times
+
+
+# -- probes ---------------------------------------------------------------------------------------
+
+
+def probe(case: Case, blocks: Sequence[Block], s: Setting) -> tuple[float, Row]:
+    """One probe with setting ``s``: its wall time and what the optimizer would decide."""
+    closure = case.quarter_probe if s.quarter else case.probe
+    assert closure is not None
+    start = time.perf_counter()
+    spectra = blockopt.block_spectra(
+        case.model, closure, blocks, steps=s.steps, seed=SEED, tol=s.tol, workers=s.workers
+    )
+    seconds = time.perf_counter() - start
+    h = blockopt.heterogeneity(spectra)
+    score, ratio = float(h), float(h.max_ratio)
+    mode = blockopt.Thresholds().target(score, ratio)
+    return seconds, Row(s.label, [], spectra.hvps, score, ratio, mode, block_lr_factors(spectra))
+
+
+def measure(case: Case, settings: Sequence[Setting], repeats: int) -> Table:
+    """Time the training step and every setting (repeats interleaved, so that a slow spell of
+    the machine falls on all settings alike), and compare each with the reference (its numbers
+    do not depend on timing, so it is timed once, or ``REPEATS`` times where probes are cheap)."""
+    blocks = blockopt.partition(case.model)
+    usable = [s for s in settings if not (s.quarter and case.quarter_probe is None)]
+    step_times(case, 3)  # warm-up
+    probe(case, blocks, usable[0])
+    step_seconds = step_times(case, TIMED_STEPS)
+    seconds, ref = probe(case, blocks, REFERENCE)
+    ref.seconds.append(seconds)
+    rows: dict[str, Row] = {}
+    done = 0
+    while done < repeats:
+        start = time.perf_counter()
+        for s in usable:
+            seconds, row = probe(case, blocks, s)
+            rows.setdefault(s.label, row).seconds.append(seconds)
+        done += 1
+        if done == 1 and repeats > 1:  # cheap probes: more repeats, an odd number of them
+            more = math.ceil(MIN_SECONDS / max(time.perf_counter() - start, 1e-9))
+            repeats = max(repeats, min(MAX_REPEATS, more + 1 - more % 2))
+    while repeats > REPEATS and len(ref.seconds) < REPEATS:  # cheap: a median for it too
+        ref.seconds.append(probe(case, blocks, REFERENCE)[0])
+    step_seconds += step_times(case, TIMED_STEPS, offset=TIMED_STEPS)
+    step = statistics.median(step_seconds)
+    table = Table(
+        case.key,
+        case.title,
+        case.state,
+        case.batch,
+        len(blocks),
+        sum(b.numel for b in blocks),
+        step,
+        repeats,
+        ref,
+    )
+    ref.cost_steps = statistics.median(ref.seconds) / step
+    for row in rows.values():
+        row.cost_steps = statistics.median(row.seconds) / step
+        row.score_diff = row.score - ref.score
+        row.ratio_diff = row.max_ratio - ref.max_ratio
+        row.same_mode = row.mode == ref.mode
+        row.factor_error = max(
+            (abs(row.factors[b] / ref.factors[b] - 1) for b in ref.factors), default=0.0
+        )
+        row.equal = not row.failures()
+        table.rows.append(row)
+    first = table.rows[0]
+    for row in table.rows:
+        row.cheaper = first.cost_steps / row.cost_steps if row.cost_steps > 0 else math.inf
+        row.hvp_cheaper = first.hvps / row.hvps if row.hvps else math.inf
+    return table
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _setting_of(label: str) -> Setting:
+    return next(s for s in (REFERENCE, *SETTINGS) if s.label == label)
+
+
+def _levers(s: Setting) -> str:
+    tol = "none" if s.tol is None else f"{s.tol:g}"
+    return f"{s.steps} | {tol} | {'quarter' if s.quarter else 'full'} | {s.workers}"
+
+
+def _goal(row: Row, s: Setting) -> str:
+    if s == BASELINE:
+        return "(baseline)"
+    if not row.equal:
+        return "no: decisions differ"
+    if row.cheaper < GOAL:
+        return f"no: {row.cheaper:.1f}x"
+    return "yes, on 2 cores" if s.workers > 1 else "yes"
+
+
+def render_table(t: Table) -> list[str]:
+    ref = t.reference
+    lines = [
+        f"### {t.title}, {t.state}",
+        "",
+        f"{t.blocks} blocks, {t.params:,} parameters; probe batch: {t.batch}. A training step "
+        f"takes {t.step_seconds * 1e3:.2f} ms (median of {2 * TIMED_STEPS}); probe times are "
+        f"medians of {t.repeats}. Reference ({REFERENCE_STEPS} steps, no tolerance, "
+        f"{_runs(len(ref.seconds))}): "
+        f"score {ref.score:.3f}, max_ratio {ref.max_ratio:.3f}, mode {ref.mode}, {ref.hvps} "
+        f"products, {ref.cost_steps:.0f} training steps.",
+        "",
+        "| setting | steps | tol | batch | workers | cost (training steps) | products (per block) "
+        "| score diff (decades) | max_ratio diff | same mode | worst factor error "
+        "| equal decisions | cheaper than 1. (time / products) | 5x goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in t.rows:
+        s = _setting_of(row.setting)
+        lines.append(
+            f"| {row.setting} | {_levers(s)} | {row.cost_steps:.1f} "
+            f"| {row.hvps} ({row.hvps / t.blocks:.1f}) | {row.score_diff:+.3f} "
+            f"| {row.ratio_diff:+.3f} | {'yes' if row.same_mode else 'no'} "
+            f"| {row.factor_error:.1%} | {'yes' if row.equal else 'no'} "
+            f"| {row.cheaper:.1f}x / {row.hvp_cheaper:.1f}x | {_goal(row, s)} |"
+        )
+    return [*lines, ""]
+
+
+def _runs(n: int) -> str:
+    return "one run" if n == 1 else f"median of {n} runs"
+
+
+def _span(values: Sequence[float], unit: str = "x") -> str:
+    """``min`` to ``max`` (median ``m``) of ``values``."""
+    lo, hi, mid = min(values), max(values), statistics.median(values)
+    return f"{lo:.1f}{unit} to {hi:.1f}{unit} (median {mid:.1f}{unit})"
+
+
+def findings(tables: Sequence[Table]) -> list[str]:
+    """The findings, written from the numbers: the goal, then one line per lever."""
+    rows = [(t, r) for t in tables for r in t.rows if r.setting != BASELINE.label]
+    met = [(t, r) for t, r in rows if r.equal and r.cheaper >= GOAL]
+    best_t, best = max(((t, r) for t, r in rows if r.equal), key=lambda tr: tr[1].cheaper)
+    base = [t.row(BASELINE) for t in tables]
+    per_product = [r.cost_steps / r.hvps for r in base if r is not None]
+    if met:
+        head = (
+            f"The {GOAL:g}x goal at equal decisions is met on {len(met)} of {len(rows)} "
+            f"setting and model-state pairs: "
+            + "; ".join(f"{r.setting} on {t.short} ({r.cheaper:.1f}x)" for t, r in met)
+            + "."
+        )
+    else:
+        head = (
+            f"No setting is {GOAL:g}x cheaper than the previous default at equal decisions on "
+            f"any model state: the largest saving at equal decisions is {best.cheaper:.1f}x "
+            f"({best.setting}, {best_t.short})."
+        )
+    out = [
+        head + f" The previous default costs {_span([r.cost_steps for r in base if r], '')} "
+        f"training steps per probe, {_span(per_product, '')} training steps per "
+        f"Hessian-vector product; {GOAL:g}x cheaper in products would mean "
+        f"{BASELINE.steps / GOAL:g} products per block.",
+        "",
+    ]
+    for s in SETTINGS[1:]:
+        mine = [(t, r) for t in tables if (r := t.row(s)) is not None]
+        if not mine:
+            continue
+        equal = sum(r.equal for _, r in mine)
+        per_block = [r.hvps / t.blocks for t, r in mine]
+        text = (
+            f"- **{s.label}**: equal decisions on {equal} of {len(mine)} model states; "
+            f"{_span([r.cheaper for _, r in mine])} cheaper than setting 1 in time, "
+            f"{_span([r.hvp_cheaper for _, r in mine])} in products "
+            f"({min(per_block):.1f} to {max(per_block):.1f} per block)"
+        )
+        failed = [f"{t.short}: {r.failures()}" for t, r in mine if not r.equal]
+        if failed:
+            text += f"; decisions differ on {'; '.join(failed)}"
+        if s == TWO_CORES:
+            pairs = [(t.row(DEFAULT_SETTING), r) for t, r in mine]
+            same = all(
+                a is not None and (a.score, a.factors, a.hvps) == (r.score, r.factors, r.hvps)
+                for a, r in pairs
+            )
+            speed = [a.cost_steps / r.cost_steps for a, r in pairs if a is not None]
+            text += (
+                f"; setting 2's time over this one's (what the second core gains): "
+                f"{_span(speed)}; "
+                + ("results identical to setting 2's" if same else "results differ from 2's")
+            )
+        out.append(text + ".")
+    return out
+
+
+def render(tables: Sequence[Table], seconds: float, note: str) -> str:
+    lines = [
+        SECTION,
+        "",
+        f"Regenerate: `{COMMAND}`{note}.",
+        "",
+        "What one probe costs in training steps, and whether the optimizer's decisions (the "
+        "heterogeneity score, the mode `Thresholds().target(score, max_ratio)` picks, the "
+        "block learning-rate factors of `block_lr_factors`) stay those of a "
+        f"{REFERENCE_STEPS}-step probe without tolerance on the same batch and seed. A probe's "
+        "cost is its wall time (median of the repeats, settings interleaved) over the median "
+        "wall time of a training step (zero_grad, forward, backward, SGD step at lr 0), both on "
+        "one thread (torch's, and numpy's BLAS for the Ritz values); setting 7 runs the block "
+        "products on two threads (two cores) against the same one-thread training step. The "
+        "demo tasks are probed at "
+        f"initialisation and after {TRAIN_STEPS} steps of AdamW (lr {TRAIN_LR:g}), the "
+        "quadratics once (their curvature is fixed), all on the optimizer's default partition. "
+        "With `tol`, a block's Lanczos run stops after two steps in a row that moved neither "
+        "extreme Ritz value by more than tol of their scale. Equal decisions: score within "
+        f"{SCORE_TOL:g} decades of the reference, same mode, every block factor within "
+        f"{FACTOR_TOL:.0%}. The goal: at least {GOAL:g}x cheaper than setting 1 (10 steps, no "
+        "tolerance, the optimizer's previous default) at equal decisions.",
+        "",
+    ]
+    for t in tables:
+        lines += render_table(t)
+    lines += ["Findings:", "", *findings(tables), ""]
+    lines.append(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}, 1 torch thread and 1 BLAS thread, {date.today()}; the benchmark "
+        f"took {seconds / 60:.1f} minutes ({_cpu_seconds() / 60:.1f} CPU-minutes); load average "
+        f"{os.getloadavg()[1]:.1f} over the last 5 minutes (the machine's other work shares "
+        "the cores, the second one of setting 7 included)."
+    )
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (both cores count in setting 7)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager:
+    """Limit numpy's BLAS to one thread (threadpoolctl comes with scikit-learn, which the digits
+    need): on a busy machine its second thread can hold a 30x30 ``eigh`` for a scheduler tick,
+    16 ms instead of 0.04, and the probes' Ritz values are computed with numpy."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def run(quick: bool, log: Callable[[str], None]) -> list[Table]:
+    """Every model state's table (GPT only with ``quick``)."""
+    repeats = QUICK_REPEATS if quick else REPEATS
+    keys = ["gpt"] if quick else ["gpt", "vit", "cnn"]
+    tables = []
+    for key in keys:
+        case = demo_case(key, SEED)
+        log(f"{key}: at initialisation")
+        tables.append(measure(case, SETTINGS, repeats))
+        log(f"{key}: training {TRAIN_STEPS} steps")
+        train(case, TRAIN_STEPS)
+        case.state = f"after {TRAIN_STEPS} AdamW steps"
+        tables.append(measure(case, SETTINGS, repeats))
+    if not quick:
+        for kind in ("heterogeneous", "homogeneous"):
+            log(f"{kind} quadratic")
+            tables.append(measure(quadratic_case(kind, SEED), SETTINGS, repeats))
+    return tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 repeat, GPT only; no write"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print, do not edit the doc")
+    parser.add_argument("--json", type=Path, default=None, help="also save the raw results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    begin = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - begin:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    with torch.random.fork_rng(devices=[]), one_blas_thread():
+        tables = run(args.quick, log)
+    note = " (here a `--quick` smoke run: 1 repeat, GPT only)" if args.quick else ""
+    text = render(tables, time.perf_counter() - begin, note)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(t) for t in tables], indent=1))
+    if not (args.no_write or args.quick):
+        write_section(SECTION, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
