@@ -325,7 +325,13 @@ def _finish_auto(opt: BlockOptimizer, work: Workload, result: RunResult) -> None
     if result.diverged_at is not None:
         return  # no curvature at non-finite weights
     final = block_spectra(
-        opt.probe_model, work.probe, opt.blocks, steps=opt.steps, probes=opt.probes, seed=opt.seed
+        opt.probe_model,
+        work.probe,
+        opt.blocks,
+        steps=opt.steps,
+        probes=opt.probes,
+        seed=opt.seed,
+        tol=opt.tol,
     )
     result.end_score = float(heterogeneity(final))
 

@@ -9,9 +9,16 @@ so the collectives run in the same order on every rank. With the same start vect
 rank (they depend only on the seed and the block's name) the Lanczos runs, the spectra and the
 decisions taken from them are then the same on every rank, to the bit.
 
+With ``share=True`` (the optimizer's default under DDP) the ranks split the work instead:
+:func:`assign_blocks` deals the blocks out so that each rank's share costs about the same, each
+rank runs Lanczos on its own blocks alone, with no per-step collective, and :func:`gather_rows`
+hands every rank every block's tridiagonal in one ``all_reduce``. Each block's spectrum is then
+that of the rank that probed it, and the per-rank cost of a probe falls as ``1/world``.
+
 Ranks must fail together too, or the ranks still running would wait for a collective that
-never comes. :func:`agree` (the probe's loss) and :func:`reduced_matvec` (each Lanczos step)
-therefore reduce a few failure flags along with the data; when any rank failed, every rank
+never comes. :func:`agree` (the probe's loss), :func:`reduced_matvec` (each Lanczos step) and
+:func:`gather_rows` (a shared probe's results) therefore reduce a few failure flags along with
+the data; when any rank failed, every rank
 raises: the failing rank its own error, the others :class:`ProbeFailedElsewhere`.
 
 FullyShardedDataParallel (FSDP, ``FullyShardedDataParallel`` and ``fully_shard``) cannot be
@@ -44,8 +51,10 @@ __all__ = [
     "agree",
     "agree_status",
     "agree_value",
+    "assign_blocks",
     "ddp_of",
     "fault_kind",
+    "gather_rows",
     "no_sync",
     "probe_reduce",
     "reduced_matvec",
@@ -101,6 +110,25 @@ class RankMean:
 
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor.div_(dist.get_world_size(self.group))
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of ``group``, by an ``all_reduce`` in place."""
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def rank(self) -> int:
+        """This process's rank in ``group``."""
+        import torch.distributed as dist
+
+        return dist.get_rank(self.group)
+
+    def size(self) -> int:
+        """The number of ranks in ``group``."""
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.group)
 
 
 def _flags(error: BaseException | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -210,6 +238,48 @@ def reduced_matvec(matvec: ManyMatvec, reduce: Reduce) -> ManyMatvec:
         return out
 
     return run
+
+
+def assign_blocks(costs: Sequence[Sequence[float]], world_size: int) -> list[int]:
+    """The rank that probes each block in a shared probe, from each block's estimated cost (a
+    tuple compared lexicographically; :func:`blockopt.spectra.block_spectra` passes its bound on
+    the block's products, then its size). Greedy longest-processing-time: the blocks, costliest
+    first (ties by index), go one by one to the rank with the least cost so far (ties to the
+    lower rank), so the ranks' totals differ by at most the largest block's cost. Pure and
+    deterministic: every rank computes the same assignment from the same list."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    width = len(costs[0]) if costs else 0
+    if any(len(c) != width for c in costs):
+        raise ValueError("every block's cost must have the same number of components")
+    order = sorted(range(len(costs)), key=lambda i: (tuple(-c for c in costs[i]), i))
+    loads = [(0,) * width] * world_size
+    owners = [0] * len(costs)
+    for i in order:
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[i] = rank
+        loads[rank] = tuple(a + c for a, c in zip(loads[rank], costs[i]))
+    return owners
+
+
+def gather_rows(
+    rows: torch.Tensor,
+    error: BaseException | None,
+    group: Any,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Every rank's rows of a table that each rank fills only in the rows it owns, holding
+    ``-0.0`` in the others: one sum ``all_reduce`` (``group.sum``, e.g. :meth:`RankMean.sum`)
+    of the table in float64 and the failure flags. Since ``x + (-0.0) == x`` for every float,
+    signed zeros included, the sum hands every rank the owner's bits, whatever the order of the
+    additions. Raises on every rank when any rank failed (``error`` is this rank's failure)."""
+    shape = rows.shape
+    flat = torch.cat(
+        [rows.reshape(-1).to(torch.float64), _flags(error, torch.float64, rows.device)]
+    ).to(device)
+    flat = group.sum(flat).cpu()
+    _raise_if_failed(flat[-len(FAULT_KINDS) :], error)
+    return flat[: -len(FAULT_KINDS)].reshape(shape)
 
 
 def _wrappers(model: nn.Module) -> Iterator[nn.Module]:

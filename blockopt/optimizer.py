@@ -36,8 +36,17 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .blocks import Strategy, partition
-from .distributed import Reduce, ddp_of, fault_kind, no_sync, probe_reduce, refuse_sharded
+from .distributed import (
+    RankMean,
+    Reduce,
+    ddp_of,
+    fault_kind,
+    no_sync,
+    probe_reduce,
+    refuse_sharded,
+)
 from .heterogeneity import Heterogeneity, heterogeneity
+from .lanczos import check_tol
 from .lr_search import LrSearch, grid_start, recheck_multiplier, search_multiplier
 from .lr_trials import trial_loss
 from .modes import MODES, BlockSGD, resolve_optimizer_class, transfer_state
@@ -65,6 +74,12 @@ from .tuning import (
 __all__ = ["BlockOptimizer", "wrap"]
 
 STATE_VERSION = 1
+# Decisions read each block's curvature scale, not its density: a Lanczos run may stop once its
+# extreme Ritz values have settled to 2%. At 5% a block of the reference GPT after 300 steps of
+# training stopped at a pause of its largest Ritz value, 32% below the block's curvature; at 2%
+# every block factor of the reference GPT, ViT, CNN and quadratics stays within 1% of a 40-step
+# probe's, at 0.65-0.8 of the products of 10 fixed steps (docs/BENCHMARKS.md, "Probe cost").
+DEFAULT_TOL = 0.02
 # Fields :meth:`BlockOptimizer._install` sets as they are: key -> attribute.
 _INSTALLED = {
     "mode": "mode",
@@ -118,8 +133,12 @@ class BlockOptimizer(Optimizer):
         optimizers: per mode, a class or name (``torch.optim`` or ``torch_optimizer``) or a
             ``(class_or_name, kwargs)`` pair replacing the default class and hyperparameters.
         strategy: block partition strategy (see :func:`blockopt.partition`).
-        steps, probes, seed: Lanczos steps (default 10) and start vectors per block; the probe
-            at step ``t`` draws its start vectors from ``seed + t``.
+        steps, probes, seed: Lanczos steps (at most; default 10) and start vectors per block;
+            the probe at step ``t`` draws its start vectors from ``seed + t``.
+        tol: Lanczos stopping tolerance (default 0.02): a block's run stops after two steps in
+            a row that moved its extreme Ritz values by at most this share of their scale, since
+            decisions need only each block's curvature scale (see
+            :func:`blockopt.block_spectra`); ``None``: every block runs ``steps`` steps.
         probe_every: probe every this many steps; default: an adaptive schedule
             (:class:`blockopt.policy.ProbeSchedule`).
         probe_budget: the share of training wall time that probes, learning-rate searches and
@@ -151,10 +170,18 @@ class BlockOptimizer(Optimizer):
             ``SummaryWriter`` at ``logdir`` or into your own ``writer`` (see
             :mod:`blockopt.tensorboard`); nothing is logged when neither is given.
         log_figures: also draw the density and JS-matrix figures at every probe.
-        distributed: how probes combine data-parallel ranks (docs/DISTRIBUTED.md): ``None``
-            averages over the ranks when ``model`` is DistributedDataParallel and
-            torch.distributed is initialised; ``True`` always (over DDP's or the default
-            group), a ``ProcessGroup`` over that group, ``False`` never.
+        distributed: which data-parallel ranks probes combine (docs/DISTRIBUTED.md): ``None``
+            those of DDP's group when ``model`` is DistributedDataParallel and
+            torch.distributed is initialised; ``True`` always (DDP's or the default group), a
+            ``ProcessGroup`` that group, ``False`` none (each rank probes alone).
+        distributed_share: when probes combine ranks, how (default ``True``): the ranks share
+            the blocks, each rank probing its share on its own probe batch, and gather the
+            results in one collective, so a probe costs each rank about ``1/world`` of the
+            work and each block's spectrum is that of the rank that probed it; give each
+            rank's ``probe`` a full-size batch of its own. ``False``: every rank probes every
+            block and each Lanczos step averages the products over the ranks (the spectra of
+            the mean of the ranks' losses, at the full cost on every rank). Either way every
+            rank gets the same spectra and takes the same decisions.
     """
 
     def __init__(
@@ -176,6 +203,7 @@ class BlockOptimizer(Optimizer):
         optimizers: Mapping[str, Any] | None = None,
         strategy: Strategy = "tensor",
         steps: int = 10,
+        tol: float | None = DEFAULT_TOL,
         probes: int = 1,
         seed: int = 0,
         probe_every: int | None = None,
@@ -185,12 +213,13 @@ class BlockOptimizer(Optimizer):
         pin_mode: str | None = None,
         max_factor: float = DEFAULT_MAX_FACTOR,
         lr_search: bool = True,
-        search_steps: int = 20,
+        search_steps: int = 10,
         history: int = 1000,
         logdir: str | Path | None = None,
         writer: Any = None,
         log_figures: bool = True,
         distributed: Any = None,
+        distributed_share: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -206,8 +235,14 @@ class BlockOptimizer(Optimizer):
         if isinstance(history, bool) or not isinstance(history, int) or history < 1:
             raise ValueError(f"history must be a positive int, got {history!r}")
         check_lanczos_settings(steps, probes)
+        check_tol(tol)
         if not isinstance(lr_search, bool):
             raise TypeError(f"lr_search must be True or False, got {lr_search!r}")
+        if not isinstance(distributed_share, bool):
+            raise TypeError(
+                "distributed_share must be True (the ranks share a probe's blocks) or False "
+                f"(every rank probes every block, averaged), got {distributed_share!r}"
+            )
         if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
             raise ValueError(f"search_steps must be a positive int, got {search_steps!r}")
         if probe_budget is not None and not is_share(probe_budget):
@@ -234,6 +269,7 @@ class BlockOptimizer(Optimizer):
         self.probe_model = _eager(model)
         self.probe = probe
         self._reduce = _probe_reduce(model, probe, distributed)
+        self.distributed_share = distributed_share
         self.blocks = partition(self.probe_model, strategy)
         if params is None:
             params = [p for p in self.probe_model.parameters() if p.requires_grad]
@@ -285,7 +321,7 @@ class BlockOptimizer(Optimizer):
         self.mode = pin_mode or mode
         self._scales.setdefault(self.mode, self._fixed_lrs.get(self.mode, lr) / lr)
         self._inner: dict[str, Optimizer] = {}
-        self.steps, self.probes, self.seed = steps, probes, seed
+        self.steps, self.probes, self.seed, self.tol = steps, probes, seed, tol
         self.monitor_only = monitor_only
         self.pin_mode = pin_mode
         self.max_factor = max_factor
@@ -468,7 +504,9 @@ class BlockOptimizer(Optimizer):
                 steps=self.steps,
                 probes=self.probes,
                 seed=self.seed + self.step_count,
+                tol=self.tol,
                 reduce=self._reduce,
+                share=self.distributed_share and isinstance(self._reduce, RankMean),
             )
         score = heterogeneity(spectra)
         factors = block_lr_factors(spectra, max_factor=self.max_factor)
@@ -722,6 +760,7 @@ class BlockOptimizer(Optimizer):
             "strategy": self._strategy if isinstance(self._strategy, str) else "custom",
             "steps": self.steps,
             "probes": self.probes,
+            "tol": self.tol or 0.0,
             "probe_every": self.schedule.every or 0,
             "probe_budget": self.schedule.budget or 0.0,
             "sgd_below": t.sgd_below,

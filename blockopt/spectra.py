@@ -13,7 +13,7 @@ import numbers
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from .blocks import Block, Strategy, partition
-from .distributed import Reduce, agree, agree_status, reduced_matvec, refuse_sharded
+from .distributed import (
+    Reduce,
+    agree,
+    agree_status,
+    assign_blocks,
+    gather_rows,
+    reduced_matvec,
+    refuse_sharded,
+)
 from .hvp import BlockHessian
 from .isolation import isolated
 from .lanczos import (
@@ -32,6 +40,7 @@ from .lanczos import (
     gaussian_density,
     lanczos_many,
     random_start,
+    ritz,
 )
 
 __all__ = [
@@ -155,9 +164,12 @@ class BlockSpectrum:
 class Spectra(Mapping[str, BlockSpectrum]):
     """Block name -> :class:`BlockSpectrum`, in partition order, with the probe's settings.
 
-    ``hvps`` counts the Hessian-vector products the probe took, ``seconds`` its wall time,
-    ``dtype`` the (widest) floating-point type the products were computed in, which sets how
-    small a curvature can be told apart from round-off, and ``tol`` the Lanczos stopping
+    ``hvps`` counts the Hessian-vector products behind the spectra (the Lanczos steps of all
+    runs), ``local_hvps`` those this process computed: ``hvps`` itself, except in a probe whose
+    ranks shared the blocks (``block_spectra(..., share=True)``), where each rank computed its
+    share and the ranks' ``local_hvps`` add up to ``hvps``. ``seconds`` is the probe's wall
+    time, ``dtype`` the (widest) floating-point type the products were computed in, which sets
+    how small a curvature can be told apart from round-off, and ``tol`` the Lanczos stopping
     tolerance (``None``: every block ran ``steps`` steps, or to its size or breakdown).
     """
 
@@ -172,6 +184,7 @@ class Spectra(Mapping[str, BlockSpectrum]):
         seconds: float = 0.0,
         dtype: str = "float64",
         tol: float | None = None,
+        local_hvps: int | None = None,
     ) -> None:
         self._items = {s.name: s for s in spectra}
         if len(self._items) != len(spectra):
@@ -179,8 +192,15 @@ class Spectra(Mapping[str, BlockSpectrum]):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype must name a torch floating-point type, got {dtype!r}")
         check_tol(tol)
+        local_hvps = hvps if local_hvps is None else local_hvps
+        if not 0 <= local_hvps <= hvps:
+            raise ValueError(
+                f"local_hvps must lie between 0 and hvps ({hvps}): a process computes at most "
+                f"the products behind the spectra, got {local_hvps!r}"
+            )
         self.steps, self.probes, self.seed = steps, probes, seed
         self.hvps, self.seconds, self.dtype, self.tol = hvps, seconds, dtype, tol
+        self.local_hvps = local_hvps
 
     def __getitem__(self, name: str) -> BlockSpectrum:
         return self._items[name]
@@ -202,6 +222,7 @@ class Spectra(Mapping[str, BlockSpectrum]):
             "probes": self.probes,
             "seed": self.seed,
             "hvps": self.hvps,
+            "local_hvps": self.local_hvps,
             "seconds": self.seconds,
             "dtype": self.dtype,
             "tol": self.tol,
@@ -228,15 +249,22 @@ class Spectra(Mapping[str, BlockSpectrum]):
             tol = float(_field(data, "tol", "number", "spectra"))
             if not 0.0 < tol < 1.0:
                 raise ValueError(f"spectra['tol'] is {tol!r}, not None or a number in (0, 1)")
+        hvps = int(_field(data, "hvps", "count", "spectra", 0))
+        local_hvps = int(_field(data, "local_hvps", "count", "spectra", hvps))
+        if local_hvps > hvps:
+            raise ValueError(
+                f"spectra['local_hvps'] is {local_hvps}, more than spectra['hvps'] ({hvps})"
+            )
         return cls(
             [BlockSpectrum.from_dict(b, where=f"blocks[{i}]") for i, b in enumerate(blocks)],
             steps=int(_field(data, "steps", "count", "spectra")),
             probes=int(_field(data, "probes", "count", "spectra")),
             seed=int(_field(data, "seed", "int", "spectra")),
-            hvps=int(_field(data, "hvps", "count", "spectra", 0)),
+            hvps=hvps,
             seconds=float(_field(data, "seconds", "number", "spectra", 0.0)),
             dtype=_field(data, "dtype", "str", "spectra", "float32"),
             tol=tol,
+            local_hvps=local_hvps,
         )
 
 
@@ -327,6 +355,7 @@ def block_spectra(
     vectorize: bool = False,
     workers: int | None = None,
     reduce: Reduce | None = None,
+    share: bool = False,
 ) -> Spectra:
     """Estimate the spectrum of every diagonal Hessian block of ``probe()``'s loss.
 
@@ -347,12 +376,23 @@ def block_spectra(
     blocks in one flat buffer, so every rank gets the spectra of the mean of the ranks' losses,
     identical on all ranks; a failure on any rank raises on all (docs/DISTRIBUTED.md).
 
+    ``share=True`` (with a ``reduce`` that knows its group, :class:`RankMean`) splits the work
+    instead: the blocks are dealt out among the ranks (:func:`blockopt.distributed.
+    assign_blocks`, balancing each block's bound on its products, ``min(steps, numel)``, then
+    its size), each rank runs Lanczos on its own blocks alone, with no per-step collective, and
+    one ``all_reduce`` hands every rank every block's tridiagonal, so the per-rank cost falls as
+    ``1/world`` and the spectra are identical to the bit on every rank. Each block's spectrum
+    is then that of the rank that probed it, on that rank's probe batch, not of the mean of
+    the ranks' losses: give each rank a full-size probe batch of its own. With the same batch
+    on every rank, shared and unshared probes give the same spectra.
+
     The probe leaves ``.grad``, buffers, train/eval modes and global RNG states as it found them.
     """
     check_lanczos_settings(steps, probes)
     check_tol(tol)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    _check_share(share, reduce)
     refuse_sharded(model, "block_spectra")
     if blocks is None or isinstance(blocks, (str, Mapping)) or callable(blocks):
         blocks = partition(model, "tensor" if blocks is None else blocks)
@@ -370,28 +410,26 @@ def block_spectra(
         else:
             device = blocks[0].parts[0].param.device
             _loss, hessian = agree(prepare, reduce, lambda r: float(r[0].detach()), device)
-        starts = []
-        for i, block in enumerate(blocks):
-            generator = torch.Generator().manual_seed(_block_seed(seed, block.name))
-            for _ in range(probes):
-                starts.append(
-                    random_start(
-                        block.numel,
-                        generator=generator,
-                        dtype=hessian.dtype(i),
-                        device=hessian.device(i),
-                    )
-                )
+        if share:
+            runs, status, local_hvps = _shared_runs(
+                hessian, blocks, reduce, steps=steps, probes=probes, seed=seed, tol=tol
+            )
+        else:
+            starts = _starts(hessian, blocks, range(len(blocks)), probes, seed)
 
-        def matvec(ops: Sequence[int], vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-            return hessian.matvec_many([op // probes for op in ops], vs)
+            def matvec(ops: Sequence[int], vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                return hessian.matvec_many([op // probes for op in ops], vs)
 
-        runs = lanczos_many(
-            matvec if reduce is None else reduced_matvec(matvec, reduce), starts, steps, tol=tol
-        )
-        status = [hessian.status(i) for i in range(len(blocks))]
-        if reduce is not None:
-            status = agree_status(status, reduce, blocks[0].parts[0].param.device)
+            runs = lanczos_many(
+                matvec if reduce is None else reduced_matvec(matvec, reduce),
+                starts,
+                steps,
+                tol=tol,
+            )
+            status = [hessian.status(i) for i in range(len(blocks))]
+            if reduce is not None:
+                status = agree_status(status, reduce, blocks[0].parts[0].param.device)
+            local_hvps = sum(r.steps for r in runs)
         dtype = hessian.dtype(0)
         for i in range(1, len(blocks)):
             dtype = torch.promote_types(dtype, hessian.dtype(i))
@@ -419,7 +457,140 @@ def block_spectra(
         seconds=time.perf_counter() - start,
         dtype=str(dtype).removeprefix("torch."),
         tol=tol,
+        local_hvps=local_hvps,
     )
+
+
+_STATUSES = ("ok", "unused", "no_graph")
+_HEADER = 4  # a shared run's row: steps taken, breakdown, settled, status; then alphas, betas
+
+
+def _check_share(share: Any, reduce: Any) -> None:
+    """Refuse ``share`` other than a bool, and a shared probe without a ``reduce`` that knows
+    its group (a sum, this rank and the group's size are needed to split and gather) or from a
+    process outside that group. Local checks only: they fail alike on every rank."""
+    if not isinstance(share, bool):
+        raise TypeError(f"share must be True or False, got {type(share).__name__} {share!r}")
+    if not share:
+        return
+    if not all(callable(getattr(reduce, name, None)) for name in ("sum", "rank", "size")):
+        raise TypeError(
+            "share=True splits the blocks among the ranks, so it needs a reduce that knows its "
+            "process group, e.g. reduce=blockopt.distributed.RankMean(group), got "
+            f"{'no reduce' if reduce is None else type(reduce).__name__}"
+        )
+    if not 0 <= reduce.rank() < reduce.size():
+        raise ValueError(
+            f"this process is not in the group of the reduce (rank {reduce.rank()} of "
+            f"{reduce.size()}); call block_spectra only on the group's ranks"
+        )
+
+
+def _starts(
+    hessian: BlockHessian, blocks: Sequence[Block], indices: Iterable[int], probes: int, seed: int
+) -> list[torch.Tensor]:
+    """The start vectors of the blocks at ``indices``, ``probes`` per block: each block's depend
+    only on ``seed`` and its name, so every rank draws the same ones."""
+    starts = []
+    for i in indices:
+        generator = torch.Generator().manual_seed(_block_seed(seed, blocks[i].name))
+        for _ in range(probes):
+            starts.append(
+                random_start(
+                    blocks[i].numel,
+                    generator=generator,
+                    dtype=hessian.dtype(i),
+                    device=hessian.device(i),
+                )
+            )
+    return starts
+
+
+def share_costs(blocks: Sequence[Block], steps: int) -> list[tuple[int, int]]:
+    """Each block's estimated cost in a shared probe: the products its runs may take,
+    ``min(steps, numel)`` (each is a backward pass through the shared graph, whose cost
+    depends more on the graph than on the block), then its size (the reorthogonalisation and
+    the block's own kernels). Depends only on the block list and ``steps``, which every rank
+    shares."""
+    return [(min(steps, b.numel), b.numel) for b in blocks]
+
+
+def _shared_runs(
+    hessian: BlockHessian,
+    blocks: Sequence[Block],
+    group: Any,
+    *,
+    steps: int,
+    probes: int,
+    seed: int,
+    tol: float | None,
+) -> tuple[list[LanczosResult], list[str], int]:
+    """Lanczos on this rank's share of the blocks, alone, then every block's runs and status
+    from every rank in one collective (:func:`blockopt.distributed.gather_rows`); also returns
+    how many products this rank computed. A failure on any rank raises on all."""
+    owners = assign_blocks(share_costs(blocks, steps), group.size())
+    rank = group.rank()
+    mine = [i for i, owner in enumerate(owners) if owner == rank]
+    rows = torch.full((len(blocks) * probes, _HEADER + 2 * steps - 1), -0.0, dtype=torch.float64)
+    error: BaseException | None = None
+    local = 0
+    try:
+
+        def matvec(ops: Sequence[int], vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            return hessian.matvec_many([mine[op // probes] for op in ops], vs)
+
+        runs = lanczos_many(matvec, _starts(hessian, blocks, mine, probes, seed), steps, tol=tol)
+        for j, run in enumerate(runs):
+            i = mine[j // probes]
+            rows[i * probes + j % probes] = _run_row(run, hessian.status(i), steps)
+        local = sum(r.steps for r in runs)
+    except Exception as err:  # reported to the other ranks, re-raised below
+        error = err
+        rows.fill_(-0.0)
+    table = gather_rows(rows, error, group, hessian.device(0))
+    runs = [_row_run(row, steps) for row in table.tolist()]
+    status = [_row_status(table[i * probes].tolist()) for i in range(len(blocks))]
+    return runs, status, local
+
+
+def _run_row(run: LanczosResult, status: str, steps: int) -> torch.Tensor:
+    """One Lanczos run as a float64 row: steps taken, breakdown, settled, the block's status
+    (1-based), then ``steps`` alphas and ``steps - 1`` betas, padded with ``-0.0``."""
+    row = torch.full((_HEADER + 2 * steps - 1,), -0.0, dtype=torch.float64)
+    row[:_HEADER] = torch.tensor(
+        [run.steps, run.breakdown, run.settled, _STATUSES.index(status) + 1], dtype=torch.float64
+    )
+    row[_HEADER : _HEADER + run.steps] = torch.tensor(run.alphas, dtype=torch.float64)
+    if run.betas:
+        start = _HEADER + steps
+        row[start : start + len(run.betas)] = torch.tensor(run.betas, dtype=torch.float64)
+    return row
+
+
+def _row_run(row: Sequence[float], steps: int) -> LanczosResult:
+    """The Lanczos run a gathered row holds, its Ritz pairs computed from the tridiagonal, as
+    on every rank: the same bits in, the same spectra out."""
+    m = int(row[0])
+    if not 1 <= m <= steps or not 1 <= row[3] <= len(_STATUSES):
+        raise RuntimeError(
+            "a shared probe gathered a block that no rank probed: the ranks disagree on the "
+            "blocks, steps or group; give every rank the same model, blocks and options"
+        )
+    alphas = tuple(row[_HEADER : _HEADER + m])
+    betas = tuple(row[_HEADER + steps : _HEADER + steps + m - 1])
+    values, weights = ritz(alphas, betas)
+    return LanczosResult(
+        alphas=alphas,
+        betas=betas,
+        ritz_values=tuple(float(x) for x in values),
+        ritz_weights=tuple(float(x) for x in weights),
+        breakdown=bool(row[1]),
+        settled=bool(row[2]),
+    )
+
+
+def _row_status(row: Sequence[float]) -> str:
+    return _STATUSES[int(row[3]) - 1]
 
 
 def model_spectrum(

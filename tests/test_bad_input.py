@@ -268,6 +268,16 @@ API_CASES = {
         ValueError,
         r"steps must be a positive integer, got -3",
     ),
+    "BlockOptimizer/tol-zero": (
+        lambda: _opt(tol=0),
+        ValueError,
+        r"tol must be None or a number in \(0, 1\), e.g. 0.03, got 0",
+    ),
+    "BlockOptimizer/tol-string": (
+        lambda: _opt(tol="5%"),
+        TypeError,
+        r"tol must be None or a number in \(0, 1\), got str",
+    ),
     "BlockOptimizer/seed-string": (
         lambda: _opt(seed="0"),
         TypeError,

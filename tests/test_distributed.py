@@ -1,4 +1,5 @@
-"""Probing under torch.distributed: DDP ranks agree to the bit, FSDP is refused with the fix.
+"""Probing under torch.distributed: DDP ranks agree to the bit, whether they share a probe's
+blocks or average every product; FSDP is refused with the fix.
 
 The two-rank test runs this file as a script, once per rank, on the gloo backend on CPU.
 """
@@ -24,12 +25,17 @@ from blockopt.distributed import (
     FAULT_KINDS,
     ProbeFailedElsewhere,
     RankMean,
+    assign_blocks,
+    fault_kind,
+    gather_rows,
     probe_reduce,
     sharded_by_fsdp,
 )
+from blockopt.spectra import share_costs
 
 WORLD = 2
 STEPS = 6  # Lanczos steps per probe
+TOL_STEPS = 12  # Lanczos steps at most with tol, enough for some blocks to stop earlier
 TRAIN = 20  # training steps before the fault phase
 SPIKE_AT = 12
 # Rank 1's probe breaks at these steps (probes every 2 steps, retries after 2, 4, 8 steps).
@@ -76,23 +82,39 @@ class _TextWriter:
 
 
 def _timeless(spectra: blockopt.Spectra) -> dict:
-    """``spectra.to_dict()`` without the wall time, which differs between ranks."""
-    return {k: v for k, v in spectra.to_dict().items() if k != "seconds"}
+    """``spectra.to_dict()`` without what each rank measures for itself: the wall time and the
+    products this rank computed."""
+    return {k: v for k, v in spectra.to_dict().items() if k not in ("seconds", "local_hvps")}
 
 
-def _worker(rank: int, init_file: str, out: str) -> None:
-    """One rank: train a DDP model with a wrapped SGD whose probes switch modes, break the probe
-    on one rank only, and try FSDP; save what the test compares."""
-    import torch.distributed as dist
+def _owners(model: nn.Module, steps: int = STEPS) -> dict[str, int]:
+    """Block name -> the rank that probes it in a shared probe of ``model``."""
+    blocks = blockopt.partition(model)
+    return {
+        b.name: owner for b, owner in zip(blocks, assign_blocks(share_costs(blocks, steps), WORLD))
+    }
+
+
+def _param(model: nn.Module, rank: int, kind: str) -> torch.Tensor:
+    """The first weight (``kind="weight"``) or bias of ``model`` that ``rank`` probes when the
+    ranks share the blocks: a fault planted there is in that rank's share."""
+    owners = _owners(model)
+    named = dict(model.named_parameters())
+    return next(named[n] for n, r in owners.items() if r == rank and n.endswith(kind))
+
+
+def _probe_batch(rank: int, share: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank's probe batch: with shared probes a full-size batch of its own (as
+    docs/DISTRIBUTED.md advises), else its half of one probe batch."""
+    return _batch(-1 - rank) if share else _half(_batch(-1), rank)
+
+
+def _train(rank: int, share: bool) -> tuple[dict, nn.Module, nn.Module]:
+    """Train a DDP model with a wrapped SGD whose probes switch modes and break on rank 1 only
+    (in blocks rank 1 probes), sharing the blocks or not; returns what the test compares, the
+    model and its DDP wrapper."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)
     reductions = [0]
@@ -102,17 +124,18 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         return default_hooks.allreduce_hook(state, bucket)
 
     ddp.register_comm_hook(None, counting_hook)
-    px, py = _half(_batch(-1), rank)
+    px, py = _probe_batch(rank, share)
     breakage = {"kind": None}
+    bias, weight = _param(model, 1, "bias"), _param(model, 1, "weight")
 
     def probe():
         loss = _probe_loss(ddp.module, px, py)
         if rank == 1 and breakage["kind"] == "closure":
             raise ValueError("rank 1's probe batch is gone")
         if rank == 1 and breakage["kind"] == "double_backward":
-            return loss + NoDoubleBackward.apply(model[4].bias).sum()
+            return loss + NoDoubleBackward.apply(bias).sum()
         if rank == 1 and breakage["kind"] == "non_finite_hvp":
-            u = model[0].weight - model[0].weight.detach()
+            u = weight - weight.detach()
             return loss + u.pow(1.5).sum()
         return loss
 
@@ -126,9 +149,11 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         thresholds=blockopt.Thresholds(0.0, 0.0, 0.0, 0),  # any score: Adam
         writer=writer,
         log_figures=False,
+        **({} if share else {"distributed_share": False}),  # sharing is the default
     )
-    result: dict = {"auto_reduce": type(opt._reduce).__name__, "untouched": []}
-    first_params = [p.detach().clone() for p in model.parameters()]
+    result: dict = {"auto_reduce": type(opt._reduce).__name__, "untouched": [], "tol": opt.tol}
+    result["shared"] = opt.distributed_share
+    result["first_params"] = [p.detach().clone() for p in model.parameters()]
     for step in range(TRAIN + 16):
         if step == 6:  # force the way back to SGD, then to block SGD, on both ranks alike
             opt.policy.thresholds = blockopt.Thresholds(10.0, 10.0, 0.0, 0)
@@ -152,19 +177,11 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     result["reasons"] = [d.reason for d in opt.history]
     result["mode_lrs"] = opt.mode_lrs
     result["spectra"] = [(step, _timeless(s)) for step, s in opt.spectra_history]
+    result["hvps"] = [(s.local_hvps, s.hvps) for _, s in opt.spectra_history]
     result["faults"] = [(f.step, f.kind) for f in opt.faults]
     result["texts"] = writer.texts
     result["factors"] = dict(opt.block_factors)
-    result["first_params"] = first_params
     result["params"] = [p.detach().clone() for p in model.parameters()]
-
-    # The public API: block_spectra with a reduce hook, and without one (each rank alone).
-    module_probe = lambda: _probe_loss(model, px, py)  # noqa: E731
-    reduced = blockopt.block_spectra(model, module_probe, steps=STEPS, seed=7, reduce=RankMean())
-    alone = blockopt.block_spectra(model, module_probe, steps=STEPS, seed=7)
-    result["api"] = _timeless(reduced)
-    result["alone"] = _timeless(alone)
-    result["api_params"] = [p.detach().clone() for p in model.parameters()]
 
     # The closure may call the DDP wrapper too: the same spectra, no gradient reduction.
     opt.probe = lambda: _probe_loss(ddp, px, py)
@@ -172,9 +189,118 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     before = reductions[0]
     result["through_wrapper"] = opt.probe_now() is not None and reductions[0] == before
     result["wrapper_spectra"] = _timeless(opt.spectra_history[-1][1])
+    result["wrapper_params"] = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
     F.cross_entropy(ddp(x), y).backward()  # DDP trains on as before
     opt.step()
+    return result, model, ddp
+
+
+def _shared_api(rank: int, model: nn.Module) -> dict:
+    """block_spectra with share=True: on each rank's own batch, on one batch that every rank
+    holds, with tol, and with faults planted in one rank's share or outside it."""
+    from torch.distributed import get_world_size
+
+    result: dict = {"world": get_world_size()}
+    own = _probe_batch(rank, share=True)
+    same = _batch(-1)  # the same batch on every rank
+
+    def spectra(batch, steps=STEPS, **options):
+        return blockopt.block_spectra(
+            model, lambda: _probe_loss(model, *batch), steps=steps, seed=7, **options
+        )
+
+    shared = spectra(own, reduce=RankMean(), share=True)
+    result["own"] = _timeless(shared)
+    result["own_hvps"] = (shared.local_hvps, shared.hvps)
+    result["own_alone"] = _timeless(spectra(own))  # this rank alone, every block
+    runs = {
+        "shared": spectra(same, reduce=RankMean(), share=True),
+        "mean": spectra(same, reduce=RankMean()),
+        "alone": spectra(same),
+        "shared_tol": spectra(same, TOL_STEPS, reduce=RankMean(), share=True, tol=0.05),
+        "mean_tol": spectra(same, TOL_STEPS, reduce=RankMean(), tol=0.05),
+        "alone_tol": spectra(same, TOL_STEPS, tol=0.05),
+    }
+    result["same"] = {k: _timeless(s) for k, s in runs.items()}
+    result["same_hvps"] = {k: (s.local_hvps, s.hvps) for k, s in runs.items()}
+    result["same_params"] = [p.detach().clone() for p in model.parameters()]
+
+    # Faults planted in rank 1's loss: in a block rank 1 probes, every rank raises; in a block
+    # rank 0 probes, rank 1 never differentiates it twice, and the probe succeeds everywhere.
+    def planted(kind: str, target: torch.Tensor):
+        def probe() -> torch.Tensor:
+            loss = _probe_loss(model, *own)
+            if rank == 1 and kind == "double_backward":
+                return loss + NoDoubleBackward.apply(target).sum()
+            if rank == 1 and kind == "non_finite":
+                u = target - target.detach()
+                return loss + u.pow(1.5).sum()
+            return loss
+
+        return probe
+
+    result["faults"] = {}
+    for kind in ("double_backward", "non_finite"):
+        for owner in (0, 1):
+            target = _param(model, owner, "weight")
+            try:
+                got = blockopt.block_spectra(
+                    model, planted(kind, target), steps=STEPS, reduce=RankMean(), share=True
+                )
+                outcome = ("ok", _timeless(got))
+            except ProbeFailedElsewhere as err:
+                outcome = ("elsewhere", err.kind)
+            except Exception as err:
+                outcome = (type(err).__name__, fault_kind(err))
+            result["faults"][kind, owner] = outcome
+    return result
+
+
+def _worker(rank: int, init_file: str, out: str) -> None:
+    """One rank: train with shared and with averaged probes, call block_spectra with and
+    without sharing, and try FSDP; save what the test compares."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    result: dict = {}
+    result["mean"], _, _ = _train(rank, share=False)
+    result["share"], model, ddp = _train(rank, share=True)
+    result["shared_api"] = _shared_api(rank, model)
+
+    # The public API: block_spectra with a reduce hook, and without one (each rank alone).
+    px, py = _half(_batch(-1), rank)
+    module_probe = lambda: _probe_loss(model, px, py)  # noqa: E731
+    reduced = blockopt.block_spectra(model, module_probe, steps=STEPS, seed=7, reduce=RankMean())
+    alone = blockopt.block_spectra(model, module_probe, steps=STEPS, seed=7)
+    result["api"] = _timeless(reduced)
+    result["alone"] = _timeless(alone)
+    result["api_params"] = [p.detach().clone() for p in model.parameters()]
+    shared_probe = lambda: _probe_loss(model, *_probe_batch(rank, share=True))  # noqa: E731
+    result["api_shared"] = _timeless(
+        blockopt.block_spectra(
+            model, shared_probe, steps=STEPS, seed=7, reduce=RankMean(), share=True
+        )
+    )
+    # The optimizer passes its choice on to block_spectra.
+    for share in (True, False):
+        opt = blockopt.BlockOptimizer(
+            ddp,
+            module_probe if not share else shared_probe,
+            steps=STEPS,
+            seed=7,
+            tol=None,
+            monitor_only=True,
+            distributed_share=share,
+        )
+        opt.probe_now()
+        result[f"opt_share_{share}"] = _timeless(opt.spectra_history[-1][1])
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -205,7 +331,8 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         fixed.observe_loss(100.0 if rank == 0 and step == SPIKE_AT else 1.0)
     result["spiked_with_fixed_interval"] = fixed.schedule.spiked
 
-    # A block only rank 0's loss uses: the ranks agree it is "ok", so they score alike.
+    # A block only rank 0's loss uses: the ranks agree it is "ok", so they score alike. Shared,
+    # the block's status is its owner's, the same on both ranks too.
     torch.manual_seed(0)
     pair = nn.ModuleDict({"a": nn.Linear(3, 1), "b": nn.Linear(3, 1)})
     z = torch.randn(8, 3)
@@ -217,6 +344,8 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     uneven_spectra = blockopt.block_spectra(pair, uneven, steps=3, reduce=RankMean())
     result["uneven_status"] = {n: s.status for n, s in uneven_spectra.items()}
     result["uneven_score"] = float(blockopt.heterogeneity(uneven_spectra))
+    uneven_shared = blockopt.block_spectra(pair, uneven, steps=3, reduce=RankMean(), share=True)
+    result["uneven_shared"] = _timeless(uneven_shared)
 
     # FSDP: fully_shard works on CPU with gloo, but leaves nothing to differentiate twice.
     from torch.distributed.fsdp import fully_shard
@@ -276,23 +405,40 @@ def _run_ranks(tmp_path: Path) -> list[dict]:
     return [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
-def _single_process(params, seed):
-    """The spectra of the whole probe batch in one process, at ``params``."""
+def _single_process(params, seed, batch=None, tol=None, steps=STEPS):
+    """The spectra of ``batch`` (default: the whole probe batch) in one process, at ``params``."""
     model = _model()
     with torch.no_grad():
         for p, q in zip(model.parameters(), params):
             p.copy_(q)
-    x, y = _batch(-1)
-    return blockopt.block_spectra(model, lambda: _probe_loss(model, x, y), steps=STEPS, seed=seed)
+    x, y = _batch(-1) if batch is None else batch
+    return blockopt.block_spectra(
+        model, lambda: _probe_loss(model, x, y), steps=steps, seed=seed, tol=tol
+    )
 
 
 def _assert_close(a: dict, b: dict) -> None:
     assert [s["name"] for s in a["blocks"]] == [s["name"] for s in b["blocks"]]
     for s, t in zip(a["blocks"], b["blocks"]):
-        scale = max(abs(s["lambda_max"]), abs(s["lambda_min"]), 1e-12)
-        for key in ("lambda_max", "lambda_min", "trace"):
-            assert s[key] == pytest.approx(t[key], rel=1e-6, abs=1e-9 * scale), (s["name"], key)
-        assert s["ritz_values"] == pytest.approx(t["ritz_values"], rel=1e-6, abs=1e-9 * scale)
+        _assert_block_close(s, t)
+
+
+def _assert_block_close(s: dict, t: dict) -> None:
+    scale = max(abs(s["lambda_max"]), abs(s["lambda_min"]), 1e-12)
+    for key in ("lambda_max", "lambda_min", "trace"):
+        assert s[key] == pytest.approx(t[key], rel=1e-6, abs=1e-9 * scale), (s["name"], key)
+    assert s["ritz_values"] == pytest.approx(t["ritz_values"], rel=1e-6, abs=1e-9 * scale)
+
+
+def _assert_owners_spectra(shared: dict, params, seed: int, tol: float | None) -> None:
+    """Each block of a shared probe is the single-process spectrum of its owner's own batch."""
+    owners = _owners(_model())
+    per_rank = [
+        _single_process(params, seed, batch=_probe_batch(r, share=True), tol=tol).to_dict()
+        for r in range(WORLD)
+    ]
+    for i, block in enumerate(shared["blocks"]):
+        _assert_block_close(block, per_rank[owners[block["name"]]]["blocks"][i])
 
 
 @pytest.fixture(scope="module")
@@ -300,9 +446,10 @@ def ranks(tmp_path_factory) -> list[dict]:
     return _run_ranks(tmp_path_factory.mktemp("ddp"))
 
 
-def test_ddp_ranks_take_identical_decisions_and_stay_bitwise_identical(ranks):
-    r0, r1 = ranks
-    assert r0["auto_reduce"] == "RankMean"
+@pytest.mark.parametrize("how", ["share", "mean"])
+def test_ddp_ranks_take_identical_decisions_and_stay_bitwise_identical(ranks, how):
+    r0, r1 = ranks[0][how], ranks[1][how]
+    assert r0["auto_reduce"] == "RankMean" and r0["shared"] == (how == "share")
     modes = [(step, old, new) for step, old, new, _ in r0["history"] if old != new]
     assert modes == [(0, "sgd", "adam"), (6, "adam", "sgd"), (12, "sgd", "block_sgd")]
     assert r0["history"] == r1["history"]  # scores too, to the bit
@@ -316,26 +463,113 @@ def test_ddp_ranks_take_identical_decisions_and_stay_bitwise_identical(ranks):
         assert torch.equal(a, b)
 
 
+def test_each_rank_probes_only_its_share_of_the_blocks(ranks):
+    share, mean = [r["share"]["hvps"] for r in ranks], [r["mean"]["hvps"] for r in ranks]
+    assert len(share[0]) == len(share[1]) > 5
+    for (local0, total0), (local1, total1) in zip(*share):
+        assert total0 == total1 == local0 + local1  # the shares add up to every block's runs
+        assert 0 < local0 < total0 and 0 < local1 < total1
+    for local, total in mean[0] + mean[1]:
+        assert local == total  # averaged: every rank computes every block
+    api = [r["shared_api"] for r in ranks]
+    (local0, total), (local1, _) = api[0]["own_hvps"], api[1]["own_hvps"]
+    unshared = api[0]["same_hvps"]["mean"][1]
+    assert local0 + local1 == total == unshared == 33  # 5 blocks of 6 steps, a bias of 3
+    assert abs(local0 - local1) <= STEPS  # balanced to within one block's products
+    assert (local0, local1) == (15, 18)
+
+
+def test_shared_spectra_are_identical_on_every_rank(ranks):
+    r0, r1 = ranks[0]["shared_api"], ranks[1]["shared_api"]
+    assert r0["world"] == WORLD
+    assert r0["own"] == r1["own"] and ranks[0]["api_shared"] == ranks[1]["api_shared"]
+    # Each rank probed its own batch, and each block's spectrum is its owner's, to the bit.
+    owners = _owners(_model())
+    for i, block in enumerate(r0["own"]["blocks"]):
+        alone = ranks[owners[block["name"]]]["shared_api"]["own_alone"]["blocks"][i]
+        assert block == alone
+    assert r0["own_alone"]["blocks"] != r1["own_alone"]["blocks"]  # the batches differ
+
+
+def test_shared_probes_of_one_batch_equal_unshared_and_single_process_probes(ranks):
+    for r in ranks:
+        same = r["shared_api"]["same"]
+        assert same["shared"] == same["mean"]  # to the bit, blocks and settings
+        assert same["shared"]["blocks"] == same["alone"]["blocks"]
+    assert ranks[0]["shared_api"]["same"] == ranks[1]["shared_api"]["same"]
+    params = ranks[0]["shared_api"]["same_params"]
+    _assert_close(ranks[0]["shared_api"]["same"]["shared"], _single_process(params, 7).to_dict())
+
+
+def test_tol_with_shared_probes(ranks):
+    same = [r["shared_api"]["same"] for r in ranks]
+    for s in same:
+        assert s["shared_tol"] == s["mean_tol"] and s["shared_tol"]["tol"] == 0.05
+        assert s["shared_tol"]["blocks"] == s["alone_tol"]["blocks"]
+    assert same[0]["shared_tol"] == same[1]["shared_tol"]
+    hvps = [r["shared_api"]["same_hvps"] for r in ranks]
+    full = sum(min(TOL_STEPS, b.numel) for b in blockopt.partition(_model()))
+    assert hvps[0]["shared_tol"][1] < full  # some blocks stopped early
+    assert any(b["steps"] < min(TOL_STEPS, b["numel"]) for b in same[0]["shared_tol"]["blocks"])
+    assert hvps[0]["shared_tol"][0] + hvps[1]["shared_tol"][0] == hvps[0]["shared_tol"][1]
+    params = ranks[0]["shared_api"]["same_params"]
+    alone = _single_process(params, 7, tol=0.05, steps=TOL_STEPS).to_dict()
+    _assert_close(same[0]["shared_tol"], alone)
+
+
+def test_a_fault_in_one_ranks_share_raises_on_every_rank(ranks):
+    f0, f1 = ranks[0]["shared_api"]["faults"], ranks[1]["shared_api"]["faults"]
+    # Planted in rank 1's loss, in a block rank 1 probes: rank 1 raises its own error, rank 0
+    # learns the kind from the gather's flags.
+    assert f1["double_backward", 1] == ("DoubleBackwardError", "double_backward")
+    assert f0["double_backward", 1] == ("elsewhere", "double_backward")
+    assert f1["non_finite", 1] == ("FloatingPointError", "non_finite")
+    assert f0["non_finite", 1] == ("elsewhere", "non_finite")
+    # In a block rank 0 probes, rank 1 never differentiates it twice: the probe succeeds.
+    for kind in ("double_backward", "non_finite"):
+        assert f0[kind, 0][0] == f1[kind, 0][0] == "ok" and f0[kind, 0] == f1[kind, 0]
+
+
 def test_ddp_probe_spectra_equal_a_single_process_probe_of_the_whole_batch(ranks):
     r0, r1 = ranks
-    first_step, first = r0["spectra"][0]
+    first_step, first = r0["mean"]["spectra"][0]
     assert first_step == 0
-    _assert_close(first, _single_process(r0["first_params"], seed=0).to_dict())
+    params, tol = r0["mean"]["first_params"], r0["mean"]["tol"]
+    _assert_close(first, _single_process(params, seed=0, tol=tol).to_dict())
     assert r0["api"] == r1["api"]
     _assert_close(r0["api"], _single_process(r0["api_params"], seed=7).to_dict())
     # Without the reduction each rank sees only its half: the ranks disagree.
     assert r0["alone"]["blocks"] != r1["alone"]["blocks"]
 
 
+def test_shared_ddp_probe_spectra_are_each_blocks_owners_probe(ranks):
+    first_step, first = ranks[0]["share"]["spectra"][0]
+    assert first_step == 0
+    run = ranks[0]["share"]
+    _assert_owners_spectra(first, run["first_params"], seed=0, tol=run["tol"])
+
+
+def test_the_optimizer_shares_probes_by_default_and_can_average_them(ranks):
+    for r in ranks:
+        assert r["opt_share_True"] == r["api_shared"]
+        assert r["opt_share_False"] == r["api"]
+
+
 def test_probes_leave_ddp_gradient_buckets_alone(ranks):
     for r in ranks:
-        assert all(r["untouched"]) and r["reductions"] == TRAIN + 16  # one bucket a step
-        assert r["through_wrapper"] and r["alone_warning"] and r["unwrapped_warning"]
-        assert r["wrapper_spectra"] == r["api"]
+        for how in ("share", "mean"):
+            run = r[how]
+            assert all(run["untouched"]) and run["reductions"] == TRAIN + 16  # a bucket a step
+            assert run["through_wrapper"]
+        assert r["alone_warning"] and r["unwrapped_warning"]
+    r0, r1 = ranks[0]["share"], ranks[1]["share"]
+    assert r0["wrapper_spectra"] == r1["wrapper_spectra"]
+    _assert_owners_spectra(r0["wrapper_spectra"], r0["wrapper_params"], seed=7, tol=r0["tol"])
 
 
-def test_a_fault_on_one_rank_is_a_fault_on_every_rank(ranks):
-    r0, r1 = ranks
+@pytest.mark.parametrize("how", ["share", "mean"])
+def test_a_fault_on_one_rank_is_a_fault_on_every_rank(ranks, how):
+    r0, r1 = ranks[0][how], ranks[1][how]
     expected = [(TRAIN, "probe_error"), (TRAIN + 2, "double_backward"), (TRAIN + 6, "non_finite")]
     assert r0["faults"] == r1["faults"] == expected
     # Only rank 0 writes to TensorBoard: three switches and three failed probes.
@@ -351,6 +585,8 @@ def test_ranks_agree_on_block_status_and_score_when_only_one_uses_a_block(ranks)
     assert r0["uneven_status"] == r1["uneven_status"]
     assert set(r0["uneven_status"].values()) == {"ok"}
     assert r0["uneven_score"] == r1["uneven_score"]
+    # Shared, each block's status is its owner's: the same on both ranks.
+    assert r0["uneven_shared"] == r1["uneven_shared"]
 
 
 def test_a_loss_spike_on_one_rank_moves_the_probe_on_every_rank(ranks):
@@ -428,6 +664,134 @@ def test_a_failure_flag_from_another_rank_raises_on_this_one():
             model, lambda: _probe_loss(model, x, y), steps=2, reduce=other_rank_ran_out_of_memory
         )
     assert info.value.kind == "out_of_memory"
+
+
+def test_assign_blocks_deals_every_block_once_in_balance():
+    costs = [(min(10, n), n) for n in (4096, 64, 4096, 64, 1024, 8, 2, 100_000, 10, 3)]
+    for world in (1, 2, 3, 4, 16):
+        owners = assign_blocks(costs, world)
+        assert len(owners) == len(costs) and all(0 <= o < world for o in owners)
+        loads = [sum(c[0] for c, o in zip(costs, owners) if o == r) for r in range(world)]
+        assert sum(loads) == sum(c[0] for c in costs)  # every block exactly once
+        assert max(loads) - min(loads) <= max(c[0] for c in costs)
+        assert assign_blocks(costs, world) == owners  # deterministic
+    assert assign_blocks(costs, 1) == [0] * len(costs)
+    assert assign_blocks([], 3) == []
+    # Equal bounds on the products: the sizes break the tie, so the big blocks are spread too.
+    owners = assign_blocks([(10, 4096), (10, 4096), (10, 64), (10, 64)], 2)
+    assert owners[0] != owners[1] and owners[2] != owners[3]
+    # More ranks than blocks: some ranks probe nothing.
+    assert sorted(assign_blocks([(5, 5), (3, 3)], 4)) == [0, 1]
+
+
+def test_assign_blocks_refuses_a_bad_world_size_or_ragged_costs():
+    for world in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="world_size"):
+            assign_blocks([(1, 1)], world)
+    with pytest.raises(ValueError, match="same number"):
+        assign_blocks([(1, 1), (1,)], 2)
+
+
+def test_share_costs_bound_each_blocks_products_then_its_size():
+    blocks = blockopt.partition(_model())
+    assert share_costs(blocks, STEPS) == [(min(STEPS, b.numel), b.numel) for b in blocks]
+    assert assign_blocks(share_costs(blocks, STEPS), 2) == [1, 0, 0, 1, 1, 0]
+
+
+class _OneRank:
+    """A one-rank group that records the collectives a probe issues and on which thread."""
+
+    def __init__(self, flag: str | None = None) -> None:
+        self.calls: list[tuple[str, bool, int]] = []
+        self.flag = flag
+
+    def _record(self, what: str, t: torch.Tensor) -> torch.Tensor:
+        self.calls.append((what, threading.current_thread() is threading.main_thread(), t.numel()))
+        return t
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return self._record("mean", t)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.flag is not None:  # another rank failed
+            t[-len(FAULT_KINDS) + FAULT_KINDS.index(self.flag)] = 1.0
+        return self._record("sum", t)
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 1
+
+
+def test_a_shared_probe_issues_one_gather_on_the_calling_thread():
+    model = _model()
+    x, y = _batch(-1)
+    group = _OneRank()
+
+    def probe():
+        return _probe_loss(model, x, y)
+
+    plain = blockopt.block_spectra(model, probe, steps=STEPS, workers=2)
+    shared = blockopt.block_spectra(model, probe, steps=STEPS, workers=2, reduce=group, share=True)
+    assert shared.to_dict() | {"seconds": 0} == plain.to_dict() | {"seconds": 0}  # bitwise
+    assert shared.local_hvps == shared.hvps == plain.hvps
+    rows = len(plain) * (4 + 2 * STEPS - 1)
+    assert group.calls == [("mean", True, 1 + len(FAULT_KINDS)), ("sum", True, rows + 4)]
+
+
+def test_a_failure_flag_in_the_gather_raises_on_this_rank():
+    model = _model()
+    x, y = _batch(-1)
+    with pytest.raises(ProbeFailedElsewhere, match="another rank") as info:
+        blockopt.block_spectra(
+            model,
+            lambda: _probe_loss(model, x, y),
+            steps=2,
+            reduce=_OneRank("non_finite"),
+            share=True,
+        )
+    assert info.value.kind == "non_finite"
+
+
+def test_gather_rows_keeps_every_owners_bits():
+    rows = torch.full((3, 2), -0.0, dtype=torch.float64)
+    rows[1] = torch.tensor([-0.0, 1e-300])
+    out = gather_rows(rows, None, _OneRank())
+    assert torch.equal(out, rows) and torch.signbit(out[1, 0])  # -0.0 stays -0.0
+    with pytest.raises(ValueError, match="mine"):
+        gather_rows(rows, ValueError("mine"), _OneRank())
+
+
+def test_share_needs_a_group_and_a_bool():
+    model = _model()
+    probe = lambda: _probe_loss(model, *_batch(-1))  # noqa: E731
+    with pytest.raises(TypeError, match=r"share=True.*RankMean"):
+        blockopt.block_spectra(model, probe, share=True)
+    with pytest.raises(TypeError, match=r"share=True.*RankMean"):
+        blockopt.block_spectra(model, probe, share=True, reduce=lambda t: t)
+    for share in ("yes", 0, None):
+        with pytest.raises(TypeError, match="share must be True or False"):
+            blockopt.block_spectra(model, probe, share=share, reduce=_OneRank())
+    outside = _OneRank()
+    outside.rank = lambda: -1  # what torch.distributed.get_rank says outside the group
+    with pytest.raises(ValueError, match="not in the group"):
+        blockopt.block_spectra(model, probe, share=True, reduce=outside)
+    with pytest.raises(TypeError, match="distributed_share must be True"):
+        blockopt.BlockOptimizer(model, probe, distributed_share="share")
+    assert blockopt.BlockOptimizer(model, probe, distributed_share=False).distributed_share is False
+
+
+def test_spectra_record_the_products_computed_here():
+    spectra = blockopt.Spectra([], steps=1, probes=1, seed=0, hvps=10, local_hvps=4)
+    back = blockopt.Spectra.from_dict(spectra.to_dict())
+    assert (back.hvps, back.local_hvps) == (10, 4)
+    old = {k: v for k, v in spectra.to_dict().items() if k != "local_hvps"}
+    assert blockopt.Spectra.from_dict(old).local_hvps == 10  # saved before the field existed
+    with pytest.raises(ValueError, match="local_hvps"):
+        blockopt.Spectra([], steps=1, probes=1, seed=0, hvps=3, local_hvps=4)
+    with pytest.raises(ValueError, match="local_hvps"):
+        blockopt.Spectra.from_dict({**spectra.to_dict(), "local_hvps": 11})
 
 
 if __name__ == "__main__":

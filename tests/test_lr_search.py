@@ -351,9 +351,10 @@ def _quadratic_run(steps, lr=1e-6, **options):
         return float(model()), opt
 
 
-def _replay_trial(lr, steps=20):
-    """A 20-step AdamW trial from the quadratic's start, by hand (the state after the switch
-    from SGD at step 0 is empty momentum, carried into an empty Adam state)."""
+def _replay_trial(lr, steps=10):
+    """A 10-step AdamW trial (``search_steps``' default) from the quadratic's start, by hand
+    (the state after the switch from SGD at step 0 is empty momentum, carried into an empty
+    Adam state)."""
     model = StiffQuadratic()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
@@ -382,8 +383,8 @@ def test_a_switch_searches_the_new_modes_learning_rate():
     lr = searched.mode_lrs["adam"]
     assert lr == pytest.approx(start * DEFAULT_FACTOR**SEARCH_MAX_UP, rel=1e-12)
     assert _replay_trial(lr) < _replay_trial(start) < _replay_trial(start / DEFAULT_FACTOR)
-    assert "20-step trials on the probe's batch" in searched.history[0].reason
-    assert "20-step" not in matched.history[0].reason
+    assert "10-step trials on the probe's batch" in searched.history[0].reason
+    assert "10-step" not in matched.history[0].reason
 
 
 def test_the_search_pays_off_on_the_stiff_quadratic():
