@@ -3,8 +3,9 @@
 
 Models: the demo tasks (tiny GPT on ``pydoc_data.topics`` text, tiny ViT and BatchNorm CNN on
 scikit-learn's digits; ``blockopt.demo.TASKS``) at initialisation and after 300 steps of AdamW
-(lr 3e-3), and the heterogeneous and homogeneous quadratics of ``bench_optimizer.py`` (3 blocks
-of 30 coordinates; their curvature does not change, so they are probed once).
+(lr 3e-3, weight decay 0.01), and the heterogeneous and homogeneous quadratics of
+``bench_optimizer.py`` (3 blocks of 30 coordinates; their curvature does not change, so they are
+probed once).
 
 For each model state, every setting's probe (``block_spectra`` on the optimizer's default
 partition) is compared with a reference of 40 Lanczos steps and no tolerance on the same batch
@@ -238,8 +239,9 @@ def quadratic_case(case: str, seed: int) -> Case:
 
 
 def train(case: Case, steps: int) -> None:
-    """``steps`` steps of AdamW (lr ``TRAIN_LR``, no weight decay) on the case's training loss."""
-    opt = torch.optim.AdamW(case.model.parameters(), lr=TRAIN_LR, weight_decay=0.0)
+    """``steps`` steps of AdamW (lr ``TRAIN_LR``, torch's default weight decay 0.01) on the
+    case's training loss."""
+    opt = torch.optim.AdamW(case.model.parameters(), lr=TRAIN_LR)
     for i in range(steps):
         opt.zero_grad()
         case.train_loss(i).backward()
@@ -468,7 +470,8 @@ def render(tables: Sequence[Table], seconds: float, note: str) -> str:
         "one thread (torch's, and numpy's BLAS for the Ritz values); setting 7 runs the block "
         "products on two threads (two cores) against the same one-thread training step. The "
         "demo tasks are probed at "
-        f"initialisation and after {TRAIN_STEPS} steps of AdamW (lr {TRAIN_LR:g}), the "
+        f"initialisation and after {TRAIN_STEPS} steps of AdamW (lr {TRAIN_LR:g}, weight decay "
+        "0.01), the "
         "quadratics once (their curvature is fixed), all on the optimizer's default partition. "
         "With `tol`, a block's Lanczos run stops after two steps in a row that moved neither "
         "extreme Ritz value by more than tol of their scale. Equal decisions: score within "

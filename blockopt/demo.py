@@ -57,7 +57,10 @@ TEXT_BATCH, CONTEXT, VOCAB = 16, 32, 64
 EVAL_WINDOWS = 256  # text windows for the training and held-out losses
 HELD_OUT_TEXT = 0.1  # the last 10% of the text is never trained on
 EVALS = 10  # evaluation points per run logged to TensorBoard
-MAX_THREADS = 1  # the models are tiny: more threads only add synchronisation
+# At most two intra-op threads: on 2 cores a training step of these tiny models takes 15-20% less
+# time with two than with one (docs/BENCHMARKS.md, "Long runs"), and a probe runs its block
+# products on both; more threads than that were not measured to help models this small.
+MAX_THREADS = 2
 
 
 @dataclass

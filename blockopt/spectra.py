@@ -369,7 +369,8 @@ def block_spectra(
     quadrature every block's density needs. Start vectors depend only on ``seed`` and the
     block's name, so a block's estimate does not change when other blocks are added or removed.
     ``vectorize`` and ``workers`` choose how the products are computed (see
-    :class:`blockopt.BlockHessian`); the results do not depend on ``workers``.
+    :class:`blockopt.BlockHessian`); results with any ``workers`` above one are the same, and agree
+    with ``workers=1`` to round-off.
 
     ``reduce`` averages over data-parallel ranks (e.g. :class:`blockopt.distributed.RankMean`,
     called on every rank at once): the probe's loss, and each Lanczos step's products of all
