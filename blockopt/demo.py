@@ -57,10 +57,10 @@ TEXT_BATCH, CONTEXT, VOCAB = 16, 32, 64
 EVAL_WINDOWS = 256  # text windows for the training and held-out losses
 HELD_OUT_TEXT = 0.1  # the last 10% of the text is never trained on
 EVALS = 10  # evaluation points per run logged to TensorBoard
-# At most two intra-op threads: on 2 cores a training step of these tiny models takes 15-20% less
-# time with two than with one (docs/BENCHMARKS.md, "Long runs"), and a probe runs its block
-# products on both; more threads than that were not measured to help models this small.
-MAX_THREADS = 2
+# One intra-op thread: the models are tiny, and on a busy machine two threads' spin-waiting
+# made a ViT run several times slower (a probe still runs its block products side by side on
+# two worker threads, see blockopt.hvp.default_workers).
+MAX_THREADS = 1
 
 
 @dataclass
