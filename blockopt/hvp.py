@@ -60,6 +60,7 @@ def default_workers() -> int:
         return DEFAULT_WORKERS
     return 1
 
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
