@@ -86,6 +86,26 @@ class LanczosResult:
     def steps(self) -> int:
         return len(self.alphas)
 
+    @classmethod
+    def from_tridiagonal(
+        cls,
+        alphas: Sequence[float],
+        betas: Sequence[float],
+        *,
+        breakdown: bool = False,
+        settled: bool = False,
+    ) -> LanczosResult:
+        """The run whose tridiagonal is ``alphas`` and ``betas``, with its Ritz pairs."""
+        values, weights = ritz(alphas, betas)
+        return cls(
+            alphas=tuple(alphas),
+            betas=tuple(betas),
+            ritz_values=tuple(float(x) for x in values),
+            ritz_weights=tuple(float(x) for x in weights),
+            breakdown=breakdown,
+            settled=settled,
+        )
+
 
 def ritz(alphas: Sequence[float], betas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) and squared first eigenvector components of a tridiagonal."""
@@ -232,20 +252,12 @@ def lanczos_many(
             current[i] = v_next
             still.append(i)
         active = still
-    results = []
-    for i in range(k):
-        values, weights = ritz(alphas[i], betas[i])
-        results.append(
-            LanczosResult(
-                alphas=tuple(alphas[i]),
-                betas=tuple(betas[i]),
-                ritz_values=tuple(float(x) for x in values),
-                ritz_weights=tuple(float(x) for x in weights),
-                breakdown=broke[i] or limits[i] < steps,
-                settled=settled[i],
-            )
+    return [
+        LanczosResult.from_tridiagonal(
+            alphas[i], betas[i], breakdown=broke[i] or limits[i] < steps, settled=settled[i]
         )
-    return results
+        for i in range(k)
+    ]
 
 
 def gaussian_density(

@@ -40,7 +40,6 @@ from .lanczos import (
     gaussian_density,
     lanczos_many,
     random_start,
-    ritz,
 )
 
 __all__ = [
@@ -577,14 +576,9 @@ def _row_run(row: Sequence[float], steps: int) -> LanczosResult:
             "a shared probe gathered a block that no rank probed: the ranks disagree on the "
             "blocks, steps or group; give every rank the same model, blocks and options"
         )
-    alphas = tuple(row[_HEADER : _HEADER + m])
-    betas = tuple(row[_HEADER + steps : _HEADER + steps + m - 1])
-    values, weights = ritz(alphas, betas)
-    return LanczosResult(
-        alphas=alphas,
-        betas=betas,
-        ritz_values=tuple(float(x) for x in values),
-        ritz_weights=tuple(float(x) for x in weights),
+    return LanczosResult.from_tridiagonal(
+        row[_HEADER : _HEADER + m],
+        row[_HEADER + steps : _HEADER + steps + m - 1],
         breakdown=bool(row[1]),
         settled=bool(row[2]),
     )
