@@ -52,8 +52,8 @@ from repro_quadratic import BlockQuadratic, make_problem
 from torch import nn
 
 import blockopt
-from blockopt import data, models
-from blockopt.modes import BlockSGD
+from blockopt.optimizer.modes import BlockSGD
+from blockopt.workloads import data, models
 
 SECTION = "## Optimizer"
 COMMAND = "python benchmarks/bench_optimizer.py"

@@ -2,7 +2,7 @@
 40-step reference as the Lanczos levers are turned.
 
 Models: the demo tasks (tiny GPT on ``pydoc_data.topics`` text, tiny ViT and BatchNorm CNN on
-scikit-learn's digits; ``blockopt.demo.TASKS``) at initialisation and after 300 steps of AdamW
+scikit-learn's digits; ``blockopt.cli.demo.TASKS``) at initialisation and after 300 steps of AdamW
 (lr 3e-3, weight decay 0.01), and the heterogeneous and homogeneous quadratics of
 ``bench_optimizer.py`` (3 blocks of 30 coordinates; their curvature does not change, so they are
 probed once).
@@ -43,10 +43,11 @@ from bench_optimizer import _quadratic
 from torch import nn
 
 import blockopt
-from blockopt import data, demo
-from blockopt.blocks import Block
-from blockopt.isolation import isolated
-from blockopt.tuning import block_lr_factors
+from blockopt.analysis.tuning import block_lr_factors
+from blockopt.cli import demo
+from blockopt.curvature.blocks import Block
+from blockopt.curvature.isolation import isolated
+from blockopt.workloads import data
 
 SECTION = "## Probe cost"
 COMMAND = "python benchmarks/bench_probe_cost.py"

@@ -42,8 +42,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import blockopt
-from blockopt.data import text_batches, text_corpus
-from blockopt.models import TinyGPT
+from blockopt.workloads.data import text_batches, text_corpus
+from blockopt.workloads.models import TinyGPT
 
 STEPS = 30
 SECTION = "## Blockwise spectra"

@@ -4,7 +4,7 @@ Every case with a known outcome (the reference models trained in part (d), the t
 part (b)) gives scores (part (a)'s at initialisation where it ran, else part (d)'s; and part (d)'s
 after training) and whether SGD kept up with Adam. For each threshold pair the policy's pick on
 every score is judged right, acceptable, unneeded or wrong; the defaults in
-``blockopt.policy.Thresholds`` are checked against that, and the pair that does best on the data
+``blockopt.Thresholds`` are checked against that, and the pair that does best on the data
 (nearest the defaults among equals) is reported. Parts that did not run are named and skipped.
 """
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockopt import data, models
+from blockopt.workloads import data, models
 
 MODELS = ("gpt", "vit", "cnn", "mlp")
 LABELS = {"gpt": "tiny GPT", "vit": "tiny ViT", "cnn": "BatchNorm CNN", "mlp": "MLP (tanh)"}

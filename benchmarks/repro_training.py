@@ -40,9 +40,9 @@ from repro_common import (
 from torch import nn
 
 import blockopt
-from blockopt import data
-from blockopt.modes import BlockSGD
-from blockopt.tuning import block_lr_factors
+from blockopt.analysis.tuning import block_lr_factors
+from blockopt.optimizer.modes import BlockSGD
+from blockopt.workloads import data
 
 OPTIMIZERS = ("sgd", "adam")
 MOMENTUM = 0.9

@@ -7,14 +7,14 @@ Hessian block's spectrum with Lanczos (stochastic Lanczos quadrature) from one g
 switch between SGD, blockwise-lr SGD and Adam on the score while training.
 """
 
-from .blocks import Block, BlockPart, partition
-from .heterogeneity import Heterogeneity, heterogeneity
-from .hvp import BlockHessian, DoubleBackwardError
-from .lanczos import LanczosResult, gaussian_density, lanczos, lanczos_many
-from .optimizer import BlockOptimizer, wrap
-from .policy import Decision, ProbeFault, ProbeFaultWarning, Thresholds
-from .spectra import BlockSpectrum, Spectra, block_spectra, model_spectrum
-from .tuning import param_groups, tune_block_lrs
+from blockopt.analysis.heterogeneity import Heterogeneity, heterogeneity
+from blockopt.analysis.tuning import param_groups, tune_block_lrs
+from blockopt.curvature.blocks import Block, BlockPart, partition
+from blockopt.curvature.hvp import BlockHessian, DoubleBackwardError
+from blockopt.curvature.lanczos import LanczosResult, gaussian_density, lanczos, lanczos_many
+from blockopt.curvature.spectra import BlockSpectrum, Spectra, block_spectra, model_spectrum
+from blockopt.optimizer.core import BlockOptimizer, wrap
+from blockopt.optimizer.policy import Decision, ProbeFault, ProbeFaultWarning, Thresholds
 
 __version__ = "0.1.0"
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import blockopt
-from blockopt.data import digits
-from blockopt.models import SmallCNN
+from blockopt.workloads.data import digits
+from blockopt.workloads.models import SmallCNN
 
 STEPS = 200
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import blockopt
-from blockopt.data import text_batches, text_corpus
-from blockopt.models import TinyGPT
+from blockopt.workloads.data import text_batches, text_corpus
+from blockopt.workloads.models import TinyGPT
 
 
 def main(out: str | None = None) -> blockopt.Spectra:

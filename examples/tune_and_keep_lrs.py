@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import blockopt
-from blockopt.data import Corpus, text_batches, text_corpus
-from blockopt.models import TinyGPT
+from blockopt.workloads.data import Corpus, text_batches, text_corpus
+from blockopt.workloads.models import TinyGPT
 
 BASE_LR = 0.003
 BEST_SINGLE_LR = 0.1

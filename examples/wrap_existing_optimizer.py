@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import blockopt
-from blockopt.data import text_batches, text_corpus
-from blockopt.models import TinyGPT
+from blockopt.workloads.data import text_batches, text_corpus
+from blockopt.workloads.models import TinyGPT
 
 
 def main(steps: int = 150) -> blockopt.BlockOptimizer:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import blockopt
-from blockopt import data, models
-from blockopt.tensorboard import tensorboard_server
+from blockopt.logging.tensorboard import tensorboard_server
+from blockopt.workloads import data, models
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = {

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockopt.models import CausalSelfAttention
+from blockopt.workloads.models import CausalSelfAttention
 
 
 @dataclass

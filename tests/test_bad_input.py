@@ -17,7 +17,7 @@ import torch_optimizer
 from torch import nn
 
 import blockopt
-from blockopt.models import MLP
+from blockopt.workloads.models import MLP
 
 _X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
 _Y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(1))

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import blockopt
-from blockopt.demo import run_demo
+from blockopt.cli.demo import run_demo
 
 FACTORY = textwrap.dedent(
     '''
@@ -491,7 +491,7 @@ FRESH = ("missing-module", "steps-zero", "out-read-only-dir")  # these also in a
 FORKING_DRIVER = textwrap.dedent(
     """
     import json, os, sys
-    from blockopt.cli import main
+    from blockopt.cli.main import main
 
     codes = {}
     for case in json.load(sys.stdin):
@@ -594,7 +594,7 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_runs):
 
 def _main_in_process(argv: list[str]) -> int:
     """``blockopt.cli.main(argv)`` here, the torch, numpy and ``random`` seeding it does undone."""
-    from blockopt.cli import main
+    from blockopt.cli.main import main
 
     states = random.getstate(), np.random.get_state()
     try:

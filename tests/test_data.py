@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from blockopt import data
+from blockopt.workloads import data
 
 
 def test_epoch_batches_walk_one_permutation_per_epoch():

@@ -21,7 +21,8 @@ from reference import NoDoubleBackward
 from torch import nn
 
 import blockopt
-from blockopt.distributed import (
+from blockopt.curvature.spectra import share_costs
+from blockopt.distributed.reductions import (
     FAULT_KINDS,
     ProbeFailedElsewhere,
     RankMean,
@@ -31,7 +32,6 @@ from blockopt.distributed import (
     probe_reduce,
     sharded_by_fsdp,
 )
-from blockopt.spectra import share_costs
 
 WORLD = 2
 STEPS = 6  # Lanczos steps per probe

@@ -50,7 +50,7 @@ def test_tune_example_keeps_block_lrs_that_beat_sgd_at_the_same_base_lr(tmp_path
     out_path = tmp_path / "lrs.json"
     out = _run_example("tune_and_keep_lrs.py", str(out_path))
     lrs = json.loads(out_path.read_text())
-    from blockopt.models import TinyGPT
+    from blockopt.workloads.models import TinyGPT
 
     model = TinyGPT()
     assert set(lrs) == {b.name for b in blockopt.partition(model)}

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blockopt
-from blockopt import BlockOptimizer, data, models
-from blockopt.heterogeneity import heterogeneity
-from blockopt.spectra import BlockSpectrum, Spectra
+from blockopt import BlockOptimizer
+from blockopt.analysis.heterogeneity import heterogeneity
+from blockopt.curvature.spectra import BlockSpectrum, Spectra
+from blockopt.workloads import data, models
 
 
 def _spectrum(name, eigs, numel=None, status="ok"):
@@ -82,7 +83,7 @@ def test_invariant_to_one_common_scale(blocks, c):
 
 def test_invariant_to_scaling_the_loss():
     torch.manual_seed(0)
-    model = blockopt.models.MLP((8, 12, 12, 4)).double()
+    model = blockopt.workloads.models.MLP((8, 12, 12, 4)).double()
     x, y = torch.randn(32, 8, dtype=torch.float64), torch.randint(0, 4, (32,))
     base = heterogeneity(
         blockopt.block_spectra(model, lambda: torch.nn.functional.cross_entropy(model(x), y))

@@ -8,8 +8,8 @@ from conftest import CASES
 from reference import NoDoubleBackward, block_index, dense_block, dense_hessian
 
 import blockopt
-from blockopt.hvp import BlockHessian, DoubleBackwardError
-from blockopt.isolation import isolated
+from blockopt.curvature.hvp import BlockHessian, DoubleBackwardError
+from blockopt.curvature.isolation import isolated
 
 
 @pytest.mark.parametrize("strategy", ["tensor", "head", "module", "model"])
@@ -163,8 +163,8 @@ def test_concurrent_products_do_not_depend_on_the_number_of_workers():
     """Products run on 2 or 4 worker threads are the same to the bit, and agree with the same
     products run one by one on the caller's thread to round-off; the caller's thread count is
     left as it was, and the workers' kernels run on one intra-op thread each."""
-    from blockopt.data import text_batches, text_corpus
-    from blockopt.models import TinyGPT
+    from blockopt.workloads.data import text_batches, text_corpus
+    from blockopt.workloads.models import TinyGPT
 
     torch.manual_seed(0)
     model = TinyGPT(n_layers=1, d_model=16, n_heads=2, context=8)
@@ -190,7 +190,7 @@ def test_concurrent_products_do_not_depend_on_the_number_of_workers():
         torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6 * float(one.abs().max()))
     spectra = [blockopt.block_spectra(model, probe, steps=6, workers=w) for w in (2, 3)]
     assert spectra[0].to_dict()["blocks"] == spectra[1].to_dict()["blocks"]
-    from blockopt.hvp import _pool
+    from blockopt.curvature.hvp import _pool
 
     assert torch.get_num_threads() == threads
     assert set(_pool(4).map(lambda _: torch.get_num_threads(), range(8))) == {1}

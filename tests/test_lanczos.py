@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockopt.lanczos import gaussian_density, lanczos, lanczos_many, random_start, ritz
+from blockopt.curvature.lanczos import gaussian_density, lanczos, lanczos_many, random_start, ritz
 
 
 @st.composite

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import blockopt
-from blockopt.lr_search import (
+from blockopt.optimizer.core import SEARCH_MAX_UP
+from blockopt.optimizer.lr_search import (
     DEFAULT_FACTOR,
     MIN_GAIN,
     RISE,
@@ -26,8 +27,7 @@ from blockopt.lr_search import (
     recheck_multiplier,
     search_multiplier,
 )
-from blockopt.lr_trials import trial_loss
-from blockopt.optimizer import SEARCH_MAX_UP
+from blockopt.optimizer.lr_trials import trial_loss
 
 # -- the walk --------------------------------------------------------------------------------
 
@@ -430,7 +430,7 @@ def _bowl_run(stiffen_at: int | None, monkeypatch) -> tuple[blockopt.BlockOptimi
         calls.append((baseline, kwargs, found))
         return found
 
-    monkeypatch.setattr(blockopt.optimizer, "recheck_multiplier", spy)
+    monkeypatch.setattr(blockopt.optimizer.core, "recheck_multiplier", spy)
     model = _Bowl()
     opt = blockopt.BlockOptimizer(model, model, mode="adam", probe_every=40)
     for i in range(160):
@@ -485,9 +485,9 @@ def test_trials_use_the_usual_kernels():
     """Trials are first order: they keep cuDNN and fused attention; only probes give them up."""
     model = nn.Linear(2, 2)
     with torch.backends.cudnn.flags(enabled=True):
-        with blockopt.isolation.isolated(model):
+        with blockopt.curvature.isolation.isolated(model):
             assert not torch.backends.cudnn.enabled
-        with blockopt.isolation.isolated(model, second_order=False):
+        with blockopt.curvature.isolation.isolated(model, second_order=False):
             assert torch.backends.cudnn.enabled
 
 

@@ -7,8 +7,8 @@ import torch
 import torch_optimizer
 
 import blockopt
-from blockopt.models import TinyGPT
-from blockopt.modes import BlockSGD, resolve_optimizer_class, transfer_state
+from blockopt.optimizer.modes import BlockSGD, resolve_optimizer_class, transfer_state
+from blockopt.workloads.models import TinyGPT
 
 
 def _grads(model, seed):

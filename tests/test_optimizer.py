@@ -15,9 +15,9 @@ import torch_optimizer
 from torch import nn
 
 import blockopt
-from blockopt import data as bdata
-from blockopt.models import MLP, SmallCNN, TinyGPT
-from blockopt.modes import BlockSGD
+from blockopt.optimizer.modes import BlockSGD
+from blockopt.workloads import data as bdata
+from blockopt.workloads.models import MLP, SmallCNN, TinyGPT
 
 
 def _task(seed=0):
@@ -244,7 +244,7 @@ def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
     script = textwrap.dedent(
         """
         import sys, torch, torch.nn.functional as F, blockopt
-        from blockopt.models import MLP
+        from blockopt.workloads.models import MLP
         torch.manual_seed(0)
         model = MLP((6, 16, 4))
         gen = torch.Generator().manual_seed(0)
@@ -336,7 +336,7 @@ def test_switch_to_adam_matches_the_step_norm():
     model, x, y, probe = _task()
     opt = blockopt.BlockOptimizer(model, probe, lr=0.05)
     _train(opt, model, x, y, 5)
-    from blockopt.optimizer import _step_norm
+    from blockopt.optimizer.core import _step_norm
 
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -374,7 +374,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr("blockopt.optimizer.time.perf_counter", fake)
+    monkeypatch.setattr("blockopt.optimizer.core.time.perf_counter", fake)
     return fake
 
 
@@ -460,7 +460,7 @@ def test_a_fixed_interval_ignores_the_budget(clock):
 
 def test_without_a_budget_the_schedule_is_the_adaptive_one(clock):
     opt, attempts = _budget_run(clock, 800, probe_budget=None)
-    replay = blockopt.policy.ProbeSchedule()
+    replay = blockopt.optimizer.policy.ProbeSchedule()
     expected = []
     for decision in opt.history:  # the decisions' scores, fed to a schedule without a budget
         expected.append(replay.next_step)

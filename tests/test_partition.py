@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import blockopt
-from blockopt.models import MLP, SmallCNN, TinyGPT, TinyViT
+from blockopt.workloads.models import MLP, SmallCNN, TinyGPT, TinyViT
 
 
 def _coverage(model, blocks):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blockopt.policy import (
+from blockopt.optimizer.policy import (
     MAX_BUDGET_WAIT,
     ProbeSchedule,
     Spend,

@@ -13,9 +13,9 @@ from reference import NoDoubleBackward
 from torch import nn
 
 import blockopt
-from blockopt.distributed import fault_kind
-from blockopt.hvp import DoubleBackwardError
-from blockopt.policy import ProbeFault, ProbeFaultWarning, ProbeSchedule
+from blockopt.curvature.hvp import DoubleBackwardError
+from blockopt.distributed.reductions import fault_kind
+from blockopt.optimizer.policy import ProbeFault, ProbeFaultWarning, ProbeSchedule
 
 FORCE_SWITCH = blockopt.Thresholds(0.0, 0.0, 0.0, 0)  # any successful probe leaves "sgd"
 
@@ -295,9 +295,9 @@ def test_a_switch_that_fails_leaves_no_trace_of_the_probe(monkeypatch):
     def broken(src, dst):
         raise RuntimeError("state transfer failed")
 
-    monkeypatch.setattr("blockopt.optimizer.transfer_state", broken)
+    monkeypatch.setattr("blockopt.optimizer.core.transfer_state", broken)
     clock = [0.0]
-    monkeypatch.setattr("blockopt.optimizer.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("blockopt.optimizer.core.time.perf_counter", lambda: clock[0])
     probe = opt.probe
     opt.probe = lambda: (clock.__setitem__(0, clock[0] + 2.0), probe())[1]
     opt.policy.thresholds = blockopt.Thresholds(100.0, 100.0, 0.0, 0)  # now calls for "sgd"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import blockopt
-from blockopt.modes import MODES
+from blockopt.optimizer.modes import MODES
 
 pytestmark = pytest.mark.soak
 

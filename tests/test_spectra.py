@@ -11,7 +11,7 @@ import torch
 from reference import dense_block, dense_hessian
 
 import blockopt
-from blockopt.spectra import BlockSpectrum, Spectra
+from blockopt.curvature.spectra import BlockSpectrum, Spectra
 
 
 def _dense_eigs(case, strategy="tensor"):
@@ -184,8 +184,8 @@ def test_to_dict_round_trips_through_json(case):
 
 def test_float32_model_spectra_close_to_float64():
     torch.manual_seed(0)
-    m64 = blockopt.models.MLP((8, 16, 4)).double()
-    m32 = blockopt.models.MLP((8, 16, 4))
+    m64 = blockopt.workloads.models.MLP((8, 16, 4)).double()
+    m32 = blockopt.workloads.models.MLP((8, 16, 4))
     m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
     x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
     s = {}
@@ -227,8 +227,8 @@ def test_tol_keeps_the_decisions_of_a_full_dense_reference(case):
     """With ``tol``, every block's curvature scale stays within 5% of its dense float64 value,
     the heterogeneity score within 0.1 decades of the dense blocks' and each block learning-rate
     factor within 25%: what the optimizer decides on. Blocks stop early or at their size."""
-    from blockopt.heterogeneity import heterogeneity
-    from blockopt.tuning import block_lr_factors
+    from blockopt.analysis.heterogeneity import heterogeneity
+    from blockopt.analysis.tuning import block_lr_factors
 
     blocks, eigs, _ = _dense_eigs(case)
     exact = blockopt.block_spectra(case.model, case.probe, blocks, steps=100)

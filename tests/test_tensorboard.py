@@ -12,11 +12,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
 
 import blockopt
-from blockopt import tensorboard as tb
-from blockopt.data import digits
-from blockopt.models import SmallCNN
-from blockopt.policy import Decision
-from blockopt.tensorboard import ProbeCost, TensorBoardLogger, histogram_buckets
+from blockopt.logging import tensorboard as tb
+from blockopt.logging.tensorboard import ProbeCost, TensorBoardLogger, histogram_buckets
+from blockopt.optimizer.policy import Decision
+from blockopt.workloads.data import digits
+from blockopt.workloads.models import SmallCNN
 
 EVERYTHING = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0, "compressedHistograms": 0}
 

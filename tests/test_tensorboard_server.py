@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import blockopt
-from blockopt.tensorboard import ProbeCost, TensorBoardLogger, tensorboard_server
+from blockopt.logging.tensorboard import ProbeCost, TensorBoardLogger, tensorboard_server
 
 
 def get_json(url: str):

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import blockopt
-from blockopt.models import MLP
-from blockopt.tuning import (
+from blockopt.analysis.tuning import (
     CAP_FRACTION,
     UNSTABLE_FACTOR,
     held_factors,
     sgd_lr_cap,
     sgd_stability_limit,
 )
+from blockopt.workloads.models import MLP
 
 
 def _converges(lr: float, momentum: float, dampening: float, nesterov: bool) -> bool:
@@ -307,7 +307,7 @@ def _gpt_lrs(model: nn.Module, strategy: str = "tensor") -> dict[str, float]:
 
 
 def test_slices_of_a_fused_tensor_share_their_smallest_lr_with_a_warning():
-    from blockopt.models import TinyGPT
+    from blockopt.workloads.models import TinyGPT
 
     model = TinyGPT(n_layers=1, d_model=16, n_heads=2)
     lrs = _gpt_lrs(model)
@@ -342,7 +342,7 @@ def test_slices_of_a_fused_tensor_share_their_smallest_lr_with_a_warning():
 
 
 def test_param_groups_find_the_strategy_or_take_the_one_given():
-    from blockopt.models import TinyGPT
+    from blockopt.workloads.models import TinyGPT
 
     model = TinyGPT(n_layers=1, d_model=16, n_heads=2)
     for strategy in ("module", "model"):
@@ -406,7 +406,7 @@ def test_param_groups_refuse_what_is_not_a_mapping_of_names():
 
 
 def test_param_groups_leave_frozen_parameters_out():
-    from blockopt.models import TinyGPT
+    from blockopt.workloads.models import TinyGPT
 
     model = TinyGPT(n_layers=1, d_model=16, n_heads=2)
     lrs = {k: 0.01 for k in _gpt_lrs(model)}  # tuned before freezing

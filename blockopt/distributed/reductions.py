@@ -40,8 +40,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .hvp import DoubleBackwardError
-from .lanczos import ManyMatvec
+from blockopt.curvature.hvp import DoubleBackwardError
+from blockopt.curvature.lanczos import ManyMatvec
 
 __all__ = [
     "FAULT_KINDS",
@@ -242,7 +242,7 @@ def reduced_matvec(matvec: ManyMatvec, reduce: Reduce) -> ManyMatvec:
 
 def assign_blocks(costs: Sequence[Sequence[float]], world_size: int) -> list[int]:
     """The rank that probes each block in a shared probe, from each block's estimated cost (a
-    tuple compared lexicographically; :func:`blockopt.spectra.block_spectra` passes its bound on
+    tuple compared lexicographically; :func:`blockopt.block_spectra` passes its bound on
     the block's products, then its size). Greedy longest-processing-time: the blocks, costliest
     first (ties by index), go one by one to the rank with the least cost so far (ties to the
     lower rank), so the ranks' totals differ by at most the largest block's cost. Pure and

@@ -3,7 +3,7 @@ batch, from the current parameters, then everything put back.
 
 A trial copies the parameters, runs ``steps`` steps of an optimizer built for it (holding a copy
 of the live optimizer's state) on gradients of ``probe()``, evaluates ``probe()`` once more and
-restores the parameters. It runs inside :func:`blockopt.isolation.isolated` (with the usual,
+restores the parameters. It runs inside :func:`isolated` (with the usual,
 first-order kernels), so ``.grad``, buffers, train/eval modes and RNG streams are as before; the
 live optimizer is never touched. Every trial starts from the same RNG state, so trials of a model
 with dropout see the same masks, and their losses differ by the learning rate alone.
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .distributed import Reduce, agree_value
-from .isolation import isolated
+from blockopt.curvature.isolation import isolated
+from blockopt.distributed.reductions import Reduce, agree_value
 
 __all__ = ["trial_loss"]
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .blocks import Block
+from blockopt.curvature.blocks import Block
 
 __all__ = ["BlockHessian", "DoubleBackwardError"]
 

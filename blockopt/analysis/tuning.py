@@ -37,9 +37,9 @@ from typing import Any
 
 from torch import nn
 
-from .blocks import Block, Strategy, partition
-from .heterogeneity import heterogeneity
-from .spectra import BlockSpectrum
+from blockopt.analysis.heterogeneity import heterogeneity
+from blockopt.curvature.blocks import Block, Strategy, partition
+from blockopt.curvature.spectra import BlockSpectrum
 
 __all__ = [
     "CAP_FRACTION",

@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from .heterogeneity import Heterogeneity
-from .policy import MODES, Decision
-from .spectra import BlockSpectrum, Spectra
+from blockopt.analysis.heterogeneity import Heterogeneity
+from blockopt.curvature.spectra import BlockSpectrum, Spectra
+from blockopt.optimizer.policy import MODES, Decision
 
 __all__ = ["ProbeCost", "TensorBoardLogger", "histogram_buckets", "tensorboard_server"]
 

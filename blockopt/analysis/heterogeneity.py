@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .spectra import BlockSpectrum
+from blockopt.curvature.spectra import BlockSpectrum
 
 __all__ = ["JS_BANDWIDTH", "JS_STEP", "Heterogeneity", "default_floor", "heterogeneity"]
 

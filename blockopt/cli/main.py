@@ -75,7 +75,7 @@ _seed = _number(int, lambda v: 0 <= v < _SEED_LIMIT, "an integer from 0 to 2**63
 
 def _factory_spec(text: str):
     """argparse type: ``MODULE:FACTORY``, checked for syntax only (nothing imported yet)."""
-    from .factory import FactoryError, parse_spec
+    from blockopt.cli.factory import FactoryError, parse_spec
 
     try:
         return parse_spec(text)
@@ -187,9 +187,9 @@ def _seed_everything(seed: int) -> None:
 
 def _measure(args: argparse.Namespace):
     """Build the user's model and probe, then estimate its block spectra."""
-    from .factory import FactoryError, build, describe
-    from .hvp import DoubleBackwardError
-    from .spectra import block_spectra
+    from blockopt.cli.factory import FactoryError, build, describe
+    from blockopt.curvature.hvp import DoubleBackwardError
+    from blockopt.curvature.spectra import block_spectra
 
     # As `python -m` does, a MODULE next to you imports: the current directory is searched first,
     # but only while the factory's module is imported and the factory runs (see factory.build).
@@ -272,9 +272,9 @@ def spectra_table(spectra, lrs: dict[str, float], excluded: dict[str, str]) -> s
 
 def _report(args: argparse.Namespace, model, spectra) -> dict[str, Any]:
     """Score, recommended mode and suggested learning rates, printed and returned."""
-    from .heterogeneity import heterogeneity
-    from .policy import Thresholds
-    from .tuning import tune_block_lrs
+    from blockopt.analysis.heterogeneity import heterogeneity
+    from blockopt.analysis.tuning import tune_block_lrs
+    from blockopt.optimizer.policy import Thresholds
 
     h = heterogeneity(spectra)
     lrs = tune_block_lrs(spectra, args.base_lr, max_factor=args.max_factor)
@@ -331,7 +331,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         if args.json is not None:
             stage(args.json, _json_writer({**spectra.to_dict(), **extra}))
         if args.plot is not None:
-            from .tensorboard import density_figure
+            from blockopt.logging.tensorboard import density_figure
 
             figure = density_figure(spectra)
             stage(args.plot, lambda f: figure.savefig(f, format=fmt, dpi=150))
@@ -458,16 +458,16 @@ def _prepare_logdir(root: Path) -> Path:
             f"cannot write TensorBoard logs under --logdir {root}: {err.strerror or err}; choose "
             "a writable directory"
         ) from None
-    from .demo import demo_logdir
+    from blockopt.cli.demo import demo_logdir
 
     return demo_logdir(root)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """``blockopt demo``: train every chosen model with each optimizer and summarise."""
-    from .demo import DEFAULT_STEPS, LRS, MOMENTUM, QUICK_STEPS, TASKS, run_demo
-    from .optimizer import BlockOptimizer
-    from .policy import Thresholds
+    from blockopt.cli.demo import DEFAULT_STEPS, LRS, MOMENTUM, QUICK_STEPS, TASKS, run_demo
+    from blockopt.optimizer.core import BlockOptimizer
+    from blockopt.optimizer.policy import Thresholds
 
     tasks = list(MODELS) if args.model == "all" else [args.model]
     steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         "them. Exit codes: 0 success, 2 bad usage or input.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    from .demo import DEFAULT_STEPS, LRS, QUICK_STEPS
+    from blockopt.cli.demo import DEFAULT_STEPS, LRS, QUICK_STEPS
 
     lrs = "; ".join(f"{k} sgd {v['sgd']:g}, adam {v['adam']:g}" for k, v in LRS.items())
     demo = commands.add_parser(

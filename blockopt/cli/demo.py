@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, models
-from .heterogeneity import heterogeneity
-from .optimizer import BlockOptimizer
-from .spectra import block_spectra
+from blockopt.analysis.heterogeneity import heterogeneity
+from blockopt.curvature.spectra import block_spectra
+from blockopt.optimizer.core import BlockOptimizer
+from blockopt.workloads import data, models
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -59,7 +59,7 @@ HELD_OUT_TEXT = 0.1  # the last 10% of the text is never trained on
 EVALS = 10  # evaluation points per run logged to TensorBoard
 # One intra-op thread: the models are tiny, and on a busy machine two threads' spin-waiting
 # made a ViT run several times slower (a probe still runs its block products side by side on
-# two worker threads, see blockopt.hvp.default_workers).
+# two worker threads, see blockopt.curvature.hvp.default_workers).
 MAX_THREADS = 1
 
 

@@ -6,15 +6,15 @@ for learning rates: a scheduler that changes ``group["lr"]`` changes the learnin
 whichever mode is active, because each mode's learning rate is ``group["lr"]`` times a per-mode
 factor (1 for the mode training started in, unless cut as below). The modes are ordinary
 optimizers over the same parameters; only the active one steps. On a switch, state is carried over
-(:func:`blockopt.modes.transfer_state`) and, unless the user fixed the new mode's learning rate,
+(:func:`.modes.transfer_state`) and, unless the user fixed the new mode's learning rate,
 its factor starts where the first step in the new mode has the same norm as a step in the old
 one would have had (a switch changes the direction of the update, not its size). When a probe
 made the switch, a short search then walks the round rates 10^(k/2) from the one nearest it,
 at most one step up and down while trial runs on the probe's batch end lower
-(:mod:`blockopt.lr_search`, :mod:`blockopt.lr_trials`); later probes re-check it downwards, in
+(:mod:`.lr_search`, :mod:`.lr_trials`); later probes re-check it downwards, in
 the SGD modes only when a trial shows it unstable.
 An SGD learning rate that a probe finds far beyond SGD's stability limit on the largest block
-curvature is cut first (:func:`blockopt.tuning.sgd_lr_cap`), so that the size carried over is one
+curvature is cut first (:func:`sgd_lr_cap`), so that the size carried over is one
 SGD could take.
 """
 
@@ -35,8 +35,19 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .blocks import Strategy, partition
-from .distributed import (
+from blockopt.analysis.heterogeneity import Heterogeneity, heterogeneity
+from blockopt.analysis.tuning import (
+    DEFAULT_MAX_FACTOR,
+    UNSTABLE_FACTOR,
+    block_lr_factors,
+    held_factors,
+    sgd_lr_cap,
+    sgd_stability_limit,
+)
+from blockopt.curvature.blocks import Strategy, partition
+from blockopt.curvature.lanczos import check_tol
+from blockopt.curvature.spectra import Spectra, block_spectra, check_lanczos_settings
+from blockopt.distributed.reductions import (
     RankMean,
     Reduce,
     ddp_of,
@@ -45,12 +56,16 @@ from .distributed import (
     probe_reduce,
     refuse_sharded,
 )
-from .heterogeneity import Heterogeneity, heterogeneity
-from .lanczos import check_tol
-from .lr_search import LrSearch, grid_start, recheck_multiplier, search_multiplier
-from .lr_trials import trial_loss
-from .modes import MODES, BlockSGD, resolve_optimizer_class, transfer_state
-from .policy import (
+from blockopt.logging.tensorboard import ProbeCost, TensorBoardLogger
+from blockopt.optimizer.lr_search import (
+    LrSearch,
+    grid_start,
+    recheck_multiplier,
+    search_multiplier,
+)
+from blockopt.optimizer.lr_trials import trial_loss
+from blockopt.optimizer.modes import MODES, BlockSGD, resolve_optimizer_class, transfer_state
+from blockopt.optimizer.policy import (
     Decision,
     ProbeFault,
     ProbeFaultWarning,
@@ -59,16 +74,6 @@ from .policy import (
     SwitchPolicy,
     Thresholds,
     is_share,
-)
-from .spectra import Spectra, block_spectra, check_lanczos_settings
-from .tensorboard import ProbeCost, TensorBoardLogger
-from .tuning import (
-    DEFAULT_MAX_FACTOR,
-    UNSTABLE_FACTOR,
-    block_lr_factors,
-    held_factors,
-    sgd_lr_cap,
-    sgd_stability_limit,
 )
 
 __all__ = ["BlockOptimizer", "wrap"]
@@ -140,7 +145,7 @@ class BlockOptimizer(Optimizer):
             decisions need only each block's curvature scale (see
             :func:`blockopt.block_spectra`); ``None``: every block runs ``steps`` steps.
         probe_every: probe every this many steps; default: an adaptive schedule
-            (:class:`blockopt.policy.ProbeSchedule`).
+            (:class:`blockopt.optimizer.policy.ProbeSchedule`).
         probe_budget: the share of training wall time that probes, learning-rate searches and
             re-checks (failed probes too) may take, in (0, 1), default 3%; ``None``: no budget.
             After each probe the next waits, beyond the adaptive interval and even beyond its
@@ -152,7 +157,7 @@ class BlockOptimizer(Optimizer):
             until the share is back within the budget. Ignored with ``probe_every``. With a
             budget the probe steps depend on measured time, so two runs of one seed may probe
             at different steps; ``probe_every=N`` or ``probe_budget=None`` repeat to the bit.
-        thresholds: :class:`blockopt.policy.Thresholds` for switching.
+        thresholds: :class:`blockopt.optimizer.policy.Thresholds` for switching.
         monitor_only: probe and record, never switch.
         pin_mode: stay in this mode whatever the score (implies no switching).
         max_factor: bound on block SGD's per-block learning-rate factors.
@@ -168,7 +173,7 @@ class BlockOptimizer(Optimizer):
             first, and so does ``state_dict()``; memory stays bounded however long training runs.
         logdir, writer: log every probe and switch to TensorBoard, into a new
             ``SummaryWriter`` at ``logdir`` or into your own ``writer`` (see
-            :mod:`blockopt.tensorboard`); nothing is logged when neither is given.
+            :mod:`blockopt.logging.tensorboard`); nothing is logged when neither is given.
         log_figures: also draw the density and JS-matrix figures at every probe.
         distributed: which data-parallel ranks probes combine (docs/DISTRIBUTED.md): ``None``
             those of DDP's group when ``model`` is DistributedDataParallel and
@@ -607,7 +612,7 @@ class BlockOptimizer(Optimizer):
 
     def _cap_lr(self, rho_max: float) -> list[str]:
         """Scale the active SGD or block-SGD mode's learning rate down when ``lr * rho_max``
-        is far beyond SGD's stability limit (:func:`blockopt.tuning.sgd_lr_cap`); returns a note
+        is far beyond SGD's stability limit (:func:`sgd_lr_cap`); returns a note
         for the decision's reason. Modes whose learning rate the user fixed are left alone."""
         opt = self._active()
         if self.mode in self._fixed_lrs or not isinstance(opt, (torch.optim.SGD, BlockSGD)):
@@ -634,12 +639,12 @@ class BlockOptimizer(Optimizer):
         ]
 
     def _search_lr(self, recheck: bool) -> list[str]:
-        """Search the active mode's learning rate (:mod:`blockopt.lr_search`) with trials on the
-        probe's batch (:func:`blockopt.lr_trials.trial_loss`): after a switch from the round rate
-        nearest the current one (:func:`blockopt.lr_search.grid_start`), at most
+        """Search the active mode's learning rate (:mod:`.lr_search`) with trials on the
+        probe's batch (:func:`.lr_trials.trial_loss`): after a switch from the round rate
+        nearest the current one (:func:`blockopt.optimizer.lr_search.grid_start`), at most
         ``SEARCH_MAX_UP`` half-decades up; at a later probe (``recheck``) only down, to a rate
         that makes real progress, and in the SGD modes only if a trial shows the rate unstable
-        (:func:`blockopt.lr_search.recheck_multiplier`; there, changes below the schedule's
+        (:func:`.lr_search.recheck_multiplier`; there, changes below the schedule's
         ``noise_floor``, 1% of the first training loss, count as noise). Trials run at the
         schedule's base learning rate (``initial_lr``, which schedulers set), so that a warmup
         or decay in progress does not skew the mode's factor, which applies at every point of

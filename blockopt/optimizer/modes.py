@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .blocks import Block
+from blockopt.curvature.blocks import Block
 
 __all__ = ["MODES", "BlockSGD", "resolve_optimizer_class", "transfer_state"]
 

@@ -21,8 +21,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import Block, Strategy, partition
-from .distributed import (
+from blockopt.curvature.blocks import Block, Strategy, partition
+from blockopt.curvature.hvp import BlockHessian
+from blockopt.curvature.isolation import isolated
+from blockopt.curvature.lanczos import (
+    DEFAULT_BANDWIDTH,
+    LanczosResult,
+    check_tol,
+    gaussian_density,
+    lanczos_many,
+    random_start,
+)
+from blockopt.distributed.reductions import (
     Reduce,
     agree,
     agree_status,
@@ -30,16 +40,6 @@ from .distributed import (
     gather_rows,
     reduced_matvec,
     refuse_sharded,
-)
-from .hvp import BlockHessian
-from .isolation import isolated
-from .lanczos import (
-    DEFAULT_BANDWIDTH,
-    LanczosResult,
-    check_tol,
-    gaussian_density,
-    lanczos_many,
-    random_start,
 )
 
 __all__ = [
@@ -362,7 +362,7 @@ def block_spectra(
     batch of the caller's choosing. ``blocks`` is a list from :func:`partition`, a partition
     strategy, or ``None`` for ``partition(model)``. Each block gets ``probes`` Lanczos runs of up
     to ``steps`` steps; with ``tol``, a run stops earlier once its extreme Ritz values have
-    settled to ``tol`` relative (see :func:`blockopt.lanczos.lanczos_many`): the curvature
+    settled to ``tol`` relative (see :func:`blockopt.curvature.lanczos.lanczos_many`): the curvature
     scales that decide the heterogeneity score and the block learning rates then cost a
     fraction of ``steps`` products per block, while ``tol=None`` gives the full ``steps``-point
     quadrature every block's density needs. Start vectors depend only on ``seed`` and the
@@ -371,13 +371,13 @@ def block_spectra(
     :class:`blockopt.BlockHessian`); results with any ``workers`` above one are the same, and agree
     with ``workers=1`` to round-off.
 
-    ``reduce`` averages over data-parallel ranks (e.g. :class:`blockopt.distributed.RankMean`,
+    ``reduce`` averages over data-parallel ranks (e.g. :class:`RankMean`,
     called on every rank at once): the probe's loss, and each Lanczos step's products of all
     blocks in one flat buffer, so every rank gets the spectra of the mean of the ranks' losses,
     identical on all ranks; a failure on any rank raises on all (docs/DISTRIBUTED.md).
 
     ``share=True`` (with a ``reduce`` that knows its group, :class:`RankMean`) splits the work
-    instead: the blocks are dealt out among the ranks (:func:`blockopt.distributed.
+    instead: the blocks are dealt out among the ranks (:func:`blockopt.distributed.reductions.
     assign_blocks`, balancing each block's bound on its products, ``min(steps, numel)``, then
     its size), each rank runs Lanczos on its own blocks alone, with no per-step collective, and
     one ``all_reduce`` hands every rank every block's tridiagonal, so the per-rank cost falls as
@@ -476,7 +476,7 @@ def _check_share(share: Any, reduce: Any) -> None:
     if not all(callable(getattr(reduce, name, None)) for name in ("sum", "rank", "size")):
         raise TypeError(
             "share=True splits the blocks among the ranks, so it needs a reduce that knows its "
-            "process group, e.g. reduce=blockopt.distributed.RankMean(group), got "
+            "process group, e.g. reduce=blockopt.distributed.reductions.RankMean(group), got "
             f"{'no reduce' if reduce is None else type(reduce).__name__}"
         )
     if not 0 <= reduce.rank() < reduce.size():
@@ -526,7 +526,7 @@ def _shared_runs(
     tol: float | None,
 ) -> tuple[list[LanczosResult], list[str], int]:
     """Lanczos on this rank's share of the blocks, alone, then every block's runs and status
-    from every rank in one collective (:func:`blockopt.distributed.gather_rows`); also returns
+    from every rank in one collective (:func:`gather_rows`); also returns
     how many products this rank computed. A failure on any rank raises on all."""
     owners = assign_blocks(share_costs(blocks, steps), group.size())
     rank = group.rank()

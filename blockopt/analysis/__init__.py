@@ -1,0 +1,1 @@
+"""Analysis of blockwise spectra: heterogeneity scores and per-block learning rates."""

@@ -1,0 +1,1 @@
+"""The ``blockopt`` command line: ``demo``, ``probe`` and ``tune``."""

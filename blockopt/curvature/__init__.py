@@ -1,0 +1,1 @@
+"""Curvature: a model's blocks, blockwise Hessian-vector products, Lanczos, spectra."""

@@ -1,0 +1,1 @@
+"""Probing under torch.distributed: reductions over ranks, a probe's blocks shared."""

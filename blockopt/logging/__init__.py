@@ -1,0 +1,1 @@
+"""What blockopt writes to TensorBoard."""

@@ -1,0 +1,1 @@
+"""The optimizer: modes, probe control, learning-rate tuning, checkpoints."""

@@ -1,0 +1,1 @@
+"""Bundled data, reference models and the tasks the demo and the benchmarks train."""
