@@ -36,6 +36,8 @@ import torch
 from bench_docs import write_section
 from bench_optimizer import AUTO, BY_KEY, Result, _cpu_seconds, _loss, _path, train
 
+from blockopt.workloads.tasks import TUNED_LRS
+
 SECTION = "## Long runs"
 COMMAND = "python benchmarks/bench_long.py"
 
@@ -45,15 +47,12 @@ STEPS = 5000
 SHORT_STEPS = 1500
 QUICK_STEPS, QUICK_SHORT_STEPS = 300, 100
 WARMUP_STEPS = 20  # untimed steps of every method in a worker before its timed runs
-# The best fixed mode and its learning rate per task, and plain SGD's best learning rate: the
-# "Targets" table and the per-task tables of the "## Optimizer" section of docs/BENCHMARKS.md
-# (python benchmarks/bench_optimizer.py, 400 steps, 3 seeds).
-BEST: dict[str, tuple[str, float]] = {
-    "gpt": ("adam", 0.003),
-    "vit": ("adam", 0.003),
-    "cnn": ("block_sgd", 0.03),
-}
-SGD_LR: dict[str, float] = {"gpt": 0.1, "vit": 0.01, "cnn": 0.3}
+# The best fixed mode per task (the "Targets" table of the "## Optimizer" section of
+# docs/BENCHMARKS.md: python benchmarks/bench_optimizer.py, 400 steps, 3 seeds) at its tuned
+# learning rate, and plain SGD's tuned learning rate (blockopt.workloads.tasks.TUNED_LRS).
+BEST_MODE: dict[str, str] = {"gpt": "adam", "vit": "adam", "cnn": "block_sgd"}
+BEST: dict[str, tuple[str, float]] = {k: (m, TUNED_LRS[k][m]) for k, m in BEST_MODE.items()}
+SGD_LR: dict[str, float] = {k: TUNED_LRS[k]["sgd"] for k in TASK_KEYS}
 LONG_TARGET = 1.03  # wall ratio at --steps, every task
 SHORT_TARGET = 1.10  # wall ratio at --short-steps, SHORT_TASK
 TOLERANCE = 0.02  # informational: auto's final loss at most 2% above the fixed mode's
@@ -307,7 +306,7 @@ def render(
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _best(text: str) -> tuple[str, tuple[str, float]]:
+def parse_best(text: str) -> tuple[str, tuple[str, float]]:
     """Parse ``--best KEY=MODE:LR``."""
     try:
         key, rest = text.split("=", 1)
@@ -341,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="*", choices=TASK_KEYS, default=None)
     parser.add_argument(
         "--best",
-        type=_best,
+        type=parse_best,
         action="append",
         default=[],
         metavar="KEY=MODE:LR",

@@ -27,7 +27,6 @@ rewrites the "Optimizer" section of docs/BENCHMARKS.md:
 from __future__ import annotations
 
 import argparse
-import functools
 import inspect
 import json
 import math
@@ -46,23 +45,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from bench_docs import write_section
 from repro_quadratic import BlockQuadratic, make_problem
-from torch import nn
 
 import blockopt
 from blockopt.optimizer.modes import BlockSGD
-from blockopt.workloads import data, models
+from blockopt.workloads import tasks
+from blockopt.workloads.tasks import BENCH_TASKS, MOMENTUM, Workload
 
 SECTION = "## Optimizer"
 COMMAND = "python benchmarks/bench_optimizer.py"
 
-GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+GRID = tasks.LR_GRID
 QUICK_GRID = (3e-4, 3e-3, 3e-2, 0.3)
 FIXED = ("sgd", "block_sgd", "adam")
 METHODS = (*FIXED, "auto")
-MOMENTUM = 0.9
 TOLERANCE = 0.02  # the target: auto's final loss at most 2% above the best fixed mode's
 PATIENCE = 2  # the lr grid is walked upwards until this many lrs in a row do no better
 SPREAD_TASK = "cnn"  # the task also run on --spread-seeds seeds
@@ -75,34 +72,31 @@ AUTO = {
 }
 
 
-@dataclass
-class Setup:
-    """One task instance for one seed: the model, the loss of training step ``i``, the probe the
-    blockopt optimizers get, the reported loss and the test accuracy."""
-
-    model: nn.Module
-    train_loss: Callable[[int], torch.Tensor]
-    probe: Callable[[], torch.Tensor]
-    eval_loss: Callable[[], float]
-    accuracy: Callable[[], float] | None = None
-    limit: float = math.inf  # a training loss above this counts as divergence
-
-
 @dataclass(frozen=True)
 class Task:
-    """A benchmark task. ``target``: a fixed target loss, or None for 90% of the way from the
-    initial loss to the best fixed mode's final loss. ``floor``: losses below it are round-off
-    and count as equal."""
+    """A benchmark task: a task of the shared registry (``BENCH_TASKS``) or a quadratic, and how
+    it is run. ``target``: a fixed target loss, or None for 90% of the way from the initial loss
+    to the best fixed mode's final loss. ``floor``: losses below it are round-off and count as
+    equal."""
 
-    key: str
-    label: str
+    spec: tasks.Task
     steps: int
     quick_steps: int
     evals: int  # evaluation points per run
-    build: Callable[[int], Setup]
     loss_name: str
     target: float | None = None
     floor: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def label(self) -> str:
+        return self.spec.title
+
+    def build(self, seed: int) -> Workload:
+        return self.spec.build(seed)
 
 
 @dataclass
@@ -129,14 +123,20 @@ class Result:
 # -- tasks ----------------------------------------------------------------------------------------
 
 QUAD_DIM = 30  # coordinates per block (3 blocks)
-IMAGE_BATCH = 64
-EVAL_IMAGES = 512
-TEXT_BATCH, CONTEXT, EVAL_WINDOWS = 16, 32, 128
+EVAL_IMAGES = BENCH_TASKS["cnn"].eval_images  # the training digits of the reported loss
+EVAL_WINDOWS = BENCH_TASKS["gpt"].eval_windows  # the text windows of the reported loss
 
 
-def _quadratic(case: str) -> Callable[[int], Setup]:
-    def build(seed: int) -> Setup:
-        problem = make_problem(case, QUAD_DIM, seed)
+@dataclass(frozen=True)
+class QuadraticTask(tasks.Task):
+    """A block-diagonal quadratic of ``repro_quadratic.py`` (``case`` heterogeneous or
+    homogeneous, 3 blocks of ``dim``), trained on its gap ``L - L*``; the demo has none."""
+
+    case: str = "heterogeneous"
+    dim: int = QUAD_DIM
+
+    def build(self, seed: int) -> Workload:
+        problem = make_problem(self.case, self.dim, seed)
         model = BlockQuadratic(problem)
         with torch.no_grad():
             l_star = float(-0.5 * (problem.h * problem.w_star).sum())
@@ -149,107 +149,20 @@ def _quadratic(case: str) -> Callable[[int], Setup]:
             with torch.no_grad():
                 return max(float(loss()) / gap0, 0.0)
 
-        return Setup(model, lambda _i: loss(), loss, relative_gap, limit=1e8 * gap0)
-
-    return build
+        return Workload(model, lambda _i: loss(), loss, relative_gap, limit=1e8 * gap0)
 
 
-@functools.cache
-def _digits() -> data.Digits:
-    return data.digits(seed=0)
-
-
-@functools.cache
-def _corpus() -> data.Corpus:
-    return data.text_corpus(vocab_size=64)
-
-
-def _image(factory: Callable[[], nn.Module]) -> Callable[[int], Setup]:
-    def build(seed: int) -> Setup:
-        d = _digits()
-        torch.manual_seed(seed)
-        model = factory()
-        batches, fixed = data.seeded_batches(len(d.y_train), IMAGE_BATCH, seed)
-        px, py = d.x_train[fixed], d.y_train[fixed]
-        ex, ey = d.x_train[:EVAL_IMAGES], d.y_train[:EVAL_IMAGES]
-
-        def train_loss(i: int) -> torch.Tensor:
-            idx = batches(i)
-            return F.cross_entropy(model(d.x_train[idx]), d.y_train[idx])
-
-        def logits(x: torch.Tensor) -> torch.Tensor:
-            model.eval()
-            try:
-                with torch.no_grad():
-                    return model(x)
-            finally:
-                model.train()
-
-        return Setup(
-            model,
-            train_loss,
-            lambda: F.cross_entropy(model(px), py),
-            lambda: float(F.cross_entropy(logits(ex), ey)),
-            lambda: float((logits(d.x_test).argmax(1) == d.y_test).float().mean()),
-            limit=100 * math.log(10),
-        )
-
-    return build
-
-
-def _gpt(seed: int) -> Setup:
-    corpus = _corpus()
-    torch.manual_seed(seed)
-    model = models.TinyGPT(vocab_size=len(corpus.vocab), context=CONTEXT)
-    gen = torch.Generator().manual_seed(seed)
-    fixed = torch.Generator().manual_seed(10_000 + seed)
-    px, py = data.text_batches(corpus, TEXT_BATCH, CONTEXT, generator=fixed)
-    held = torch.Generator().manual_seed(20_000)
-    ex, ey = data.text_batches(corpus, EVAL_WINDOWS, CONTEXT, generator=held)
-
-    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = model(x)
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-
-    def eval_loss() -> float:
-        with torch.no_grad():
-            return float(loss_of(ex, ey))
-
-    return Setup(
-        model,
-        lambda _i: loss_of(*data.text_batches(corpus, TEXT_BATCH, CONTEXT, generator=gen)),
-        lambda: loss_of(px, py),
-        eval_loss,
-        limit=100 * math.log(64),
-    )
+def _quadratic(case: str) -> QuadraticTask:
+    """The ``case`` quadratic as a task: key ``quad_het`` or ``quad_hom``."""
+    return QuadraticTask(f"quad_{case[:3]}", f"{case.capitalize()} quadratic", case)
 
 
 TASKS = (
-    Task(
-        "quad_het",
-        "Heterogeneous quadratic",
-        2000,
-        300,
-        200,
-        _quadratic("heterogeneous"),
-        "relative gap",
-        target=1e-6,
-        floor=1e-12,
-    ),
-    Task(
-        "quad_hom",
-        "Homogeneous quadratic",
-        2000,
-        300,
-        200,
-        _quadratic("homogeneous"),
-        "relative gap",
-        target=1e-6,
-        floor=1e-12,
-    ),
-    Task("cnn", "BatchNorm CNN, digits", 400, 60, 20, _image(models.SmallCNN), "training loss"),
-    Task("vit", "Tiny ViT, digits", 400, 40, 20, _image(models.TinyViT), "training loss"),
-    Task("gpt", "Tiny GPT, pydoc_data text", 400, 40, 20, _gpt, "held-out loss"),
+    Task(_quadratic("heterogeneous"), 2000, 300, 200, "relative gap", target=1e-6, floor=1e-12),
+    Task(_quadratic("homogeneous"), 2000, 300, 200, "relative gap", target=1e-6, floor=1e-12),
+    Task(BENCH_TASKS["cnn"], 400, 60, 20, "training loss"),
+    Task(BENCH_TASKS["vit"], 400, 40, 20, "training loss"),
+    Task(BENCH_TASKS["gpt"], 400, 40, 20, "held-out loss"),
 )
 BY_KEY = {t.key: t for t in TASKS}
 
@@ -257,13 +170,11 @@ BY_KEY = {t.key: t for t in TASKS}
 # -- runs -----------------------------------------------------------------------------------------
 
 
-def make_optimizer(method: str, lr: float | None, setup: Setup) -> torch.optim.Optimizer:
+def make_optimizer(method: str, lr: float | None, setup: Workload) -> torch.optim.Optimizer:
     """The optimizer of ``method``; ``auto`` ignores ``lr`` and takes blockopt's defaults."""
-    params = list(setup.model.parameters())
-    if method == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
-    if method == "adam":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if method in ("sgd", "adam"):
+        assert lr is not None
+        return tasks.fixed_optimizer(method, lr, setup.model)
     if method == "block_sgd":
         return blockopt.BlockOptimizer(
             setup.model, setup.probe, lr=lr, momentum=MOMENTUM, pin_mode="block_sgd"
@@ -282,7 +193,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
         for st in o.state.values():
             tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
         if isinstance(o, BlockSGD):
-            tensors += [v for v in o._scales.values() if isinstance(v, torch.Tensor)]
+            tensors += o.scale_tensors()
     unique = {(t.data_ptr(), t.numel(), t.element_size()) for t in tensors}
     return sum(n * size for _, n, size in unique)
 
@@ -322,16 +233,14 @@ def train(key: str, seed: int, method: str, lr: float | None, steps: int) -> Res
     return Result(
         final=final,
         curve=curve,
-        accuracy=setup.accuracy() if setup.accuracy is not None and not diverged else None,
+        accuracy=None if diverged else setup.accuracy(),
         state_bytes=state_bytes(opt),
         train_seconds=seconds,
         probe_seconds=opt.probe_seconds if auto else 0.0,
         probes=len(opt.history) if auto else 0,
         modes=modes,
         end_lr=opt.mode_lrs[opt.mode] if auto else None,
-        notes=[n for d in opt.history for n in d.reason.split("; ") if "stability" in n]
-        if auto
-        else [],
+        notes=[n for d in opt.history for n in d.notes if "stability" in n] if auto else [],
         diverged=diverged,
     )
 

@@ -2,8 +2,8 @@
 40-step reference as the Lanczos levers are turned.
 
 Models: the demo tasks (tiny GPT on ``pydoc_data.topics`` text, tiny ViT and BatchNorm CNN on
-scikit-learn's digits; ``blockopt.cli.demo.TASKS``) at initialisation and after 300 steps of AdamW
-(lr 3e-3, weight decay 0.01), and the heterogeneous and homogeneous quadratics of
+scikit-learn's digits; ``blockopt.workloads.tasks.DEMO_TASKS``) at initialisation and after 300
+steps of AdamW (lr 3e-3, weight decay 0.01), and the heterogeneous and homogeneous quadratics of
 ``bench_optimizer.py`` (3 blocks of 30 coordinates; their curvature does not change, so they are
 probed once).
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -37,17 +36,14 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from bench_docs import write_section
 from bench_optimizer import _quadratic
 from torch import nn
 
 import blockopt
 from blockopt.analysis.tuning import block_lr_factors
-from blockopt.cli import demo
 from blockopt.curvature.blocks import Block
-from blockopt.curvature.isolation import isolated
-from blockopt.workloads import data
+from blockopt.workloads.tasks import DEMO_TASKS, TextTask
 
 SECTION = "## Probe cost"
 COMMAND = "python benchmarks/bench_probe_cost.py"
@@ -169,57 +165,23 @@ class Table:
 # -- model states ---------------------------------------------------------------------------------
 
 
-@functools.cache
-def _digits() -> data.Digits:
-    return data.digits(seed=0)  # as demo.py: one split for every seed
-
-
-@functools.cache
-def _corpus() -> data.Corpus:
-    return data.text_corpus(vocab_size=demo.VOCAB)
-
-
-def _probe_batch(key: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The probe's batch of demo task ``key``, drawn as demo.py draws it."""
-    if key == "gpt":
-        corpus = _corpus()
-        cut = round((1 - demo.HELD_OUT_TEXT) * len(corpus.tokens))
-        train = data.Corpus(corpus.tokens[:cut], corpus.vocab)
-        gen = torch.Generator().manual_seed(10_000 + seed)
-        return data.text_batches(train, demo.TEXT_BATCH, demo.CONTEXT, generator=gen)
-    d = _digits()
-    _batches, fixed = data.seeded_batches(len(d.y_train), demo.IMAGE_BATCH, seed)
-    return d.x_train[fixed], d.y_train[fixed]
-
-
-def _loss_fn(key: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    if key == "gpt":
-        return F.cross_entropy(out.flatten(0, 1), y.flatten())
-    return F.cross_entropy(out, y)
-
-
 def demo_case(key: str, seed: int) -> Case:
-    """Demo task ``key`` at initialisation, with its probe and a quarter-batch probe built from
-    the same batch (checked against the demo's own probe)."""
-    task = demo.TASKS[key]
+    """Demo task ``key`` at initialisation, with its probe and a quarter-batch probe on the first
+    quarter of the probe's batch."""
+    task = DEMO_TASKS[key]
     work = task.build(seed)
-    model = work.model
-    x, y = _probe_batch(key, seed)
+    assert work.probe_batch is not None and work.batch_loss is not None
+    x, y = work.probe_batch
     n = x.shape[0] // QUARTER
-    qx, qy = x[:n], y[:n]
-    with isolated(model), torch.no_grad():
-        ours, theirs = float(_loss_fn(key, model, x, y)), float(work.probe())
-    if ours != theirs:
-        raise RuntimeError(f"{key}: the rebuilt probe batch gives {ours}, the demo's {theirs}")
-    unit = f"windows of {demo.CONTEXT} characters" if key == "gpt" else "images"
+    qx, qy, loss = x[:n], y[:n], work.batch_loss
+    unit = f"windows of {task.context} characters" if isinstance(task, TextTask) else "images"
     return Case(
         key,
         task.title,
-        model,
+        work.model,
         work.train_loss,
         work.probe,
-        lambda: _loss_fn(key, model, qx, qy),
+        lambda: loss(qx, qy),
         f"{x.shape[0]} {unit} (quarter: {n})",
         "at initialisation",
     )
@@ -227,13 +189,14 @@ def demo_case(key: str, seed: int) -> Case:
 
 def quadratic_case(case: str, seed: int) -> Case:
     """A quadratic of bench_optimizer.py; its loss is exact, there is no batch."""
-    setup = _quadratic(case)(seed)
+    task = _quadratic(case)
+    work = task.build(seed)
     return Case(
-        f"quad_{case[:3]}",
-        f"{case.capitalize()} quadratic (3 blocks of 30)",
-        setup.model,
-        setup.train_loss,
-        setup.probe,
+        task.key,
+        f"{task.title} (3 blocks of {task.dim})",
+        work.model,
+        work.train_loss,
+        work.probe,
         None,
         "none (exact loss)",
     )

@@ -224,7 +224,7 @@ def cases_from(data: dict[str, Any]) -> tuple[list[Case], list[str]]:
     return cases, notes
 
 
-def _block_ratio_text(cases: list[Case], t: blockopt.Thresholds, d: dict[str, Any] | None) -> str:
+def block_ratio_text(cases: list[Case], t: blockopt.Thresholds, d: dict[str, Any] | None) -> str:
     """Where ``block_ratio`` acts: the cases below ``sgd_below`` and their ``max_ratio``, and
     what part (d) measured for block SGD against SGD on the models among them."""
     band = [c for c in cases if c.score < t.sgd_below]
@@ -445,7 +445,7 @@ def run(fig_dir: Path, data: dict[str, Any], *, quick: bool = False) -> Section:
         "defaults within those bounds."
     )
     agreement = " ".join(parts)
-    ratio_text = _block_ratio_text(cases, current, data.get("d"))
+    ratio_text = block_ratio_text(cases, current, data.get("d"))
     return Section(
         key="calibration",
         title="Calibration of the switching thresholds",

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockopt.workloads import data, models
+from blockopt.workloads import data, models, tasks
 
 MODELS = ("gpt", "vit", "cnn", "mlp")
 LABELS = {"gpt": "tiny GPT", "vit": "tiny ViT", "cnn": "BatchNorm CNN", "mlp": "MLP (tanh)"}
@@ -49,8 +49,8 @@ def batch(name: str, seed: int, size: int | None = None) -> tuple[torch.Tensor, 
     pydoc_data.topics), 128 digits otherwise, drawn with ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     if name == "gpt":
-        return data.text_batches(_corpus(), size or 16, 32, generator=gen)
-    d = _digits()
+        return data.text_batches(corpus(), size or 16, 32, generator=gen)
+    d = digits()
     idx = torch.randperm(len(d.y_train), generator=gen)[: size or 128]
     return d.x_train[idx], d.y_train[idx]
 
@@ -68,27 +68,14 @@ def model_and_probe(name: str, seed: int) -> tuple[nn.Module, Callable[[], torch
     return model, lambda: loss_fn(name, model, x, y)
 
 
-_CACHE: dict[str, Any] = {}
-
-
-def _corpus() -> data.Corpus:
-    if "corpus" not in _CACHE:
-        _CACHE["corpus"] = data.text_corpus(vocab_size=64)
-    return _CACHE["corpus"]
-
-
-def _digits() -> data.Digits:
-    if "digits" not in _CACHE:
-        _CACHE["digits"] = data.digits(seed=0)
-    return _CACHE["digits"]
-
-
 def corpus() -> data.Corpus:
-    return _corpus()
+    """The text over 64 tokens, loaded once per process (shared with the demo's tasks)."""
+    return tasks.corpus(64)
 
 
 def digits() -> data.Digits:
-    return _digits()
+    """The digits' one train/test split, loaded once per process (shared with the demo's)."""
+    return tasks.digits()
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -270,10 +270,10 @@ def gap(sgd: dict[str, Any], adam: dict[str, Any]) -> dict[str, Any]:
     if adam.get("test_acc") is not None and sgd.get("test_acc") is not None:
         out["test_acc_diff"] = sgd["test_acc"] - adam["test_acc"]
     steps = adam["checkpoints"][-1][0]
-    out["adam_reaches_sgd_final_at"] = _reach(adam["checkpoints"], ls, steps)
-    out["sgd_reaches_adam_final_at"] = _reach(sgd["checkpoints"], la, steps)
-    out["sgd_halves_loss_at"] = _reach(sgd["checkpoints"], l0 / 2, steps)
-    out["adam_halves_loss_at"] = _reach(adam["checkpoints"], l0 / 2, steps)
+    out["adam_reaches_sgd_final_at"] = reach_step(adam["checkpoints"], ls, steps)
+    out["sgd_reaches_adam_final_at"] = reach_step(sgd["checkpoints"], la, steps)
+    out["sgd_halves_loss_at"] = reach_step(sgd["checkpoints"], l0 / 2, steps)
+    out["adam_halves_loss_at"] = reach_step(adam["checkpoints"], l0 / 2, steps)
     return out
 
 
@@ -288,7 +288,7 @@ def _ratio(num: float, den: float) -> float:
         return float(num / den)
 
 
-def _reach(checkpoints: list[list[float]], level: float, steps: int) -> float | None:
+def reach_step(checkpoints: list[list[float]], level: float, steps: int) -> float | None:
     """Share of the run after which a run's training-set loss first is at or below ``level``
     (interpolated linearly in log-loss between checkpoints); None if it never is."""
     for (t0, v0), (t1, v1) in itertools.pairwise(checkpoints):
@@ -308,7 +308,7 @@ def mean_loss(record: dict[str, Any]) -> float:
     return float(np.mean([v for _, v in record["checkpoints"][1:]]))
 
 
-def _best(runs: list[dict[str, Any]]) -> int:
+def best_run(runs: list[dict[str, Any]]) -> int:
     """Index of the run with the lowest :func:`mean_loss`."""
     return min(range(len(runs)), key=lambda i: mean_loss(runs[i]))
 
@@ -350,9 +350,9 @@ def measure_model(
         for lr in lrs:
             record, model = train(task, mode, lr, first, setup.steps)
             grid[mode].append(record)
-            if _best(grid[mode]) == len(grid[mode]) - 1:
+            if best_run(grid[mode]) == len(grid[mode]) - 1:
                 best_model = model
-        i = _best(grid[mode])
+        i = best_run(grid[mode])
         best_lr[mode] = lrs[i]
         edge[mode] = len(lrs) > 1 and i in (0, len(lrs) - 1)
         runs[mode] = [grid[mode][i]]
@@ -365,7 +365,7 @@ def measure_model(
         for f in block_factors
     ]
     gaps = [gap(s, a) for s, a in zip(runs["sgd"], runs["adam"])]
-    b = _best(block)
+    b = best_run(block)
     return {
         "batch_size": setup.batch_size,
         "steps": setup.steps,

@@ -13,8 +13,9 @@ from blockopt.curvature.blocks import Block, BlockPart, partition
 from blockopt.curvature.hvp import BlockHessian, DoubleBackwardError
 from blockopt.curvature.lanczos import LanczosResult, gaussian_density, lanczos, lanczos_many
 from blockopt.curvature.spectra import BlockSpectrum, Spectra, block_spectra, model_spectrum
-from blockopt.optimizer.core import BlockOptimizer, wrap
+from blockopt.optimizer.block_optimizer import BlockOptimizer
 from blockopt.optimizer.policy import Decision, ProbeFault, ProbeFaultWarning, Thresholds
+from blockopt.optimizer.wrap import wrap
 
 __version__ = "0.1.0"
 

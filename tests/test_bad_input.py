@@ -416,11 +416,11 @@ def _snapshot(opt: blockopt.BlockOptimizer) -> dict[str, Any]:
 
     return {
         "mode": opt.mode,
-        "scales": dict(opt._scales),
+        "scales": dict(opt.mode_scales),
         "lrs": [g["lr"] for g in opt.param_groups],
         "groups": groups(opt),
         "state": state(opt),
-        "inner": {m: (type(o), o, groups(o), state(o)) for m, o in opt._inner.items()},
+        "inner": (opt.mode, type(o := opt.active_optimizer), o, groups(o), state(o)),
         "step_count": opt.step_count,
         "history": list(opt.history),
         "spectra": [(t, s.to_dict()) for t, s in opt.spectra_history],
@@ -429,7 +429,7 @@ def _snapshot(opt: blockopt.BlockOptimizer) -> dict[str, Any]:
         "schedule": opt.schedule.state_dict(),
         "last_switch": opt.policy.last_switch,
         "probe_seconds": opt.probe_seconds,
-        "train_seconds": (opt._train_seconds_saved, opt._clock_start),
+        "train_seconds": (opt.recorder.saved_train_seconds, opt.recorder.clock_start),
         "last_score": opt.last_score,
     }
 

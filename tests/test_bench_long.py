@@ -16,10 +16,10 @@ import bench_long
 
 
 def test_best_override_parses_and_rejects_unknown_names() -> None:
-    assert bench_long._best("gpt=adam:0.001") == ("gpt", ("adam", 0.001))
+    assert bench_long.parse_best("gpt=adam:0.001") == ("gpt", ("adam", 0.001))
     for bad in ("gpt=adam", "mlp=adam:0.1", "gpt=lion:0.1", "gpt=adam:x"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"KEY=MODE:LR|unknown"):
-            bench_long._best(bad)
+            bench_long.parse_best(bad)
 
 
 def test_quick_run_prints_the_tables_and_targets(

@@ -26,12 +26,10 @@ from blockopt.distributed.reductions import (
     FAULT_KINDS,
     ProbeFailedElsewhere,
     RankMean,
-    assign_blocks,
     fault_kind,
-    gather_rows,
-    probe_reduce,
-    sharded_by_fsdp,
 )
+from blockopt.distributed.sharing import assign_blocks, gather_rows
+from blockopt.distributed.wrappers import ddp_of, probe_reduce, sharded_by_fsdp, unwrap
 
 WORLD = 2
 STEPS = 6  # Lanczos steps per probe
@@ -151,7 +149,7 @@ def _train(rank: int, share: bool) -> tuple[dict, nn.Module, nn.Module]:
         log_figures=False,
         **({} if share else {"distributed_share": False}),  # sharing is the default
     )
-    result: dict = {"auto_reduce": type(opt._reduce).__name__, "untouched": [], "tol": opt.tol}
+    result: dict = {"auto_reduce": type(opt.reduce).__name__, "untouched": [], "tol": opt.tol}
     result["shared"] = opt.distributed_share
     result["first_params"] = [p.detach().clone() for p in model.parameters()]
     for step in range(TRAIN + 16):
@@ -174,7 +172,7 @@ def _train(rank: int, share: bool) -> tuple[dict, nn.Module, nn.Module]:
         )
     result["reductions"] = reductions[0]
     result["history"] = [(d.step, d.old_mode, d.new_mode, d.score) for d in opt.history]
-    result["reasons"] = [d.reason for d in opt.history]
+    result["reasons"] = [d.text for d in opt.history]
     result["mode_lrs"] = opt.mode_lrs
     result["spectra"] = [(step, _timeless(s)) for step, s in opt.spectra_history]
     result["hvps"] = [(s.local_hvps, s.hvps) for _, s in opt.spectra_history]
@@ -272,6 +270,8 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     result: dict = {}
     result["mean"], _, _ = _train(rank, share=False)
     result["share"], model, ddp = _train(rank, share=True)
+    compiled = torch.compile(ddp)  # not called: the wrapper alone
+    result["unwrap"] = (unwrap(ddp) is model, unwrap(compiled) is model, ddp_of(compiled) is ddp)
     result["shared_api"] = _shared_api(rank, model)
 
     # The public API: block_spectra with a reduce hook, and without one (each rank alone).
@@ -305,13 +305,13 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         alone_opt = blockopt.BlockOptimizer(ddp, module_probe, distributed=False)
-    result["alone_warning"] = alone_opt._reduce is None and any(
+    result["alone_warning"] = alone_opt.reduce is None and any(
         "drift apart" in str(w.message) for w in caught
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         unwrapped = blockopt.BlockOptimizer(model, module_probe)  # ddp.module, not ddp
-    result["unwrapped_warning"] = unwrapped._reduce is None and any(
+    result["unwrapped_warning"] = unwrapped.reduce is None and any(
         "not DistributedDataParallel" in str(w.message) for w in caught
     )
 
@@ -604,6 +604,56 @@ def test_fsdp_is_refused_with_the_cause_and_the_fix(ranks):
         assert r["fsdp_without_probe"] == "BlockOptimizer"
 
 
+def test_unwrap_sees_through_a_real_ddp_wrapper(ranks):
+    for r in ranks:
+        assert r["unwrap"] == (True, True, True)  # DDP, torch.compile(DDP); ddp_of finds DDP
+
+
+def _ddp_stand_in(inner: nn.Module) -> nn.Module:
+    """A DistributedDataParallel wrapping ``inner``, built without a process group."""
+    ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp)
+    ddp.module = inner
+    return ddp
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, as torch.compile loads
+def test_unwrap_returns_the_eager_module_in_any_nesting():
+    from blockopt.distributed.wrappers import _wrappers
+
+    class Holder(nn.Module):  # a user's module that happens to hold a `module`: no wrapper
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(3, 2)
+
+    class MyDataParallel(nn.DataParallel):
+        pass
+
+    model = _model()
+    compile_ = torch.compile  # builds the OptimizedModule wrapper; nothing here calls it
+    ddp = _ddp_stand_in(model)
+    nestings = [
+        model,
+        compile_(model),
+        nn.DataParallel(model),
+        MyDataParallel(model),
+        ddp,
+        compile_(nn.DataParallel(model)),
+        nn.DataParallel(compile_(model)),
+        compile_(ddp),
+        _ddp_stand_in(compile_(model)),
+        compile_(nn.DataParallel(ddp)),
+        nn.DataParallel(compile_(nn.DataParallel(compile_(model)))),
+    ]
+    for wrapped in nestings:
+        assert unwrap(wrapped) is model, [type(m).__name__ for m in _wrappers(wrapped)]
+    holder = Holder()
+    assert unwrap(holder) is holder and unwrap(compile_(nn.DataParallel(holder))) is holder
+    assert ddp_of(compile_(nn.DataParallel(ddp))) is ddp and ddp_of(ddp) is ddp
+    assert ddp_of(compile_(nn.DataParallel(model))) is None and ddp_of(model) is None
+    assert ddp_of(Holder()) is None
+
+
 def test_fsdp1_stand_in_is_refused():
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -623,7 +673,7 @@ def test_distributed_option_without_a_process_group():
     model = _model()
     probe = lambda: _probe_loss(model, *_batch(-1))  # noqa: E731
     assert probe_reduce(model, None) is None and probe_reduce(model, False) is None
-    assert blockopt.BlockOptimizer(model, probe)._reduce is None
+    assert blockopt.BlockOptimizer(model, probe).reduce is None
     with pytest.raises(RuntimeError, match=r"not initialised.*init_process_group"):
         blockopt.BlockOptimizer(model, probe, distributed=True)
 

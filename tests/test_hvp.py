@@ -190,10 +190,10 @@ def test_concurrent_products_do_not_depend_on_the_number_of_workers():
         torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6 * float(one.abs().max()))
     spectra = [blockopt.block_spectra(model, probe, steps=6, workers=w) for w in (2, 3)]
     assert spectra[0].to_dict()["blocks"] == spectra[1].to_dict()["blocks"]
-    from blockopt.curvature.hvp import _pool
+    from blockopt.curvature.hvp import worker_pool
 
     assert torch.get_num_threads() == threads
-    assert set(_pool(4).map(lambda _: torch.get_num_threads(), range(8))) == {1}
+    assert set(worker_pool(4).map(lambda _: torch.get_num_threads(), range(8))) == {1}
 
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True])

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import blockopt
-from blockopt.optimizer.core import SEARCH_MAX_UP
 from blockopt.optimizer.lr_search import (
     DEFAULT_FACTOR,
     MIN_GAIN,
@@ -28,6 +27,7 @@ from blockopt.optimizer.lr_search import (
     search_multiplier,
 )
 from blockopt.optimizer.lr_trials import trial_loss
+from blockopt.optimizer.tuner import SEARCH_MAX_UP
 
 # -- the walk --------------------------------------------------------------------------------
 
@@ -383,8 +383,8 @@ def test_a_switch_searches_the_new_modes_learning_rate():
     lr = searched.mode_lrs["adam"]
     assert lr == pytest.approx(start * DEFAULT_FACTOR**SEARCH_MAX_UP, rel=1e-12)
     assert _replay_trial(lr) < _replay_trial(start) < _replay_trial(start / DEFAULT_FACTOR)
-    assert "10-step trials on the probe's batch" in searched.history[0].reason
-    assert "10-step" not in matched.history[0].reason
+    assert "10-step trials on the probe's batch" in searched.history[0].text
+    assert "10-step" not in matched.history[0].text
 
 
 def test_the_search_pays_off_on_the_stiff_quadratic():
@@ -400,9 +400,9 @@ def test_adam_rechecks_lower_a_rate_that_stalls_near_the_minimum():
     # probe_budget=None: the re-checks read here run at the adaptive schedule's steps, which a
     # budget would move by measured time (the quadratic's steps cost next to nothing)
     loss, opt = _quadratic_run(600, lr=1e-5, probe_budget=None)
-    first_lr = float(opt.history[0].reason.split("adam learning rate ")[1].split()[0])
-    lowered = [d for d in list(opt.history)[1:] if "trials" in d.reason]
-    assert lowered and all("times the previous" in d.reason for d in lowered)
+    first_lr = float(opt.history[0].text.split("adam learning rate ")[1].split()[0])
+    lowered = [d for d in list(opt.history)[1:] if "trials" in d.text]
+    assert lowered and all("times the previous" in d.text for d in lowered)
     assert opt.mode_lrs["adam"] < first_lr / 3 and loss < 1e-12
 
 
@@ -430,7 +430,7 @@ def _bowl_run(stiffen_at: int | None, monkeypatch) -> tuple[blockopt.BlockOptimi
         calls.append((baseline, kwargs, found))
         return found
 
-    monkeypatch.setattr(blockopt.optimizer.core, "recheck_multiplier", spy)
+    monkeypatch.setattr(blockopt.optimizer.tuner, "recheck_multiplier", spy)
     model = _Bowl()
     opt = blockopt.BlockOptimizer(model, model, mode="adam", probe_every=40)
     for i in range(160):
@@ -459,17 +459,17 @@ def test_a_recheck_lowers_a_rate_the_curvature_made_unstable(monkeypatch):
     assert found.multiplier == pytest.approx(DEFAULT_FACTOR**-1)
     assert losses[1.0] > 1e6 * baseline  # the old rate diverges within the trial
     assert losses[found.multiplier] < (1 - MIN_GAIN) * baseline
-    assert "0.316 times the previous" in stiff.history[3].reason
+    assert "0.316 times the previous" in stiff.history[3].text
     assert stiff.history[3].step == 120
 
 
 def test_fixed_rates_pins_and_monitoring_skip_the_search():
     _loss, fixed = _quadratic_run(1, lrs={"adam": 1e-3})
     assert fixed.mode == "adam" and fixed.mode_lrs["adam"] == pytest.approx(1e-3)
-    assert "trials" not in fixed.history[0].reason
+    assert "trials" not in fixed.history[0].text
     for options in ({"monitor_only": True}, {"pin_mode": "sgd"}):
         _loss, opt = _quadratic_run(60, **options)
-        assert opt.mode == "sgd" and not any("trials" in d.reason for d in opt.history)
+        assert opt.mode == "sgd" and not any("trials" in d.text for d in opt.history)
 
 
 def test_search_state_round_trips():
@@ -478,7 +478,7 @@ def test_search_state_round_trips():
     assert sd["blockopt"]["lr_searched"] is True
     _loss, other = _quadratic_run(0)
     other.load_state_dict(sd)
-    assert other._lr_searched is True and other.mode_lrs == opt.mode_lrs
+    assert other.lr_searched is True and other.mode_lrs == opt.mode_lrs
 
 
 def test_trials_use_the_usual_kernels():
@@ -521,7 +521,7 @@ def test_a_frozen_parameter_in_the_groups_does_not_block_the_search():
         warnings.simplefilter("error")  # no fault, no failed search
         _step(model, opt, x, y)
     assert opt.mode == "adam" and not opt.faults
-    assert "trials on the probe's batch" in opt.history[0].reason
+    assert "trials on the probe's batch" in opt.history[0].text
 
 
 def test_a_failing_search_keeps_the_probe_and_the_step_norm_match():
@@ -542,8 +542,8 @@ def test_a_failing_search_keeps_the_probe_and_the_step_norm_match():
     _step(_m, plain, _x, _y)
     assert opt.mode == plain.mode == "adam" and not opt.faults and len(opt.spectra_history) == 1
     assert opt.mode_lrs["adam"] == plain.mode_lrs["adam"]
-    assert "learning-rate search failed (MemoryError" in opt.history[0].reason
-    assert opt._lr_searched is False
+    assert "learning-rate search failed (MemoryError" in opt.history[0].text
+    assert opt.lr_searched is False
 
 
 def test_a_warmup_in_progress_does_not_change_the_searched_factor():
@@ -560,8 +560,8 @@ def test_a_warmup_in_progress_does_not_change_the_searched_factor():
         opt.zero_grad()
         model().backward()
         opt.step()
-        assert opt.mode == "adam" and "trials on the probe's batch" in opt.history[0].reason
-        scales.append(opt._scales["adam"])
+        assert opt.mode == "adam" and "trials on the probe's batch" in opt.history[0].text
+        scales.append(opt.mode_scales["adam"])
     assert scales[1] == pytest.approx(scales[0], rel=1e-9)
 
 

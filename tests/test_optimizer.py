@@ -97,7 +97,7 @@ def test_scheduler_factor_applies_to_the_active_mode():
     assert opt.active_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
     opt.switch("block_sgd")
     _train(opt, model, x, y, 1)
-    assert opt.mode_lrs["block_sgd"] == opt.param_groups[0]["lr"] * opt._scales["block_sgd"]
+    assert opt.mode_lrs["block_sgd"] == opt.param_groups[0]["lr"] * opt.mode_scales["block_sgd"]
     assert opt.active_optimizer.param_groups[0]["lr"] == pytest.approx(opt.mode_lrs["block_sgd"])
 
 
@@ -336,7 +336,7 @@ def test_switch_to_adam_matches_the_step_norm():
     model, x, y, probe = _task()
     opt = blockopt.BlockOptimizer(model, probe, lr=0.05)
     _train(opt, model, x, y, 5)
-    from blockopt.optimizer.core import _step_norm
+    from blockopt.optimizer.step_norms import step_norm as _step_norm
 
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -374,7 +374,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr("blockopt.optimizer.core.time.perf_counter", fake)
+    monkeypatch.setattr("blockopt.optimizer.recorder.time.perf_counter", fake)
     return fake
 
 
@@ -482,7 +482,7 @@ def test_probes_time_is_averaged_over_the_ranks_before_the_budget_reads_it(clock
             timings.append(tensor.tolist())
         return tensor
 
-    opt._reduce = reduce
+    opt.reduce = reduce
     _budget_run(clock, 460, opt=opt)
     assert timings == [
         [8.0, 8.0, 8.0],  # the probe at step 0
@@ -528,7 +528,11 @@ def test_the_budget_state_survives_a_checkpoint(clock):
     assert state["blockopt"]["schedule"]["budget"] == 0.25
     model, *_ = _task()
     model.load_state_dict(first.probe_model.state_dict())
-    resumed = blockopt.BlockOptimizer(model, None, lr=0.05, monitor_only=True)
+    # the schedule's settings are the constructor's: a checkpoint does not override them
+    other = blockopt.BlockOptimizer(model, None, lr=0.05, monitor_only=True, probe_budget=0.1)
+    other.load_state_dict(state)
+    assert other.schedule.budget == 0.1 and other.schedule.budget_step == 650
+    resumed = blockopt.BlockOptimizer(model, None, lr=0.05, monitor_only=True, probe_budget=0.25)
     resumed.load_state_dict(state)
     assert resumed.schedule == first.schedule and resumed.probe_share == 16.0 / 78.375
     clock.advance(1e6)  # time between save and load is no training time

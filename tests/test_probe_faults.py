@@ -273,7 +273,7 @@ def _trace(opt) -> tuple:
         list(opt.history),
         opt.last_score,
         dict(opt.block_factors),
-        dict(opt._scales),
+        dict(opt.mode_scales),
         opt.policy.last_switch,
         opt.mode,
     )
@@ -295,9 +295,9 @@ def test_a_switch_that_fails_leaves_no_trace_of_the_probe(monkeypatch):
     def broken(src, dst):
         raise RuntimeError("state transfer failed")
 
-    monkeypatch.setattr("blockopt.optimizer.core.transfer_state", broken)
+    monkeypatch.setattr("blockopt.optimizer.modeset.transfer_state", broken)
     clock = [0.0]
-    monkeypatch.setattr("blockopt.optimizer.core.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("blockopt.optimizer.recorder.time.perf_counter", lambda: clock[0])
     probe = opt.probe
     opt.probe = lambda: (clock.__setitem__(0, clock[0] + 2.0), probe())[1]
     opt.policy.thresholds = blockopt.Thresholds(100.0, 100.0, 0.0, 0)  # now calls for "sgd"

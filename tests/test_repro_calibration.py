@@ -46,14 +46,14 @@ def test_gap_shares_and_reach_times() -> None:
 
 def test_reach_interpolates_in_log_loss() -> None:
     checkpoints = [[0, 1.0], [10, 0.01]]
-    assert rt._reach(checkpoints, 0.1, 10) == pytest.approx(0.5)
-    assert rt._reach([[0, 1.0], [10, math.inf]], 0.5, 10) is None
+    assert rt.reach_step(checkpoints, 0.1, 10) == pytest.approx(0.5)
+    assert rt.reach_step([[0, 1.0], [10, math.inf]], 0.5, 10) is None
 
 
 def test_mean_loss_ranks_a_spiky_run_below_a_smooth_one() -> None:
     smooth = _record([0.1, 0.01, 0.001])
     spiky = _record([4.0, 0.001, 0.0001])  # lower final loss, but a spike on the way
-    assert rt._best([spiky, smooth]) == 1
+    assert rt.best_run([spiky, smooth]) == 1
     assert rt.mean_loss(smooth) == pytest.approx(0.037)
 
 
@@ -159,8 +159,8 @@ def test_small_blocks_far_below_pick_block_sgd_and_the_losses_are_tabled() -> No
     }
     block = {"runs": [{"train_loss": 1e-4, "lr": 0.03}, {"train_loss": 1.0, "diverged": True}]}
     d = {"results": {"cnn": {"runs": runs, "block_sgd": block}}}
-    text = rc._block_ratio_text([cnn, mlp], t, d)
+    text = rc.block_ratio_text([cnn, mlp], t, d)
     assert "BatchNorm CNN 3.10-3.10; MLP (tanh) 1.00-1.00" in text
     assert "`block_ratio=2` (entering needs 2.25, leaving 1.75)" in text
     assert "| BatchNorm CNN | 0.0006 (lr 0.1), 0.0004 (lr 0.1) | 0.0001 (lr 0.03) | 5.0x |" in text
-    assert "part (d) did not run" in rc._block_ratio_text([cnn], t, None)
+    assert "part (d) did not run" in rc.block_ratio_text([cnn], t, None)

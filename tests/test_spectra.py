@@ -11,7 +11,7 @@ import torch
 from reference import dense_block, dense_hessian
 
 import blockopt
-from blockopt.curvature.spectra import BlockSpectrum, Spectra
+from blockopt.curvature.spectra import DEFAULT_DTYPE, BlockSpectrum, Spectra
 
 
 def _dense_eigs(case, strategy="tensor"):
@@ -180,6 +180,24 @@ def test_to_dict_round_trips_through_json(case):
     assert (back.steps, back.probes, back.seed, back.hvps) == (5, 2, 7, spectra.hvps)
     with pytest.raises(ValueError, match="format"):
         Spectra.from_dict({"blocks": []})
+
+
+def test_dtype_round_trips_through_to_dict_and_defaults_alike_on_both_paths(case):
+    blocks = [BlockSpectrum("a", 2, (1.0, 1e-7), (0.5, 0.5), 1.0, 1e-7, 2.0)]
+    for dtype in ("float16", "bfloat16", "float32", "float64"):
+        spectra = Spectra(blocks, steps=2, probes=1, seed=0, dtype=dtype)
+        back = Spectra.from_dict(json.loads(json.dumps(spectra.to_dict())))
+        assert back.dtype == spectra.dtype == dtype and dict(back) == dict(spectra)
+    # No dtype given: the constructor and a dict without the key (a file written before the
+    # field existed) record the same one, so a hand-built Spectra and its file score alike.
+    plain = Spectra(blocks, steps=2, probes=1, seed=0)
+    old = {k: v for k, v in plain.to_dict().items() if k != "dtype"}
+    assert plain.dtype == Spectra.from_dict(old).dtype == DEFAULT_DTYPE == "float64"
+    assert Spectra.from_dict(plain.to_dict()).dtype == plain.dtype
+    assert blockopt.heterogeneity(Spectra.from_dict(old)) == blockopt.heterogeneity(plain)
+    probed = blockopt.block_spectra(case.model, case.probe, steps=3)
+    assert probed.dtype == "float64"  # the reference cases run in float64
+    assert Spectra.from_dict(json.loads(json.dumps(probed.to_dict()))).dtype == "float64"
 
 
 def test_float32_model_spectra_close_to_float64():

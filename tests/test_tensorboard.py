@@ -232,7 +232,7 @@ def test_optimizer_logs_every_probe_and_switch(tmp_path):
     (switch,) = ea.Tensors("blockopt/switches/text_summary")
     decision = opt.history[0]
     assert decision.switched and switch.step == decision.step == 0
-    assert decision.reason in switch.tensor_proto.string_val[0].decode()
+    assert decision.text in switch.tensor_proto.string_val[0].decode()
     (share,) = [e.value for e in ea.Scalars("blockopt/probe_share") if e.step == 8]
     assert 0.0 < share <= 1.0
     assert ea.Scalars("final/loss")[0].value == 0.5

@@ -101,7 +101,7 @@ def test_default_lr_on_a_stiff_problem_is_capped_instead_of_diverging():
     # lr * rho_max = 0.1 * 5000 = 500 > 10 * 3.8: capped to half the limit, 1.9 / 5000.
     assert opt.mode_lrs["sgd"] == pytest.approx(1.9 / 5000.0, rel=1e-6)
     assert opt.param_groups[0]["lr"] == 0.1  # the user's learning rate is untouched
-    assert "sgd learning rate times 0.0038" in opt.history[0].reason
+    assert "sgd learning rate times 0.0038" in opt.history[0].text
     # The stiff block has converged; the soft one (curvature 1) moves at 1.9 / 5000 per step.
     assert torch.allclose(model.stiff.detach(), torch.ones(4, dtype=torch.float64), atol=1e-9)
     # Heavy ball's slow root is 1 - lr * 1 / (1 - 0.9) = 0.9962: 0.5 * 4 * 0.9962 ** 800 = 0.096.
@@ -139,7 +139,7 @@ def test_no_cap_when_pinned_monitoring_fixed_or_stable():
         model().backward()
         opt.step()
         assert opt.mode_lrs[opt.mode] == 0.1
-        assert "learning rate times" not in opt.history[0].reason
+        assert "learning rate times" not in opt.history[0].text
     torch.manual_seed(0)
     net = MLP((6, 16, 4))
     x, y = torch.randn(64, 6), torch.randint(0, 4, (64,))
@@ -265,17 +265,17 @@ def test_a_probe_after_a_loss_spike_lowers_block_factors_but_does_not_raise_them
     assert opt.schedule.spiked
     decision = opt.probe_now()
     assert factors() == pytest.approx([100.0, 10.0, 1.0], rel=1e-6)
-    assert "a loss spike since the last probe: 1 block factor(s) not raised" in decision.reason
+    assert "a loss spike since the last probe: 1 block factor(s) not raised" in decision.text
     assert not opt.schedule.spiked
     decision = opt.probe_now()  # no spike since the last probe: the rise goes through
     assert factors() == pytest.approx([100.0, 100.0, 1.0], rel=1e-6)
-    assert "loss spike" not in decision.reason
+    assert "loss spike" not in decision.text
     with torch.no_grad():
         model.hessians[2] /= 100.0  # rho 3, 30, 30: the factors fall, spike or not
     _spike(opt)
     decision = opt.probe_now()
     assert factors() == pytest.approx([10.0, 1.0, 1.0], rel=1e-6)
-    assert "loss spike" not in decision.reason
+    assert "loss spike" not in decision.text
 
 
 def _quadratic_lrs() -> tuple[BlockQuadratic, dict[str, float]]:

@@ -38,7 +38,7 @@ from typing import Any
 from torch import nn
 
 from blockopt.analysis.heterogeneity import heterogeneity
-from blockopt.curvature.blocks import Block, Strategy, partition
+from blockopt.curvature.blocks import STRATEGIES, Block, Strategy, partition
 from blockopt.curvature.spectra import BlockSpectrum
 
 __all__ = [
@@ -67,7 +67,7 @@ UNSTABLE_FACTOR = 10.0
 # from below, and the diagonal blocks ignore the coupling between blocks).
 CAP_FRACTION = 0.5
 # The partition strategies :func:`param_groups` tries, in this order, when none is given.
-KNOWN_STRATEGIES = ("tensor", "head", "module", "model")
+KNOWN_STRATEGIES = STRATEGIES
 # How partition() names a slice of a tensor: ``.q``/``.k``/``.v``, then ``.h<i>`` for a head.
 _SLICE_SUFFIX = re.compile(r"(\.[qkv])?(\.h\d+)?$")
 

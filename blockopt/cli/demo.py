@@ -1,8 +1,9 @@
 """``blockopt demo``: train the bundled models with fixed SGD, fixed Adam and blockopt's auto mode.
 
 Tasks: the tiny ViT and the BatchNorm CNN on scikit-learn's digits, the tiny GPT on the text of
-Python's ``pydoc_data.topics``. Every optimizer starts from the same initial weights and sees the
-same batches. The fixed optimizers use the best learning rates of the grid in docs/BENCHMARKS.md
+Python's ``pydoc_data.topics``: :data:`blockopt.workloads.tasks.DEMO_TASKS`, which the
+benchmarks share. Every optimizer starts from the same initial weights and sees the same batches.
+The fixed optimizers use the best learning rates of the grid in docs/BENCHMARKS.md
 (:data:`LRS`); ``auto`` is ``BlockOptimizer(model, probe)`` with its defaults, stepped like any
 optimizer (``zero_grad``, ``backward``, ``step``) and told each training loss (``observe_loss``),
 so it probes on its default schedule, loss spikes included. Each run logs its losses to
@@ -13,7 +14,6 @@ shows. Results depend only on the seed (and the machine's floating point).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from blockopt.analysis.heterogeneity import heterogeneity
 from blockopt.curvature.spectra import block_spectra
-from blockopt.optimizer.core import BlockOptimizer
-from blockopt.workloads import data, models
+from blockopt.optimizer.block_optimizer import BlockOptimizer
+from blockopt.workloads import tasks
+from blockopt.workloads.tasks import Task, Workload
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -37,6 +36,8 @@ __all__ = [
     "QUICK_STEPS",
     "TASKS",
     "RunResult",
+    "Task",
+    "Workload",
     "demo_logdir",
     "run_demo",
 ]
@@ -44,43 +45,16 @@ __all__ = [
 DEFAULT_STEPS = 400
 QUICK_STEPS = 100
 OPTIMIZERS = ("sgd", "adam", "auto")
-MOMENTUM = 0.9  # fixed SGD's momentum, as in the benchmark grid
+MOMENTUM = tasks.MOMENTUM  # fixed SGD's momentum, as in the benchmark grid
 # Best or near-best learning rates of the grid in docs/BENCHMARKS.md (400 steps, seed 0); where the
 # best one sits at the edge of stability, its smaller neighbour.
-LRS: dict[str, dict[str, float]] = {
-    "gpt": {"sgd": 0.1, "adam": 3e-3},
-    "vit": {"sgd": 0.01, "adam": 3e-3},
-    "cnn": {"sgd": 0.1, "adam": 0.01},
-}
-IMAGE_BATCH = 64
-TEXT_BATCH, CONTEXT, VOCAB = 16, 32, 64
-EVAL_WINDOWS = 256  # text windows for the training and held-out losses
-HELD_OUT_TEXT = 0.1  # the last 10% of the text is never trained on
+LRS: dict[str, dict[str, float]] = tasks.DEMO_LRS
+TASKS: dict[str, Task] = tasks.DEMO_TASKS
 EVALS = 10  # evaluation points per run logged to TensorBoard
 # One intra-op thread: the models are tiny, and on a busy machine two threads' spin-waiting
 # made a ViT run several times slower (a probe still runs its block products side by side on
 # two worker threads, see blockopt.curvature.hvp.default_workers).
 MAX_THREADS = 1
-
-
-@dataclass
-class Workload:
-    """One task on one seed: a fresh model, the loss of training step ``i``, the probe the
-    auto optimizer gets, and an evaluation returning the final metrics."""
-
-    model: nn.Module
-    train_loss: Callable[[int], torch.Tensor]
-    probe: Callable[[], torch.Tensor]
-    evaluate: Callable[[], dict[str, float]]
-
-
-@dataclass(frozen=True)
-class Task:
-    """A demo task: its title and how to build its workload for a seed."""
-
-    key: str
-    title: str
-    build: Callable[[int], Workload]
 
 
 @dataclass
@@ -112,102 +86,6 @@ class RunResult:
         return self.probe_seconds / self.train_seconds
 
 
-# -- tasks ----------------------------------------------------------------------------------------
-
-
-def _eval_mode(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Evaluate under ``no_grad`` in eval mode (BatchNorm running statistics), then restore."""
-
-    @contextlib.contextmanager
-    def scope() -> Iterator[None]:
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            model.train(was)
-
-    return scope()
-
-
-@functools.cache
-def _digits() -> data.Digits:
-    """One fixed train/test split for every seed (the seed moves the init and the batches)."""
-    return data.digits(seed=0)
-
-
-@functools.cache
-def _corpus() -> data.Corpus:
-    return data.text_corpus(vocab_size=VOCAB)
-
-
-def _digits_task(factory: Callable[[], nn.Module]) -> Callable[[int], Workload]:
-    def build(seed: int) -> Workload:
-        d = _digits()
-        torch.manual_seed(seed)
-        model = factory()
-        batches, fixed = data.seeded_batches(len(d.y_train), IMAGE_BATCH, seed)
-        px, py = d.x_train[fixed], d.y_train[fixed]
-
-        def train_loss(i: int) -> torch.Tensor:
-            idx = batches(i)
-            return F.cross_entropy(model(d.x_train[idx]), d.y_train[idx])
-
-        def evaluate() -> dict[str, float]:
-            with _eval_mode(model):
-                test = model(d.x_test)
-                return {
-                    "train_loss": float(F.cross_entropy(model(d.x_train), d.y_train)),
-                    "held_out_loss": float(F.cross_entropy(test, d.y_test)),
-                    "held_out_accuracy": float((test.argmax(1) == d.y_test).float().mean()),
-                }
-
-        return Workload(model, train_loss, lambda: F.cross_entropy(model(px), py), evaluate)
-
-    return build
-
-
-def _gpt_workload(seed: int) -> Workload:
-    corpus = _corpus()
-    cut = round((1 - HELD_OUT_TEXT) * len(corpus.tokens))
-    train = data.Corpus(corpus.tokens[:cut], corpus.vocab)
-    held = data.Corpus(corpus.tokens[cut:], corpus.vocab)
-    torch.manual_seed(seed)
-    model = models.TinyGPT(vocab_size=VOCAB, context=CONTEXT)
-    gen = torch.Generator().manual_seed(seed)
-    px, py = data.text_batches(
-        train, TEXT_BATCH, CONTEXT, generator=torch.Generator().manual_seed(10_000 + seed)
-    )
-    tx, ty = data.text_batches(
-        train, EVAL_WINDOWS, CONTEXT, generator=torch.Generator().manual_seed(20_000)
-    )
-    hx, hy = data.text_batches(
-        held, EVAL_WINDOWS, CONTEXT, generator=torch.Generator().manual_seed(30_000)
-    )
-
-    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-
-    def evaluate() -> dict[str, float]:
-        with _eval_mode(model):
-            return {"train_loss": float(loss_of(tx, ty)), "held_out_loss": float(loss_of(hx, hy))}
-
-    return Workload(
-        model,
-        lambda _i: loss_of(*data.text_batches(train, TEXT_BATCH, CONTEXT, generator=gen)),
-        lambda: loss_of(px, py),
-        evaluate,
-    )
-
-
-TASKS: dict[str, Task] = {
-    "gpt": Task("gpt", "tiny GPT on pydoc_data.topics text", _gpt_workload),
-    "vit": Task("vit", "tiny ViT on scikit-learn digits", _digits_task(models.TinyViT)),
-    "cnn": Task("cnn", "BatchNorm CNN on scikit-learn digits", _digits_task(models.SmallCNN)),
-}
-
-
 # -- runs -----------------------------------------------------------------------------------------
 
 Progress = Callable[[str, int, int, float], None]  # label, step done, total steps, last loss
@@ -232,12 +110,6 @@ def _threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _fixed_optimizer(name: str, lr: float, model: nn.Module) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
 
 def _modes(opt: BlockOptimizer) -> list[tuple[str, int]]:
@@ -267,7 +139,7 @@ def train_one(
         from torch.utils.tensorboard import SummaryWriter
 
         lr = LRS[task.key][optimizer]
-        opt = _fixed_optimizer(optimizer, lr, work.model)
+        opt = tasks.fixed_optimizer(optimizer, lr, work.model)
         writer = SummaryWriter(log_dir=str(logdir))
     label = f"{task.key} {optimizer}"
     every = max(1, steps // EVALS)

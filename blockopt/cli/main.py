@@ -24,9 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn, TextIO
 
+from blockopt.curvature.blocks import STRATEGIES
+
 __all__ = ["UsageError", "build_parser", "main"]
 
-STRATEGIES = ("tensor", "head", "module", "model")
 MODELS = ("gpt", "vit", "cnn")
 CONDITION_HELP = (
     "cond is |lambda|max / |lambda|min over the block's two extreme Ritz values: the condition "
@@ -466,7 +467,7 @@ def _prepare_logdir(root: Path) -> Path:
 def _cmd_demo(args: argparse.Namespace) -> int:
     """``blockopt demo``: train every chosen model with each optimizer and summarise."""
     from blockopt.cli.demo import DEFAULT_STEPS, LRS, MOMENTUM, QUICK_STEPS, TASKS, run_demo
-    from blockopt.optimizer.core import BlockOptimizer
+    from blockopt.optimizer.block_optimizer import BlockOptimizer
     from blockopt.optimizer.policy import Thresholds
 
     tasks = list(MODELS) if args.model == "all" else [args.model]

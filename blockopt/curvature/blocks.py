@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Block", "BlockPart", "Strategy", "partition"]
+__all__ = ["STRATEGIES", "Block", "BlockPart", "Strategy", "partition"]
 
 # Attribute names of fused [Q; K; V] projections stacked along the output dimension.
 _FUSED_QKV_NAMES = re.compile(r"^(qkv|qkv_proj|c_attn|in_proj|wqkv|w_qkv|to_qkv)$", re.IGNORECASE)
@@ -77,6 +77,8 @@ class Block:
         return tuple(seen.values())
 
 
+# The named partition strategies, in the order blockopt tries them when matching names.
+STRATEGIES = ("tensor", "head", "module", "model")
 Strategy = str | Callable[[str, torch.Tensor], "str | None"] | Mapping[str, str]
 
 

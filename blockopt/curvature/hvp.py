@@ -74,7 +74,7 @@ def _one_intra_op_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+def worker_pool(workers: int) -> ThreadPoolExecutor:
     """A process-wide pool of ``workers`` threads, created once and reused by every probe. Its
     threads run on one intra-op thread each; every one is started at once (a barrier holds
     them), and the caller's thread count is then set again, since setting a thread's count
@@ -199,7 +199,7 @@ class BlockHessian:
                 )
         out: list[torch.Tensor] = []
         if not self._batched and self.workers > 1 and len(indices) > 1:
-            out = list(_pool(self.workers).map(self._single, zip(indices, vectors)))
+            out = list(worker_pool(self.workers).map(self._single, zip(indices, vectors)))
         else:
             for start in range(0, len(indices), self.max_batch):
                 stop = start + self.max_batch

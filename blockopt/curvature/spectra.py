@@ -32,15 +32,9 @@ from blockopt.curvature.lanczos import (
     lanczos_many,
     random_start,
 )
-from blockopt.distributed.reductions import (
-    Reduce,
-    agree,
-    agree_status,
-    assign_blocks,
-    gather_rows,
-    reduced_matvec,
-    refuse_sharded,
-)
+from blockopt.distributed.reductions import Reduce, agree, agree_status, reduced_matvec
+from blockopt.distributed.sharing import assign_blocks, gather_rows
+from blockopt.distributed.wrappers import refuse_sharded
 
 __all__ = [
     "BlockSpectrum",
@@ -52,6 +46,12 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+
+DEFAULT_DTYPE = "float64"
+"""The dtype a :class:`Spectra` records when none is given, built by hand or read from a dict
+without one: that of the tridiagonal eigenproblems and of dense references, so that the
+round-off floor (:func:`blockopt.analysis.heterogeneity.default_floor`) of spectra given by
+hand is float64's. :func:`block_spectra` always records the dtype its products ran in."""
 
 
 @dataclass(frozen=True)
@@ -167,9 +167,10 @@ class Spectra(Mapping[str, BlockSpectrum]):
     runs), ``local_hvps`` those this process computed: ``hvps`` itself, except in a probe whose
     ranks shared the blocks (``block_spectra(..., share=True)``), where each rank computed its
     share and the ranks' ``local_hvps`` add up to ``hvps``. ``seconds`` is the probe's wall
-    time, ``dtype`` the (widest) floating-point type the products were computed in, which sets
-    how small a curvature can be told apart from round-off, and ``tol`` the Lanczos stopping
-    tolerance (``None``: every block ran ``steps`` steps, or to its size or breakdown).
+    time, ``dtype`` the (widest) floating-point type the products were computed in (default
+    :data:`DEFAULT_DTYPE`), which sets how small a curvature can be told apart from round-off,
+    and ``tol`` the Lanczos stopping tolerance (``None``: every block ran ``steps`` steps, or to
+    its size or breakdown).
     """
 
     def __init__(
@@ -181,7 +182,7 @@ class Spectra(Mapping[str, BlockSpectrum]):
         seed: int,
         hvps: int = 0,
         seconds: float = 0.0,
-        dtype: str = "float64",
+        dtype: str = DEFAULT_DTYPE,
         tol: float | None = None,
         local_hvps: int | None = None,
     ) -> None:
@@ -261,7 +262,7 @@ class Spectra(Mapping[str, BlockSpectrum]):
             seed=int(_field(data, "seed", "int", "spectra")),
             hvps=hvps,
             seconds=float(_field(data, "seconds", "number", "spectra", 0.0)),
-            dtype=_field(data, "dtype", "str", "spectra", "float32"),
+            dtype=_field(data, "dtype", "str", "spectra", DEFAULT_DTYPE),
             tol=tol,
             local_hvps=local_hvps,
         )
@@ -377,7 +378,7 @@ def block_spectra(
     identical on all ranks; a failure on any rank raises on all (docs/DISTRIBUTED.md).
 
     ``share=True`` (with a ``reduce`` that knows its group, :class:`RankMean`) splits the work
-    instead: the blocks are dealt out among the ranks (:func:`blockopt.distributed.reductions.
+    instead: the blocks are dealt out among the ranks (:func:`blockopt.distributed.sharing.
     assign_blocks`, balancing each block's bound on its products, ``min(steps, numel)``, then
     its size), each rank runs Lanczos on its own blocks alone, with no per-step collective, and
     one ``all_reduce`` hands every rank every block's tridiagonal, so the per-rank cost falls as

@@ -173,7 +173,7 @@ class TensorBoardLogger:
         if decision.switched:
             text = (
                 f"step {decision.step}: **{decision.old_mode} → {decision.new_mode}** "
-                f"(score {decision.score:.2f}): {decision.reason}"
+                f"(score {decision.score:.2f}): {decision.text}"
             )
             self._guard(
                 "write the switch text",

@@ -27,10 +27,10 @@ import torch
 from torch.optim import Optimizer
 
 from blockopt.curvature.blocks import Block
+from blockopt.optimizer.policy import MODES
 
 __all__ = ["MODES", "BlockSGD", "resolve_optimizer_class", "transfer_state"]
 
-MODES = ("sgd", "block_sgd", "adam")
 
 # Classes that cannot serve as a mode, and why.
 _REFUSED = {
@@ -88,7 +88,8 @@ class BlockSGD(Optimizer):
     """SGD with momentum, weight decay and Nesterov as in ``torch.optim.SGD``, with each block's
     step multiplied by its own factor: the update of block ``b`` is ``lr * factor_b * d_p``.
 
-    ``factors`` maps block names to positive factors (missing blocks: 1). Blocks that are slices
+    ``factors`` maps block names to positive factors (missing blocks: 1; parameters in no block
+    too). ``maximize`` ascends, as in ``torch.optim.SGD``. Blocks that are slices
     of a tensor get their factor on their slice only. The momentum state is
     ``state[p]["momentum_buffer"]``, as in ``torch.optim.SGD``, so the two exchange state as is.
     """
@@ -96,7 +97,7 @@ class BlockSGD(Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        blocks: Sequence[Block],
+        blocks: Sequence[Block] = (),
         factors: Mapping[str, float] | None = None,
         *,
         lr: float = 0.1,
@@ -104,6 +105,7 @@ class BlockSGD(Optimizer):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
+        maximize: bool = False,
     ) -> None:
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
@@ -117,11 +119,25 @@ class BlockSGD(Optimizer):
             "dampening": dampening,
             "weight_decay": weight_decay,
             "nesterov": nesterov,
+            "maximize": maximize,
         }
         super().__init__(params, defaults)
         self.blocks = list(blocks)
         self._scales: dict[int, float | torch.Tensor] = {}
         self.set_factors(factors or {})
+
+    def set_blocks(self, blocks: Sequence[Block], factors: Mapping[str, float]) -> None:
+        """Replace the blocks (parameters added since, say) and their factors."""
+        self.blocks = list(blocks)
+        self.set_factors(factors)
+
+    def scale_of(self, p: torch.Tensor) -> float | torch.Tensor:
+        """The factor applied to ``p``'s step: a number, or a tensor for sliced blocks."""
+        return self._scales.get(id(p), 1.0)
+
+    def scale_tensors(self) -> list[torch.Tensor]:
+        """The per-coordinate factor tensors of parameters sliced into blocks (memory kept)."""
+        return [s for s in self._scales.values() if isinstance(s, torch.Tensor)]
 
     def set_factors(self, factors: Mapping[str, float]) -> None:
         """Replace the per-block factors."""
@@ -158,7 +174,7 @@ class BlockSGD(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                d_p = p.grad
+                d_p = -p.grad if group.get("maximize") else p.grad
                 if group["weight_decay"]:
                     d_p = d_p.add(p, alpha=group["weight_decay"])
                 if mu:

@@ -102,17 +102,26 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Decision:
-    """One policy decision, kept in the optimizer's history."""
+    """One policy decision, kept in the optimizer's history: the step, the score and
+    ``max_ratio`` it read, the modes before and after, the policy's reason, and ``notes`` on
+    what else the probe changed (a learning-rate cap or search, factors held after a spike)."""
 
     step: int
     score: float
     old_mode: str
     new_mode: str
     reason: str
+    max_ratio: float = 0.0
+    notes: tuple[str, ...] = ()
 
     @property
     def switched(self) -> bool:
         return self.old_mode != self.new_mode
+
+    @property
+    def text(self) -> str:
+        """The reason and the notes, as one line for logs."""
+        return "; ".join([self.reason, *self.notes])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +130,8 @@ class Decision:
             "old_mode": self.old_mode,
             "new_mode": self.new_mode,
             "reason": self.reason,
+            "max_ratio": self.max_ratio,
+            "notes": list(self.notes),
         }
 
 
@@ -156,11 +167,13 @@ class SwitchPolicy:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
         if not (math.isfinite(score) and math.isfinite(max_ratio)):
-            return Decision(step, score, mode, mode, "stay: the score is not finite")
+            return Decision(step, score, mode, mode, "stay: the score is not finite", max_ratio)
         t = self.thresholds
         wanted = t.target(score, max_ratio)
         if wanted == mode:
-            return Decision(step, score, mode, mode, f"stay: {t.reason(score, max_ratio)}")
+            return Decision(
+                step, score, mode, mode, f"stay: {t.reason(score, max_ratio)}", max_ratio
+            )
         # Hysteresis: moving towards Adam needs the score (or max_ratio) above a boundary plus
         # the margin, moving towards SGD below a boundary minus the margin.
         shift = t.margin if MODES.index(wanted) > MODES.index(mode) else -t.margin
@@ -175,6 +188,7 @@ class SwitchPolicy:
                 mode,
                 f"stay: score {score:.2f} (max_ratio {max_ratio:.2f}) within the "
                 f"{t.margin:g} margin",
+                max_ratio,
             )
         if self.last_switch is not None and step - self.last_switch < t.min_interval:
             return Decision(
@@ -184,9 +198,10 @@ class SwitchPolicy:
                 mode,
                 f"stay: last switch {step - self.last_switch} steps ago, fewer than "
                 f"min_interval={t.min_interval}",
+                max_ratio,
             )
         self.last_switch = step
-        return Decision(step, score, mode, confirmed, t.reason(score, max_ratio))
+        return Decision(step, score, mode, confirmed, t.reason(score, max_ratio), max_ratio)
 
 
 def _target(

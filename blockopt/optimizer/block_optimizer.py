@@ -1,0 +1,854 @@
+"""``BlockOptimizer``: a drop-in ``torch.optim.Optimizer`` that probes blockwise curvature and
+switches between SGD, blockwise-learning-rate SGD and Adam on it.
+
+A thin facade over parts with one job each: the set of modes (:mod:`.modeset`: building them,
+keeping every hyperparameter in step with ``param_groups``, switching), the probe's measurement
+(:mod:`.controller`), the switch policy and schedule (:mod:`.policy`), the learning-rate tuner
+(:mod:`.tuner`), the recorder (:mod:`.recorder`) and checkpoints (:mod:`.checkpoint`).
+
+``param_groups`` are the single source of truth for every hyperparameter of every mode (see
+:mod:`.modeset` for the key names): before every step the active mode's groups are set from
+them, so a scheduler that changes ``lr``, ``momentum``, ``betas`` or ``weight_decay`` changes
+what is applied. The learning rate applied is ``group["lr"]`` times the active mode's factor
+(``opt.applied_lrs``; 1 for the mode training started in, unless cut as below). On a switch,
+state is carried over (:func:`.modes.transfer_state`) and, unless the user fixed the new mode's
+learning rate, its factor starts where the first step in the new mode has the same norm as a
+step in the old one would have had. When a probe made the switch, a short search then walks the
+round rates 10^(k/2) from the one nearest it, at most one step up and down while trial runs on
+the probe's batch end lower; later probes re-check it downwards, in the SGD modes only when a
+trial shows it unstable. An SGD learning rate far beyond SGD's stability limit on the largest
+block curvature is cut first (:func:`.tuner.cap_lr`), so that the size carried over is one SGD
+could take. A probe's decision is built aside and committed whole: a probe that fails leaves
+no trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from blockopt.analysis.tuning import DEFAULT_MAX_FACTOR
+from blockopt.curvature.blocks import Block, Strategy, partition
+from blockopt.distributed.reductions import Reduce, fault_kind
+from blockopt.distributed.wrappers import ddp_of, probe_reduce, refuse_sharded, unwrap
+from blockopt.logging.tensorboard import ProbeCost, TensorBoardLogger
+from blockopt.optimizer import checkpoint as ckpt
+from blockopt.optimizer.controller import (
+    DEFAULT_TOL,
+    ProbeOutcome,
+    ProbeSettings,
+    measure,
+)
+from blockopt.optimizer.faults import fault_text
+from blockopt.optimizer.modes import BlockSGD, resolve_optimizer_class
+from blockopt.optimizer.modeset import ActiveMode, ModeSet
+from blockopt.optimizer.policy import (
+    MODES,
+    Decision,
+    ProbeFault,
+    ProbeFaultWarning,
+    ProbeSchedule,
+    SwitchPolicy,
+    Thresholds,
+)
+from blockopt.optimizer.recorder import Recorder
+from blockopt.optimizer.tuner import SearchSettings, TrialSetup, Tuned, cap_lr, search_lr
+from blockopt.optimizer.validation import check_constructor, check_params_in_model
+
+__all__ = ["DEFAULT_PROBE_BUDGET", "DEFAULT_TOL", "BlockOptimizer"]
+
+# The default share of training wall time that probes (with their learning-rate searches) take.
+DEFAULT_PROBE_BUDGET = 0.03
+_NO_COPY = (
+    "a BlockOptimizer cannot be copied or pickled: it holds the model it probes and a probe "
+    "closure over that model, which a copy would not share (its probes would measure the "
+    "original model, or fail). Save its state instead: torch.save(opt.state_dict(), path), "
+    "then build BlockOptimizer(model, probe, ...) (or wrap(...)) the same way and call "
+    "load_state_dict(torch.load(path))"
+)
+
+
+@contextlib.contextmanager
+def _hooks_off(opt: Optimizer, *names: str) -> Iterator[None]:
+    """torch's own state-dict hooks silenced, so that the wrapper runs them on its whole state."""
+    saved = {name: getattr(opt, name) for name in names}
+    try:
+        for name in names:
+            setattr(opt, name, OrderedDict())
+        yield
+    finally:
+        for name, hooks in saved.items():
+            setattr(opt, name, hooks)
+
+
+class BlockOptimizer(Optimizer):
+    """Train with SGD, blockwise-lr SGD or AdamW, chosen from probes of blockwise curvature.
+
+    Args:
+        model: the module being trained (a ``torch.compile``'d module is probed eagerly).
+        probe: zero-argument callable returning a scalar loss through ``model`` on a batch of
+            your choice; ``None`` disables probing (the optimizer then stays in its mode).
+        lr: learning rate of the starting mode.
+        params: parameters or param groups (default: the model's trainable parameters).
+        mode: the starting mode, ``"sgd"``, ``"block_sgd"`` or ``"adam"``.
+        momentum, dampening, weight_decay, nesterov: SGD hyperparameters (also block SGD's).
+        betas, eps, adam_weight_decay: AdamW hyperparameters.
+        lrs: fixed learning rates per mode (at schedule factor 1), e.g. ``{"adam": 1e-3}``;
+            modes not named get theirs by step-norm matching at the switch.
+        optimizers: per mode, a class or name (``torch.optim`` or ``torch_optimizer``) or a
+            ``(class_or_name, kwargs)`` pair replacing the default class and hyperparameters.
+        strategy: block partition strategy (see :func:`blockopt.partition`).
+        steps, probes, seed: Lanczos steps (at most; default 10) and start vectors per block;
+            the probe at step ``t`` draws its start vectors from ``seed + t``.
+        tol: Lanczos stopping tolerance (default 0.02): a block's run stops after two steps in
+            a row that moved its extreme Ritz values by at most this share of their scale, since
+            decisions need only each block's curvature scale (see
+            :func:`blockopt.block_spectra`); ``None``: every block runs ``steps`` steps.
+        probe_every: probe every this many steps; default: an adaptive schedule
+            (:class:`blockopt.optimizer.policy.ProbeSchedule`).
+        probe_budget: the share of training wall time that probes, learning-rate searches and
+            re-checks (failed probes too) may take, in (0, 1), default 3%; ``None``: no budget.
+            After each probe the next waits, beyond the adaptive interval and even beyond its
+            1000-step cap, until probing again would keep ``opt.probe_share`` within the
+            budget, the next probe taken to cost what this one did (the wait is rounded up to
+            50, 100, 200, ... steps, so that timing noise rarely moves it); a loss spike brings
+            the next probe forward only as far as the budget allows. The first probe always
+            runs, whatever it costs (it picks the starting mode), and counts: later probes wait
+            until the share is back within the budget. Ignored with ``probe_every``. With a
+            budget the probe steps depend on measured time, so two runs of one seed may probe
+            at different steps; ``probe_every=N`` or ``probe_budget=None`` repeat to the bit.
+        thresholds: :class:`blockopt.optimizer.policy.Thresholds` for switching.
+        monitor_only: probe and record, never switch.
+        pin_mode: stay in this mode whatever the score (implies no switching).
+        max_factor: bound on block SGD's per-block learning-rate factors.
+        lr_search, search_steps: when a probe switches to a mode whose learning rate is not
+            fixed in ``lrs``, search its learning rate: trials of ``search_steps`` steps on the
+            probe's batch on round rates half a decade apart, from the one nearest the step-norm
+            match, at most one step up and down while the trials improve (see module doc);
+            later probes lower it to a rate whose trial gains at least 1%, in the SGD modes only
+            if a trial shows it unstable (the probe's loss more than doubled).
+            ``lr_search=False``: keep the step-norm match.
+        history: the cap on ``history`` (decisions), ``spectra_history`` (probe results) and
+            ``faults`` (failed probes): each keeps at most this many entries, the oldest dropped
+            first, and so does ``state_dict()``; memory stays bounded however long training runs.
+        logdir, writer: log every probe and switch to TensorBoard, into a new
+            ``SummaryWriter`` at ``logdir`` or into your own ``writer`` (see
+            :mod:`blockopt.logging.tensorboard`); nothing is logged when neither is given.
+        log_figures: also draw the density and JS-matrix figures at every probe.
+        distributed: which data-parallel ranks probes combine (docs/DISTRIBUTED.md): ``None``
+            those of DDP's group when ``model`` is DistributedDataParallel and
+            torch.distributed is initialised; ``True`` always (DDP's or the default group), a
+            ``ProcessGroup`` that group, ``False`` none (each rank probes alone).
+        distributed_share: when probes combine ranks, how (default ``True``): the ranks share
+            the blocks, each rank probing its share on its own probe batch, and gather the
+            results in one collective, so a probe costs each rank about ``1/world`` of the
+            work and each block's spectrum is that of the rank that probed it; give each
+            rank's ``probe`` a full-size batch of its own. ``False``: every rank probes every
+            block and each Lanczos step averages the products over the ranks (the spectra of
+            the mean of the ranks' losses, at the full cost on every rank). Either way every
+            rank gets the same spectra and takes the same decisions.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: Callable[[], torch.Tensor] | None = None,
+        lr: float = 0.1,
+        *,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
+        mode: str = "sgd",
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        adam_weight_decay: float = 0.0,
+        maximize: bool = False,
+        lrs: Mapping[str, float] | None = None,
+        optimizers: Mapping[str, Any] | None = None,
+        strategy: Strategy = "tensor",
+        steps: int = 10,
+        tol: float | None = DEFAULT_TOL,
+        probes: int = 1,
+        seed: int = 0,
+        probe_every: int | None = None,
+        probe_budget: float | None = DEFAULT_PROBE_BUDGET,
+        thresholds: Thresholds | None = None,
+        monitor_only: bool = False,
+        pin_mode: str | None = None,
+        max_factor: float = DEFAULT_MAX_FACTOR,
+        lr_search: bool = True,
+        search_steps: int = 10,
+        history: int = 1000,
+        logdir: str | Path | None = None,
+        writer: Any = None,
+        log_figures: bool = True,
+        distributed: Any = None,
+        distributed_share: bool = True,
+    ) -> None:
+        check_constructor(
+            model=model,
+            probe=probe,
+            lr=lr,
+            mode=mode,
+            pin_mode=pin_mode,
+            history=history,
+            steps=steps,
+            probes=probes,
+            tol=tol,
+            flags={
+                "lr_search": lr_search,
+                "nesterov": nesterov,
+                "maximize": maximize,
+                "monitor_only": monitor_only,
+                "distributed_share": distributed_share,
+            },
+            search_steps=search_steps,
+            probe_budget=probe_budget,
+            thresholds=thresholds,
+            lrs=lrs,
+            optimizers=optimizers,
+            seed=seed,
+            max_factor=max_factor,
+            betas=betas,
+            hyper={
+                "momentum": momentum,
+                "dampening": dampening,
+                "weight_decay": weight_decay,
+                "eps": eps,
+                "adam_weight_decay": adam_weight_decay,
+            },
+        )
+        fixed = dict(lrs or {})
+        self.model = model
+        self.probe_model = unwrap(model)
+        self.probe = probe
+        self._reduce = _probe_reduce(model, probe, distributed)
+        self.probe_settings = ProbeSettings(steps, probes, seed, tol, max_factor, distributed_share)
+        self.search_settings = SearchSettings(lr_search, search_steps, frozenset(fixed))
+        self.fixed_lrs = fixed
+        self.strategy = strategy
+        start = pin_mode or mode
+        sgd = {
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+        }
+        adam = {
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": adam_weight_decay,
+            "maximize": maximize,
+        }
+        self.modes = ModeSet(_mode_classes(optimizers or {}, sgd, adam), start)
+        if params is None:
+            params = [p for p in self.probe_model.parameters() if p.requires_grad]
+            if not params:  # partition() says why: all frozen, or no parameters at all
+                partition(self.probe_model, strategy)
+        params = list(params)
+        if not params:
+            raise ValueError(
+                "params is empty: the optimizer has nothing to train; pass the model's "
+                "trainable parameters, or leave params=None for all of them"
+            )
+        # The defaults are the starting class's, as in the optimizer the user had, so that
+        # schedulers (OneCycleLR's momentum or betas) see its family; groups hold every mode's.
+        super().__init__(params, {"lr": lr, **self.modes.native_defaults})
+        check_params_in_model(self.param_groups, self.probe_model)
+        self.blocks: list[Block] = self._partition()
+        self.block_factors = dict.fromkeys((b.name for b in self.blocks), 1.0)
+        scales = {mode: 1.0, **{m: v / lr for m, v in fixed.items() if m != mode}}
+        scales.setdefault(start, fixed.get(start, lr) / lr)
+        first = self.modes.build(start, self.param_groups, scales[start], self.blocks)
+        self._active = ActiveMode(start, first, scales)
+        if pin_mode is None:  # build the others once, so that no switch fails on them later
+            for m in MODES:
+                if m != start:
+                    self.modes.build(m, self.param_groups, 1.0, self.blocks)
+        self.monitor_only = monitor_only
+        self.pin_mode = pin_mode
+        self.policy = SwitchPolicy(thresholds or Thresholds())
+        self.schedule = ProbeSchedule(every=probe_every, budget=probe_budget)
+        logger = (
+            TensorBoardLogger(logdir, writer, figures=log_figures)
+            if logdir is not None or writer is not None
+            else None
+        )
+        self.recorder = Recorder(history, logger)
+        self.step_count = 0
+        self._start_lr = lr
+
+    # -- param groups ------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as with any optimizer: it trains in every mode from the next step, its
+        missing hyperparameters take the defaults, and its parameters that belong to the model
+        join the probe's blocks at the next probe."""
+        index = len(self.param_groups)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for key, value in self.modes.group_defaults.items():
+                group.setdefault(key, value)
+            self.modes.check_group(group, index)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        if "_active" in self.__dict__:
+            self.modes.sync(self._active, self.param_groups)
+
+    def _partition(self) -> list[Block]:
+        """The model's blocks over this optimizer's parameters (frozen ones left out)."""
+        ids = {id(p) for g in self.param_groups for p in g["params"]}
+        return [
+            b
+            for b in partition(self.probe_model, self.strategy)
+            if all(id(p) in ids for p in b.params)
+        ]
+
+    def _refresh_blocks(self) -> None:
+        """Re-partition when parameters were added or unfrozen since: new blocks start at
+        factor 1, blocks gone are dropped."""
+        blocks = self._partition()
+        if [(b.name, [id(p) for p in b.params]) for b in blocks] == [
+            (b.name, [id(p) for p in b.params]) for b in self.blocks
+        ]:
+            return
+        self.blocks = blocks
+        self.block_factors = {b.name: self.block_factors.get(b.name, 1.0) for b in blocks}
+        if isinstance(self._active.optimizer, BlockSGD):
+            self._active.optimizer.set_blocks(blocks, self.block_factors)
+
+    # -- what it is doing --------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """The active mode: ``"sgd"``, ``"block_sgd"`` or ``"adam"``."""
+        return self._active.mode
+
+    @property
+    def active_optimizer(self) -> Optimizer:
+        """The optimizer of the current mode."""
+        return self._active.optimizer
+
+    @property
+    def mode_scales(self) -> dict[str, float]:
+        """Each mode's learning-rate factor: its lr is ``group["lr"]`` times this."""
+        return dict(self._active.scales)
+
+    @property
+    def lr_searched(self) -> bool:
+        """Whether the active mode's learning-rate factor came from a search."""
+        return self._active.searched
+
+    @property
+    def mode_lrs(self) -> dict[str, float]:
+        """Each mode's learning rate for the first param group, at the current schedule."""
+        lr = self.param_groups[0]["lr"]
+        return {m: lr * s for m, s in self._active.scales.items()}
+
+    @property
+    def applied_lrs(self) -> list[float]:
+        """The learning rate the active mode applies, per param group: ``group["lr"]`` times
+        the mode's factor (before block SGD's block factors and Adam's per-coordinate
+        scaling). This, not ``group["lr"]``, is the step size a logger should show."""
+        return self.modes.applied_lrs(self._active, self.param_groups)
+
+    @property
+    def steps(self) -> int:
+        return self.probe_settings.steps
+
+    @property
+    def probes(self) -> int:
+        return self.probe_settings.probes
+
+    @property
+    def tol(self) -> float | None:
+        return self.probe_settings.tol
+
+    @property
+    def max_factor(self) -> float:
+        return self.probe_settings.max_factor
+
+    @property
+    def distributed_share(self) -> bool:
+        return self.probe_settings.share
+
+    @property
+    def seed(self) -> int:
+        """The probe at step ``t`` draws its start vectors from ``seed + t``."""
+        return self.probe_settings.seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self.probe_settings = dataclasses.replace(self.probe_settings, seed=value)
+
+    @property
+    def lr_search(self) -> bool:
+        return self.search_settings.enabled
+
+    @property
+    def search_steps(self) -> int:
+        return self.search_settings.steps
+
+    @property
+    def reduce(self) -> Reduce | None:
+        """How probes combine data-parallel ranks (``None``: this rank alone): a callable
+        averaging a tensor over the ranks, called on every rank at once."""
+        return self._reduce
+
+    @reduce.setter
+    def reduce(self, value: Reduce | None) -> None:
+        self._reduce = value
+
+    @property
+    def history(self):
+        """Decisions, oldest first (at most ``history`` of them)."""
+        return self.recorder.history
+
+    @property
+    def spectra_history(self):
+        """``(step, Spectra)`` of every probe kept, oldest first."""
+        return self.recorder.spectra_history
+
+    @property
+    def faults(self):
+        """Failed, discarded probes, oldest first."""
+        return self.recorder.faults
+
+    @property
+    def last_score(self):
+        """The last probe's :class:`~blockopt.Heterogeneity`, or None."""
+        return self.recorder.last_score
+
+    @property
+    def logger(self) -> TensorBoardLogger | None:
+        return self.recorder.logger
+
+    @property
+    def probe_seconds(self) -> float:
+        """Seconds spent probing: probes, searches, re-checks, failed probes, their figures."""
+        return self.recorder.probe_seconds
+
+    @probe_seconds.setter
+    def probe_seconds(self, value: float) -> None:
+        self.recorder.probe_seconds = float(value)
+
+    @property
+    def probe_share(self) -> float:
+        """The share of training wall time spent probing so far (probes, learning-rate
+        searches, re-checks and failed probes), ``probe_seconds`` over the wall time since the
+        first step, in [0, 1]; 0.0 before the first step. The budget keeps it near or below
+        ``probe_budget``, except early on, while the first probe's cost dominates."""
+        return self.recorder.probe_share
+
+    def training_seconds(self) -> float:
+        """Training wall time since the first step, plus a loaded checkpoint's."""
+        return self.recorder.training_seconds()
+
+    def block_lrs(self) -> dict[str, float]:
+        """Block name -> the learning rate the current mode applies to it: its param group's
+        lr (with the schedule) times the mode's factor, times the block's factor in block SGD.
+        For Adam this is the step size before the per-coordinate scaling."""
+        group_lr = {
+            id(p): lr for g, lr in zip(self.param_groups, self.applied_lrs) for p in g["params"]
+        }
+        lrs = {}
+        for block in self.blocks:
+            lr = group_lr.get(id(block.parts[0].param))
+            if lr is None:
+                continue
+            if self.mode == "block_sgd":
+                lr *= self.block_factors.get(block.name, 1.0)
+            lrs[block.name] = lr
+        return lrs
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        """One optimisation step; probes first when one is due. ``closure`` (optional) is
+        called exactly once and its loss returned, as with any ``torch.optim`` optimizer."""
+        loss = None
+        self.recorder.start_clock()
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                self._observe(float(loss.detach()))
+        if self.probe is not None and self._probe_due():
+            with torch.enable_grad():
+                self._probe_or_fault()
+        self.modes.sync(self._active, self.param_groups)
+        self._active.optimizer.step()
+        self.step_count += 1
+        return loss
+
+    def _probe_due(self) -> bool:
+        """Whether to probe at this step. A probe due while the budget still waits to place an
+        earlier probe's cost (one taken before any step was timed) is placed first, and may be
+        deferred: that needs the time spent, at a step the step counts alone fix."""
+        step = self.step_count
+        if self.schedule.due(step) and self.schedule.budget_pending:
+            self.schedule.place_pending(step, self._spend(0.0))
+        return self.schedule.due(step)
+
+    def observe_loss(self, loss: float | torch.Tensor) -> None:
+        """Report the training loss when stepping without a closure (enables spike detection)."""
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        self._observe(value)
+
+    def _observe(self, value: float) -> None:
+        """Feed the schedule a training loss; when probes are reduced over ranks, the mean over
+        the ranks (one scalar all_reduce), so that every rank sees the same loss spikes: a spike
+        moves the next probe and holds block SGD's factors, and both must agree across ranks."""
+        if self._reduce is not None and self.probe is not None:
+            value = float(
+                self._reduce(torch.tensor([value], dtype=torch.float64, device=self._device()))
+            )
+        self.schedule.observe_loss(self.step_count, value)
+
+    def _device(self) -> torch.device:
+        return self.param_groups[0]["params"][0].device
+
+    def _spend(self, cost: float):
+        return self.recorder.spend(cost, self.step_count, self._reduce, self._device())
+
+    def _probe_or_fault(self) -> None:
+        """Probe; when the probe fails, discard it, warn, log and back off: training goes on.
+        The failed probe's time counts as probe time, against the budget too."""
+        start = time.perf_counter()
+        try:
+            self.probe_now()
+            return
+        except Exception as err:  # a failed probe must never stop training
+            fault = ProbeFault(self.step_count, fault_kind(err), f"{type(err).__name__}: {err}")
+        cost = time.perf_counter() - start
+        self.recorder.probe_seconds += cost
+        self.recorder.faults.append(fault)
+        spend = self._spend(cost) if self.schedule.budgeted else None
+        self.schedule.after_probe(self.step_count, None, False, spend)
+        if fault.kind == "out_of_memory" and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # the failed probe's tensors are gone with its traceback
+        text = fault_text(fault, self.mode, self.schedule.next_step, self.schedule.failures)
+        warnings.warn(text, ProbeFaultWarning, stacklevel=3)
+        if self.logger is not None:
+            self.logger.log_event(fault.step, text)
+
+    def probe_now(self) -> Decision | None:
+        """Probe immediately, record the result and act on it (the next probe's step too,
+        within the budget); returns the decision. Errors propagate (during :meth:`step` a
+        failed probe is discarded with a warning instead)."""
+        if self.probe is None:
+            raise RuntimeError("this optimizer has no probe; pass probe=... to probe")
+        self._refresh_blocks()
+        spiked = self.schedule.spiked and bool(self.spectra_history)
+        outcome = measure(
+            self.probe_model,
+            self.probe,
+            self.blocks,
+            self.probe_settings,
+            self.step_count,
+            self._reduce,
+            self.model,
+            dict(self.block_factors) if spiked else None,
+        )
+        return self._act(outcome)
+
+    def _act(self, outcome: ProbeOutcome) -> Decision:
+        """Decide on a probe's outcome (cap SGD's learning rate, switch, search), all built
+        aside; then commit it whole, record, log and schedule the next probe."""
+        groups = self.param_groups
+        fixed = self.search_settings.fixed
+        active, policy = self._active, dataclasses.replace(self.policy)
+        score, step = outcome.score, outcome.step
+        notes: list[str] = []
+        seconds = outcome.spectra.seconds
+
+        def tuned(result: Tuned) -> ActiveMode:
+            nonlocal seconds
+            notes.extend(result.notes)
+            seconds += result.seconds
+            return result.active
+
+        if self.pin_mode is not None or self.monitor_only:
+            reason = "pinned mode" if self.pin_mode is not None else "monitor only"
+            decision = Decision(step, float(score), self.mode, self.mode, reason, score.max_ratio)
+        else:
+            # Cap a grossly unstable SGD learning rate first, so that a switch matches the
+            # step SGD would really take; then the new mode's, if it is an SGD mode.
+            active = tuned(cap_lr(self.modes, active, groups, outcome.rho_max, fixed))
+            decision = policy.decide(step, float(score), active.mode, score.max_ratio)
+            setup = TrialSetup(
+                self.probe_model,
+                self.probe,
+                self._reduce,
+                self.blocks,
+                outcome.factors,
+                self.schedule.noise_floor,
+                self.model,
+            )
+            if decision.switched:
+                active = self.modes.switched(
+                    active, decision.new_mode, groups, fixed, self.blocks, outcome.factors
+                )
+                active = tuned(cap_lr(self.modes, active, groups, outcome.rho_max, fixed))
+                active = tuned(
+                    search_lr(self.modes, active, groups, self.search_settings, setup, False)
+                )
+            elif active.searched:
+                active = tuned(
+                    search_lr(self.modes, active, groups, self.search_settings, setup, True)
+                )
+        if outcome.held and active.mode == "block_sgd":
+            notes.append(
+                f"a loss spike since the last probe: {outcome.held} block factor(s) not raised"
+            )
+        decision = dataclasses.replace(decision, notes=tuple(notes))
+        # Commit: nothing below can fail.
+        if isinstance(active.optimizer, BlockSGD):
+            active.optimizer.set_factors(outcome.factors)
+        self._active, self.policy = active, policy
+        self.modes.sync(active, groups)
+        self.block_factors = dict(outcome.factors)
+        self.recorder.probe_seconds += seconds
+        self.recorder.record_probe(step, outcome.spectra, score, decision)
+        if self.logger is not None:
+            start = time.perf_counter()
+            cost = ProbeCost(seconds, outcome.spectra.hvps, self.probe_share)
+            self.logger.log_probe(step, outcome.spectra, score, self.mode, self.block_lrs(), cost)
+            self.logger.log_decision(decision)
+            # writing the probe's dashboards (histograms, figures) is part of what it costs
+            logged = time.perf_counter() - start
+            self.recorder.probe_seconds += logged
+            seconds += logged
+        spend = self._spend(seconds) if self.schedule.budgeted else None
+        self.schedule.after_probe(step, float(score), decision.switched, spend)
+        return decision
+
+    def switch(self, mode: str) -> None:
+        """Switch to ``mode`` now, carrying state and matching the step size (see module doc).
+        A switch made by hand does not search the learning rate; a probe's switch does."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
+        if mode == self.mode:
+            return
+        self._active = self.modes.switched(
+            self._active,
+            mode,
+            self.param_groups,
+            self.search_settings.fixed,
+            self.blocks,
+            self.block_factors,
+        )
+
+    def close(self, metrics: Mapping[str, float] | None = None) -> None:
+        """End the TensorBoard run: write the settings and final ``metrics`` (yours, e.g.
+        ``{"final/loss": 0.1}``, plus blockopt's final score, mode, switches and probe share)
+        to the HParams tab, and flush or close the writer. A no-op without logging."""
+        if self.logger is None:
+            return
+        t = self.policy.thresholds
+        hparams = {
+            "start_mode": self.history[0].old_mode if self.history else self.mode,
+            "lr": self._start_lr,
+            "strategy": self.strategy if isinstance(self.strategy, str) else "custom",
+            "steps": self.steps,
+            "probes": self.probes,
+            "tol": self.tol or 0.0,
+            "probe_every": self.schedule.every or 0,
+            "probe_budget": self.schedule.budget or 0.0,
+            "sgd_below": t.sgd_below,
+            "adam_above": t.adam_above,
+            "margin": t.margin,
+            "min_interval": t.min_interval,
+            "block_ratio": t.block_ratio,
+            "monitor_only": self.monitor_only,
+            "pin_mode": self.pin_mode or "none",
+        }
+        final = {
+            "blockopt/final_score": float(self.last_score) if self.last_score else 0.0,
+            "blockopt/final_mode": float(MODES.index(self.mode)),
+            "blockopt/switch_count": float(sum(d.switched for d in self.history)),
+            "blockopt/final_probe_share": self.probe_share,
+            **{k: float(v) for k, v in (metrics or {}).items()},
+        }
+        self.logger.close(hparams, final, step=self.step_count)
+
+    # -- torch.optim conventions --------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs, in types ``torch.load(..., weights_only=True)`` reads
+        (dicts, lists, str, int, float, bool, None, tensors). State-dict hooks see (and may
+        edit) the whole of it, blockopt's part included."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        with _hooks_off(
+            self, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"
+        ):
+            state = super().state_dict()
+        active = self._active
+        state["blockopt"] = {
+            "version": ckpt.STATE_VERSION,
+            "mode": active.mode,
+            "scales": {m: float(v) for m, v in active.scales.items()},
+            "inner": {active.mode: active.optimizer.state_dict()},
+            "schedule": self.schedule.state_dict(),
+            "last_switch": self.policy.last_switch,
+            "history": [d.to_dict() for d in self.history],
+            "spectra": [[step, s.to_dict()] for step, s in self.spectra_history],
+            "faults": [f.to_dict() for f in self.faults],
+            "block_factors": {b: float(v) for b, v in self.block_factors.items()},
+            "step_count": self.step_count,
+            "probe_seconds": float(self.probe_seconds),
+            "train_seconds": float(self.training_seconds()),
+            "lr_searched": active.searched,
+            "blocks": [b.name for b in self.blocks],
+            "shapes": ckpt.group_shapes(self.param_groups),
+        }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state)
+            if result is not None:
+                state = result
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved. Everything is checked and built before
+        anything is changed, so a state dict that is corrupt, truncated or from another model
+        raises and leaves this optimizer exactly as it was. Load pre-hooks see the whole state
+        first; post-hooks run once everything is installed. The probe schedule's settings
+        (``probe_every``, ``probe_budget``) stay those this optimizer was built with."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "load_state_dict() needs the dict that BlockOptimizer.state_dict() returned, "
+                f"got {type(state_dict).__name__}"
+            )
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        extra = state_dict.get("blockopt")
+        if not isinstance(extra, Mapping) or extra.get("version") != ckpt.STATE_VERSION:
+            raise ValueError(
+                "not a blockopt optimizer state dict (no 'blockopt' entry of version "
+                f"{ckpt.STATE_VERSION}); load a plain optimizer's state into that optimizer, or "
+                "wrap it first and load its state_dict before wrapping"
+            )
+        base = {k: v for k, v in state_dict.items() if k != "blockopt"}
+        plan = self._restore_plan(base, extra)
+        # Commit: everything was checked above; nothing below can fail.
+        with _hooks_off(
+            self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
+        ):
+            super().load_state_dict(base)
+        self._install(plan)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _restore_plan(self, base: Mapping[str, Any], extra: Mapping[str, Any]) -> ckpt.Restored:
+        """Check a state dict and build what :meth:`load_state_dict` installs, changing
+        nothing here: a bad state dict fails before the optimizer is touched."""
+        return ckpt.plan_restore(
+            base,
+            extra,
+            blocks=self.blocks,
+            repartition=self._partition,
+            groups=self.param_groups,
+            defaults=self.defaults,
+            schedule=self.schedule,
+            modes=self.modes,
+            budget=self.schedule.budget or DEFAULT_PROBE_BUDGET,
+        )
+
+    def _install(self, plan: ckpt.Restored) -> None:
+        """Set what :meth:`_restore_plan` built; every value was checked, so nothing fails."""
+        for group in self.param_groups:  # a state saved before a key existed: its default
+            for key, value in self.modes.group_defaults.items():
+                group.setdefault(key, value)
+        self._active = plan.active
+        self.blocks = list(plan.blocks)
+        self.block_factors = dict(plan.block_factors)
+        self.policy.last_switch = plan.last_switch
+        self.schedule.load_state_dict(dict(plan.schedule))
+        self.step_count = plan.step_count
+        self.recorder.restore(
+            history=list(plan.history),
+            spectra=list(plan.spectra),
+            faults=list(plan.faults),
+            last_score=plan.last_score,
+            probe_seconds=plan.probe_seconds,
+            train_seconds=plan.train_seconds,
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BlockOptimizer:
+        raise TypeError(_NO_COPY)
+
+    def __copy__(self) -> BlockOptimizer:
+        raise TypeError(_NO_COPY)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(_NO_COPY)
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockOptimizer(mode={self.mode!r}, lr={self.param_groups[0]['lr']:g}, "
+            f"blocks={len(self.blocks)}, step={self.step_count})"
+        )
+
+
+def _mode_classes(
+    optimizers: Mapping[str, Any], sgd: Mapping[str, Any], adam: Mapping[str, Any]
+) -> dict[str, tuple[type[Optimizer], dict[str, Any]]]:
+    """Each mode's class and keyword arguments: the defaults (SGD, block SGD and AdamW with
+    the constructor's hyperparameters) or the user's ``(class_or_name, kwargs)``."""
+    classes: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
+        "sgd": (torch.optim.SGD, dict(sgd)),
+        "block_sgd": (BlockSGD, dict(sgd)),
+        "adam": (torch.optim.AdamW, dict(adam)),
+    }
+    for m, spec in optimizers.items():
+        if m not in MODES:
+            raise ValueError(f"optimizers names unknown mode {m!r}; modes are {MODES}")
+        cls_spec, kwargs = spec if isinstance(spec, tuple) else (spec, {})
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"the kwargs for mode {m!r} must be a mapping, got {kwargs!r}")
+        cls = resolve_optimizer_class(cls_spec)
+        if "lr" in kwargs:
+            raise ValueError(
+                f"give mode {m!r}'s learning rate with lrs={{{m!r}: ...}}, not in its kwargs"
+            )
+        classes[m] = (cls, dict(kwargs))
+    return classes
+
+
+def _probe_reduce(model: nn.Module, probe: Any, option: Any) -> Reduce | None:
+    """Refuse FSDP when probing, and pick how probes combine data-parallel ranks."""
+    if probe is None:  # nothing to combine unless asked for (a probe may be set later)
+        return None if option is None else probe_reduce(model, option)
+    reduce = probe_reduce(model, option)
+    refuse_sharded(model, "BlockOptimizer")
+    if reduce is None and option is False and ddp_of(model) is not None:
+        warnings.warn(
+            "distributed=False with a DistributedDataParallel model: every rank probes only its "
+            "own data and may decide differently, so the ranks' parameters drift apart; leave "
+            "distributed=None (average the probes over the ranks) unless the mode is pinned",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return reduce

@@ -1,0 +1,198 @@
+"""The learning-rate tuner: SGD's stability cap, and the search and re-check of the active mode's
+learning-rate factor with trials on the probe's batch.
+
+Both return a new :class:`~blockopt.optimizer.modeset.ActiveMode` and notes for the decision;
+neither changes the live optimizer, so a probe's decision can be committed or dropped whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from blockopt.analysis.tuning import UNSTABLE_FACTOR, sgd_lr_cap, sgd_stability_limit
+from blockopt.curvature.blocks import Block
+from blockopt.distributed.reductions import Reduce
+from blockopt.distributed.wrappers import no_sync
+from blockopt.optimizer.lr_search import (
+    LrSearch,
+    grid_start,
+    recheck_multiplier,
+    search_multiplier,
+)
+from blockopt.optimizer.lr_trials import trial_loss
+from blockopt.optimizer.modes import BlockSGD
+from blockopt.optimizer.modeset import ActiveMode, ModeSet, family
+from blockopt.optimizer.policy import ProbeFaultWarning
+
+__all__ = ["SEARCH_MAX_UP", "SearchSettings", "Tuned", "cap_lr", "search_lr"]
+
+# A search at a switch may raise the step-norm match by at most this many half-decades: trials on
+# the probe's one batch reward steps that memorise it (on the digits CNN after 50 steps of
+# training, 20 trial steps at ten times the match end 4 times lower on the probe's batch, and the
+# training loss then rises fivefold), while the match already has the old mode's step size.
+SEARCH_MAX_UP = 1
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Whether to search a mode's learning rate after a probe's switch, with how many trial
+    steps; modes in ``fixed`` keep the learning rate the user gave."""
+
+    enabled: bool = True
+    steps: int = 10
+    fixed: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A tuned mode, the notes that say what changed, and the seconds the trials took."""
+
+    active: ActiveMode
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+def cap_lr(
+    modes: ModeSet,
+    active: ActiveMode,
+    groups: Sequence[Mapping[str, Any]],
+    rho_max: float,
+    fixed: frozenset[str],
+) -> Tuned:
+    """Scale an SGD or block-SGD mode's learning rate down when ``lr * rho_max`` is far beyond
+    SGD's stability limit (:func:`sgd_lr_cap`). Modes whose learning rate is fixed, and other
+    classes, are left alone."""
+    opt = active.optimizer
+    if active.mode in fixed or not isinstance(opt, (torch.optim.SGD, BlockSGD)):
+        return Tuned(active)
+    modes.sync(active, groups)
+    factor, worst, limit_used = 1.0, 0.0, math.inf
+    for group in opt.param_groups:
+        mu = group.get("momentum") or 0.0
+        if not 0.0 <= mu < 1.0:  # heavy ball has no stable learning rate there
+            continue
+        limit = sgd_stability_limit(mu, group.get("dampening") or 0.0, bool(group.get("nesterov")))
+        f = sgd_lr_cap(group["lr"], rho_max, limit)
+        if f < factor:
+            factor, worst, limit_used = f, group["lr"] * rho_max, limit
+    if factor >= 1.0:
+        return Tuned(active)
+    capped = active.with_scale(factor)
+    modes.sync(capped, groups)
+    note = (
+        f"{active.mode} learning rate times {factor:.3g}: lr * rho_max was {worst:.3g}, more "
+        f"than {UNSTABLE_FACTOR:g} times the stability limit {limit_used:.3g}"
+    )
+    return Tuned(capped, (note,))
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What trials run on: the model probed, its probe closure, the reduction over ranks, the
+    blocks and factors a block-SGD scratch optimizer needs, and the loss-noise floor."""
+
+    model: nn.Module
+    probe: Callable[[], torch.Tensor]
+    reduce: Reduce | None
+    blocks: Sequence[Block]
+    factors: Mapping[str, float]
+    noise_floor: float
+    ddp_model: nn.Module
+
+
+def search_lr(
+    modes: ModeSet,
+    active: ActiveMode,
+    groups: Sequence[Mapping[str, Any]],
+    settings: SearchSettings,
+    setup: TrialSetup,
+    recheck: bool,
+) -> Tuned:
+    """Search the active mode's learning-rate factor (:mod:`blockopt.optimizer.lr_search`)
+    with trials on the probe's batch (:func:`trial_loss`): after a switch from the round rate
+    nearest the current one, at most ``SEARCH_MAX_UP`` half-decades up; at a later probe
+    (``recheck``) only down, to a rate that makes real progress, and in the SGD modes only if a
+    trial shows the rate unstable (changes below ``noise_floor`` count as noise). Trials run at
+    the schedule's base learning rate (``initial_lr``, which schedulers set), so that a warmup
+    or decay in progress does not skew the factor, which applies at every point of the
+    schedule. With ``maximize`` the trials' losses count negated. A search that fails keeps
+    the learning rate, warns and says why."""
+    if not settings.enabled or active.mode in settings.fixed:
+        return Tuned(active)
+    start = time.perf_counter()
+    try:
+        found = _run_search(modes, active, groups, settings, setup, recheck)
+    except Exception as err:  # the probe itself succeeded; keep its result and the lr
+        note = (
+            f"{active.mode} learning-rate search failed ({type(err).__name__}: {err}); kept "
+            f"{groups[0]['lr'] * active.scale:.3g}"
+        )
+        warnings.warn(note, ProbeFaultWarning, stacklevel=7)  # at the caller of step()
+        return Tuned(active, (note,), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    searched = ActiveMode(active.mode, active.optimizer, active.scales, searched=True)
+    if found.multiplier == 1.0 and recheck:
+        return Tuned(searched, (), seconds)
+    tuned = searched.with_scale(found.multiplier)
+    modes.sync(tuned, groups)
+    tried = ", ".join(
+        f"{m:.3g}x: {loss:.4g}" if m else f"before: {loss:.4g}" for m, loss in found.trials
+    )
+    note = (
+        f"{active.mode} learning rate {groups[0]['lr'] * tuned.scale:.3g} "
+        f"({found.multiplier:.3g} times the previous) from {settings.steps}-step trials "
+        f"on the probe's batch ({tried})"
+    )
+    return Tuned(tuned, (note,), seconds)
+
+
+def _run_search(
+    modes: ModeSet,
+    active: ActiveMode,
+    groups: Sequence[Mapping[str, Any]],
+    settings: SearchSettings,
+    setup: TrialSetup,
+    recheck: bool,
+) -> LrSearch:
+    state = active.optimizer.state_dict()  # its lrs are replaced below
+    base_lrs = [g.get("initial_lr", g["lr"]) * active.scale for g in groups]
+    params = [p for g in groups for p in g["params"] if p.requires_grad]
+    sign = -1.0 if any(g.get("maximize") for g in groups) else 1.0
+
+    def scratch(multiplier: float) -> Optimizer:
+        opt = modes.build(active.mode, groups, active.scale, setup.blocks, setup.factors)
+        opt.load_state_dict(copy.deepcopy(state))  # a copy: the live state stays as it is
+        for group, lr in zip(opt.param_groups, base_lrs):
+            group["lr"] = lr * multiplier
+        return opt
+
+    def trial(multiplier: float, steps: int | None = None) -> float:
+        loss = trial_loss(
+            setup.model,
+            setup.probe,
+            params,
+            lambda: scratch(multiplier),
+            settings.steps if steps is None else steps,
+            setup.reduce,
+        )
+        return sign * loss if math.isfinite(loss) else math.inf
+
+    with no_sync(setup.ddp_model):
+        if recheck:  # from where the rate is, against the loss before any step
+            baseline = trial(1.0, steps=0)
+            if family(active.mode) == "sgd":  # stable SGD steps shrink near a minimum
+                return recheck_multiplier(trial, baseline, floor=setup.noise_floor)
+            return recheck_multiplier(trial, baseline, keep_stable=False)
+        # after a switch, from the round learning rate nearest the step-norm match
+        start = grid_start(base_lrs[0]) if base_lrs[0] > 0 else 1.0
+        return search_multiplier(trial, start=start, max_up=SEARCH_MAX_UP)

@@ -1,0 +1,150 @@
+"""Checks of the optimizer's construction arguments, done at construction rather than at the
+first probe or switch, where a bad value would fail far from its cause."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from blockopt.curvature.lanczos import check_tol
+from blockopt.curvature.spectra import check_lanczos_settings
+from blockopt.optimizer.policy import MODES, Thresholds, is_share
+
+__all__ = ["check_constructor", "check_options", "check_params_in_model", "is_int", "is_real"]
+
+
+def is_real(value: Any) -> bool:
+    """A real number, bools excluded (``True`` is no learning rate)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_options(
+    *,
+    thresholds: Any,
+    lrs: Any,
+    optimizers: Any,
+    seed: Any,
+    max_factor: Any,
+    betas: Any,
+    hyper: Mapping[str, Any],
+) -> None:
+    """Refuse option values of the wrong type or range at construction, not at the first probe
+    or switch, where they would fail far from their cause."""
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise TypeError(
+            f"thresholds must be a blockopt.Thresholds, got {type(thresholds).__name__}; build "
+            "one with blockopt.Thresholds(sgd_below=1.0, adam_above=1.5, margin=0.25, "
+            "min_interval=50, block_ratio=2.0)"
+        )
+    for label, value in (("lrs", lrs), ("optimizers", optimizers)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(
+                f"{label} must be a mapping mode name -> setting, e.g. {label}={{'adam': ...}}, "
+                f"got {type(value).__name__}"
+            )
+    if not is_int(seed):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if not (is_real(max_factor) and math.isfinite(max_factor) and max_factor >= 1):
+        raise ValueError(f"max_factor must be a finite number >= 1, got {max_factor!r}")
+    for name, value in hyper.items():
+        if not (is_real(value) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    if not (
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ValueError(f"betas must be two numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
+
+
+def check_params_in_model(groups: list[dict[str, Any]], model: nn.Module) -> None:
+    """Refuse parameters ``model`` does not own: the blocks, probes and block learning rates
+    are the model's, and would silently leave such parameters out."""
+    owned = {id(p) for p in model.parameters()}
+    foreign = [p for g in groups for p in g["params"] if id(p) not in owned]
+    if foreign:
+        shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
+        raise ValueError(
+            f"{len(foreign)} of the optimizer's parameters (shapes {shapes}"
+            f"{', ...' if len(foreign) > 3 else ''}) are not parameters of the "
+            f"{type(model).__name__} passed as model; build the optimizer (or params=) over "
+            "model.parameters() of the model you pass, or pass the model they belong to"
+        )
+
+
+def check_constructor(
+    *,
+    model: Any,
+    probe: Any,
+    lr: Any,
+    mode: Any,
+    pin_mode: Any,
+    history: Any,
+    steps: Any,
+    probes: Any,
+    tol: Any,
+    flags: Mapping[str, Any],
+    search_steps: Any,
+    probe_budget: Any,
+    thresholds: Any,
+    lrs: Any,
+    optimizers: Any,
+    seed: Any,
+    max_factor: Any,
+    betas: Any,
+    hyper: Mapping[str, Any],
+) -> None:
+    """Refuse ``BlockOptimizer``'s arguments of the wrong type or range, naming the fix."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if probe is not None and not callable(probe):
+        raise TypeError(f"probe must be a zero-argument callable, got {type(probe).__name__}")
+    for name, value in (("mode", mode), ("pin_mode", pin_mode)):
+        if value is not None and value not in MODES:
+            raise ValueError(f"unknown {name} {value!r}; modes are {MODES}")
+    if not is_real(lr):
+        raise TypeError(f"lr must be a number, got {type(lr).__name__} {lr!r}; e.g. lr=0.1")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+        raise ValueError(f"history must be a positive int, got {history!r}")
+    check_lanczos_settings(steps, probes)
+    check_tol(tol)
+    if not isinstance(flags.get("distributed_share", True), bool):
+        raise TypeError(
+            "distributed_share must be True (the ranks share a probe's blocks) or False "
+            f"(every rank probes every block, averaged), got {flags['distributed_share']!r}"
+        )
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
+        raise ValueError(f"search_steps must be a positive int, got {search_steps!r}")
+    if probe_budget is not None and not is_share(probe_budget):
+        raise ValueError(
+            "probe_budget must be the share of training wall time probes may take, a "
+            f"number in (0, 1) such as 0.03 for 3%, or None for no budget; got {probe_budget!r}"
+        )
+    check_options(
+        thresholds=thresholds,
+        lrs=lrs,
+        optimizers=optimizers,
+        seed=seed,
+        max_factor=max_factor,
+        betas=betas,
+        hyper=hyper,
+    )
+    fixed = dict(lrs or {})
+    for m, value in fixed.items():
+        if m not in MODES:
+            raise ValueError(f"lrs names unknown mode {m!r}; modes are {MODES}")
+        if not (is_real(value) and math.isfinite(value) and value > 0):
+            raise ValueError(f"lrs[{m!r}] must be a positive finite number, got {value!r}")

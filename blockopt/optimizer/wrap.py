@@ -1,0 +1,75 @@
+"""``wrap()``: turn the optimizer a user already has into a :class:`BlockOptimizer`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from blockopt.optimizer.block_optimizer import BlockOptimizer
+
+__all__ = ["wrap"]
+
+_SGD_KEYS = ("momentum", "dampening", "weight_decay", "nesterov")
+_ADAM_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+
+
+def wrap(
+    optimizer: Optimizer,
+    model: nn.Module,
+    probe: Callable[[], torch.Tensor] | None = None,
+    **options: Any,
+) -> BlockOptimizer:
+    """Wrap an existing optimizer: keep its parameters, groups and hyperparameters (its
+    learning rate applies as it is: ``lrs`` cannot fix the starting mode's), start in the
+    mode it implements (SGD-like classes: ``"sgd"``; others: ``"adam"`` with that class), and
+    carry its state. ``options`` are those of :class:`BlockOptimizer`."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, BlockOptimizer):
+        raise TypeError("this optimizer is already a BlockOptimizer")
+    defaults = dict(optimizer.defaults)
+    groups = [dict(g) for g in optimizer.param_groups]
+    sgd_like = isinstance(optimizer, torch.optim.SGD) or (
+        "momentum" in defaults and "betas" not in defaults
+    )
+    mode = options.pop("mode", "sgd" if sgd_like else "adam")
+    opts = dict(options)
+    optimizers = dict(opts.pop("optimizers", {}) or {})
+    lrs = opts.pop("lrs", None)
+    if lrs is not None:
+        if not hasattr(lrs, "items"):
+            raise TypeError(
+                f"lrs must be a mapping mode name -> setting, e.g. lrs={{'adam': ...}}, got "
+                f"{type(lrs).__name__}"
+            )
+        opts["lrs"] = {m: v for m, v in lrs.items() if m != mode}
+    kwargs = {k: v for k, v in defaults.items() if k not in ("lr", "params", "foreach", "fused")}
+    if mode == "sgd" and not isinstance(optimizer, torch.optim.SGD):
+        optimizers.setdefault("sgd", (type(optimizer), kwargs))
+    elif mode == "adam" and type(optimizer) is not torch.optim.AdamW:
+        optimizers.setdefault("adam", (type(optimizer), kwargs))
+    elif mode == "adam":
+        opts.setdefault("betas", defaults.get("betas", _ADAM_DEFAULTS["betas"]))
+        opts.setdefault("eps", defaults.get("eps", _ADAM_DEFAULTS["eps"]))
+        opts.setdefault("adam_weight_decay", defaults.get("weight_decay", 0.0))
+    if sgd_like:
+        for key in _SGD_KEYS:
+            if key in defaults:
+                opts.setdefault(key, defaults[key])
+    if isinstance(defaults.get("maximize"), bool):
+        opts.setdefault("maximize", defaults["maximize"])
+    wrapped = BlockOptimizer(
+        model,
+        probe,
+        lr=float(defaults.get("lr", groups[0]["lr"])),
+        params=groups,
+        mode=mode,
+        optimizers=optimizers,
+        **opts,
+    )
+    wrapped.active_optimizer.load_state_dict(optimizer.state_dict())
+    return wrapped
