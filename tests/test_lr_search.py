@@ -536,8 +536,9 @@ def test_a_failing_search_keeps_the_probe_and_the_step_norm_match():
         return probe()
 
     opt.probe = breaks_after_the_spectra
-    with pytest.warns(blockopt.ProbeFaultWarning, match="learning-rate search failed"):
+    with pytest.warns(blockopt.ProbeFaultWarning, match="learning-rate search failed") as caught:
         _step(model, opt, x, y)
+    assert caught[0].filename == __file__  # the warning points at the caller of step()
     _m, plain, _x, _y = _switching_mlp(lr_search=False)
     _step(_m, plain, _x, _y)
     assert opt.mode == plain.mode == "adam" and not opt.faults and len(opt.spectra_history) == 1

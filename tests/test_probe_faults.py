@@ -316,3 +316,16 @@ def test_every_modes_settings_are_checked_when_the_optimizer_is_built():
             lambda: model(torch.randn(4, 6)).sum(),
             optimizers={"adam": (torch.optim.AdamW, {"bogus": 1})},
         )
+
+
+def test_the_fault_warning_points_at_the_caller_of_step():
+    model = torch.nn.Linear(3, 1)
+
+    def probe():
+        raise RuntimeError("boom")
+
+    opt = blockopt.BlockOptimizer(model, probe, probe_every=1)
+    model(torch.ones(1, 3)).sum().backward()
+    with pytest.warns(blockopt.ProbeFaultWarning, match="boom") as caught:
+        opt.step()
+    assert caught[0].filename == __file__

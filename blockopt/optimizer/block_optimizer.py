@@ -47,6 +47,7 @@ from blockopt.optimizer.controller import (
     DEFAULT_TOL,
     ProbeOutcome,
     ProbeSettings,
+    decide,
     measure,
 )
 from blockopt.optimizer.faults import fault_text
@@ -62,7 +63,7 @@ from blockopt.optimizer.policy import (
     Thresholds,
 )
 from blockopt.optimizer.recorder import Recorder
-from blockopt.optimizer.tuner import SearchSettings, TrialSetup, Tuned, cap_lr, search_lr
+from blockopt.optimizer.tuner import SearchSettings, TrialSetup
 from blockopt.optimizer.validation import check_constructor, check_params_in_model
 
 __all__ = ["DEFAULT_PROBE_BUDGET", "DEFAULT_TOL", "BlockOptimizer"]
@@ -544,7 +545,7 @@ class BlockOptimizer(Optimizer):
         if fault.kind == "out_of_memory" and torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # the failed probe's tensors are gone with its traceback
         text = fault_text(fault, self.mode, self.schedule.next_step, self.schedule.failures)
-        warnings.warn(text, ProbeFaultWarning, stacklevel=3)
+        warnings.warn(text, ProbeFaultWarning, stacklevel=5)
         if self.logger is not None:
             self.logger.log_event(fault.step, text)
 
@@ -569,74 +570,50 @@ class BlockOptimizer(Optimizer):
         return self._act(outcome)
 
     def _act(self, outcome: ProbeOutcome) -> Decision:
-        """Decide on a probe's outcome (cap SGD's learning rate, switch, search), all built
-        aside; then commit it whole, record, log and schedule the next probe."""
-        groups = self.param_groups
-        fixed = self.search_settings.fixed
-        active, policy = self._active, dataclasses.replace(self.policy)
-        score, step = outcome.score, outcome.step
-        notes: list[str] = []
-        seconds = outcome.spectra.seconds
-
-        def tuned(result: Tuned) -> ActiveMode:
-            nonlocal seconds
-            notes.extend(result.notes)
-            seconds += result.seconds
-            return result.active
-
-        if self.pin_mode is not None or self.monitor_only:
-            reason = "pinned mode" if self.pin_mode is not None else "monitor only"
-            decision = Decision(step, float(score), self.mode, self.mode, reason, score.max_ratio)
-        else:
-            # Cap a grossly unstable SGD learning rate first, so that a switch matches the
-            # step SGD would really take; then the new mode's, if it is an SGD mode.
-            active = tuned(cap_lr(self.modes, active, groups, outcome.rho_max, fixed))
-            decision = policy.decide(step, float(score), active.mode, score.max_ratio)
-            setup = TrialSetup(
-                self.probe_model,
-                self.probe,
-                self._reduce,
-                self.blocks,
-                outcome.factors,
-                self.schedule.noise_floor,
-                self.model,
-            )
-            if decision.switched:
-                active = self.modes.switched(
-                    active, decision.new_mode, groups, fixed, self.blocks, outcome.factors
-                )
-                active = tuned(cap_lr(self.modes, active, groups, outcome.rho_max, fixed))
-                active = tuned(
-                    search_lr(self.modes, active, groups, self.search_settings, setup, False)
-                )
-            elif active.searched:
-                active = tuned(
-                    search_lr(self.modes, active, groups, self.search_settings, setup, True)
-                )
-        if outcome.held and active.mode == "block_sgd":
-            notes.append(
-                f"a loss spike since the last probe: {outcome.held} block factor(s) not raised"
-            )
-        decision = dataclasses.replace(decision, notes=tuple(notes))
+        """Decide on a probe's outcome (:func:`decide`, built aside), then commit it whole,
+        record, log and schedule the next probe."""
+        setup = TrialSetup(
+            self.probe_model,
+            self.probe,
+            self._reduce,
+            self.blocks,
+            outcome.factors,
+            self.schedule.noise_floor,
+            self.model,
+        )
+        hold = "pinned mode" if self.pin_mode is not None else None
+        verdict = decide(
+            outcome,
+            self._active,
+            self.policy,
+            modes=self.modes,
+            groups=self.param_groups,
+            search=self.search_settings,
+            setup=setup,
+            hold=hold or ("monitor only" if self.monitor_only else None),
+        )
         # Commit: nothing below can fail.
+        active, decision, seconds = verdict.active, verdict.decision, verdict.seconds
         if isinstance(active.optimizer, BlockSGD):
             active.optimizer.set_factors(outcome.factors)
-        self._active, self.policy = active, policy
-        self.modes.sync(active, groups)
+        self._active, self.policy = active, verdict.policy
+        self.modes.sync(active, self.param_groups)
         self.block_factors = dict(outcome.factors)
         self.recorder.probe_seconds += seconds
-        self.recorder.record_probe(step, outcome.spectra, score, decision)
+        self.recorder.record_probe(outcome.step, outcome.spectra, outcome.score, decision)
         if self.logger is not None:
             start = time.perf_counter()
             cost = ProbeCost(seconds, outcome.spectra.hvps, self.probe_share)
-            self.logger.log_probe(step, outcome.spectra, score, self.mode, self.block_lrs(), cost)
+            self.logger.log_probe(
+                outcome.step, outcome.spectra, outcome.score, self.mode, self.block_lrs(), cost
+            )
             self.logger.log_decision(decision)
             # writing the probe's dashboards (histograms, figures) is part of what it costs
             logged = time.perf_counter() - start
             self.recorder.probe_seconds += logged
             seconds += logged
         spend = self._spend(seconds) if self.schedule.budgeted else None
-        self.schedule.after_probe(step, float(score), decision.switched, spend)
+        self.schedule.after_probe(outcome.step, float(outcome.score), decision.switched, spend)
         return decision
 
     def switch(self, mode: str) -> None:

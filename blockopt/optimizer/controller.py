@@ -1,5 +1,7 @@
-"""The probe controller's measuring half: one probe's spectra, score and block factors, as a
-frozen :class:`ProbeOutcome` that the optimizer then acts on and commits.
+"""The probe controller: :func:`measure` takes one probe's spectra, score and block factors (a
+frozen :class:`ProbeOutcome`), and :func:`decide` turns it into a :class:`Verdict` (the decision,
+the mode to train in with its learning-rate factor, the policy after it), built aside so that
+the optimizer commits it whole or not at all.
 
 One ``heterogeneity`` call per probe; the block factors a loss spike must not raise are held
 here (:func:`blockopt.analysis.tuning.held_factors`), so the outcome is what the decision reads.
@@ -7,8 +9,10 @@ here (:func:`blockopt.analysis.tuning.held_factors`), so the outcome is what the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +23,11 @@ from blockopt.curvature.blocks import Block
 from blockopt.curvature.spectra import Spectra, block_spectra
 from blockopt.distributed.reductions import RankMean, Reduce
 from blockopt.distributed.wrappers import no_sync
+from blockopt.optimizer.modeset import ActiveMode, ModeSet
+from blockopt.optimizer.policy import Decision, SwitchPolicy
+from blockopt.optimizer.tuner import SearchSettings, TrialSetup, Tuned, cap_lr, search_lr
 
-__all__ = ["DEFAULT_TOL", "ProbeOutcome", "ProbeSettings", "measure"]
+__all__ = ["DEFAULT_TOL", "ProbeOutcome", "ProbeSettings", "Verdict", "decide", "measure"]
 
 # Decisions read each block's curvature scale, not its density: a Lanczos run may stop once its
 # extreme Ritz values have settled to 2%. At 5%, in one of our runs, a block of the reference GPT
@@ -91,3 +98,64 @@ def measure(
         kept = held_factors(factors, previous)
         held, factors = sum(kept[b] < factors[b] for b in factors), kept
     return ProbeOutcome(step, spectra, score, factors, held)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a probe decided: the decision (with its notes), the mode to train in (its
+    optimizer and learning-rate factors), the switch policy after it, and the seconds the
+    probe and its learning-rate trials took."""
+
+    decision: Decision
+    active: ActiveMode
+    policy: SwitchPolicy
+    seconds: float
+
+
+def decide(
+    outcome: ProbeOutcome,
+    active: ActiveMode,
+    policy: SwitchPolicy,
+    *,
+    modes: ModeSet,
+    groups: Sequence[Mapping[str, Any]],
+    search: SearchSettings,
+    setup: TrialSetup,
+    hold: str | None = None,
+) -> Verdict:
+    """Decide on ``outcome``: cap a grossly unstable SGD learning rate, ask the policy, switch
+    (carrying state) and search the new mode's learning rate, or re-check a searched one.
+    ``hold`` (``"pinned mode"``, ``"monitor only"``) keeps the mode. Nothing live is changed:
+    the policy is decided on a copy and the modes are new objects, for the caller to commit."""
+    policy = dataclasses.replace(policy)
+    score, step, fixed = outcome.score, outcome.step, search.fixed
+    notes: list[str] = []
+    seconds = outcome.spectra.seconds
+
+    def tuned(result: Tuned) -> ActiveMode:
+        nonlocal seconds
+        notes.extend(result.notes)
+        seconds += result.seconds
+        return result.active
+
+    if hold is not None:
+        decision = Decision(step, float(score), active.mode, active.mode, hold, score.max_ratio)
+    else:
+        # Cap a grossly unstable SGD learning rate first, so that a switch matches the step
+        # SGD would really take; then the new mode's, if it is an SGD mode.
+        active = tuned(cap_lr(modes, active, groups, outcome.rho_max, fixed))
+        decision = policy.decide(step, float(score), active.mode, score.max_ratio)
+        if decision.switched:
+            active = modes.switched(
+                active, decision.new_mode, groups, fixed, setup.blocks, outcome.factors
+            )
+            active = tuned(cap_lr(modes, active, groups, outcome.rho_max, fixed))
+            active = tuned(search_lr(modes, active, groups, search, setup, recheck=False))
+        elif active.searched:
+            active = tuned(search_lr(modes, active, groups, search, setup, recheck=True))
+    if outcome.held and active.mode == "block_sgd":
+        notes.append(
+            f"a loss spike since the last probe: {outcome.held} block factor(s) not raised"
+        )
+    decision = dataclasses.replace(decision, notes=tuple(notes))
+    return Verdict(decision, active, policy, seconds)

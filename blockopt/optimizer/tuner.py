@@ -137,7 +137,7 @@ def search_lr(
             f"{active.mode} learning-rate search failed ({type(err).__name__}: {err}); kept "
             f"{groups[0]['lr'] * active.scale:.3g}"
         )
-        warnings.warn(note, ProbeFaultWarning, stacklevel=7)  # at the caller of step()
+        warnings.warn(note, ProbeFaultWarning, stacklevel=9)  # at the caller of step()
         return Tuned(active, (note,), time.perf_counter() - start)
     seconds = time.perf_counter() - start
     searched = ActiveMode(active.mode, active.optimizer, active.scales, searched=True)
