@@ -320,18 +320,14 @@ class BlockOptimizer(Optimizer):
             if all(id(p) in ids for p in b.params)
         ]
 
-    def _refresh_blocks(self) -> None:
-        """Re-partition when parameters were added or unfrozen since: new blocks start at
-        factor 1, blocks gone are dropped."""
+    def _blocks_now(self) -> list[Block]:
+        """The blocks to probe: the current ones, or a new partition when parameters were
+        added, unfrozen or frozen since (committed only with a probe that succeeds)."""
         blocks = self._partition()
-        if [(b.name, [id(p) for p in b.params]) for b in blocks] == [
+        same = [(b.name, [id(p) for p in b.params]) for b in blocks] == [
             (b.name, [id(p) for p in b.params]) for b in self.blocks
-        ]:
-            return
-        self.blocks = blocks
-        self.block_factors = {b.name: self.block_factors.get(b.name, 1.0) for b in blocks}
-        if isinstance(self._active.optimizer, BlockSGD):
-            self._active.optimizer.set_blocks(blocks, self.block_factors)
+        ]
+        return self.blocks if same else blocks
 
     # -- what it is doing --------------------------------------------------------------------
 
@@ -555,12 +551,12 @@ class BlockOptimizer(Optimizer):
         failed probe is discarded with a warning instead)."""
         if self.probe is None:
             raise RuntimeError("this optimizer has no probe; pass probe=... to probe")
-        self._refresh_blocks()
+        blocks = self._blocks_now()
         spiked = self.schedule.spiked and bool(self.spectra_history)
         outcome = measure(
             self.probe_model,
             self.probe,
-            self.blocks,
+            blocks,
             self.probe_settings,
             self.step_count,
             self._reduce,
@@ -576,7 +572,7 @@ class BlockOptimizer(Optimizer):
             self.probe_model,
             self.probe,
             self._reduce,
-            self.blocks,
+            outcome.blocks,
             outcome.factors,
             self.schedule.noise_floor,
             self.model,
@@ -595,7 +591,8 @@ class BlockOptimizer(Optimizer):
         # Commit: nothing below can fail.
         active, decision, seconds = verdict.active, verdict.decision, verdict.seconds
         if isinstance(active.optimizer, BlockSGD):
-            active.optimizer.set_factors(outcome.factors)
+            active.optimizer.set_blocks(outcome.blocks, outcome.factors)
+        self.blocks = list(outcome.blocks)
         self._active, self.policy = active, verdict.policy
         self.modes.sync(active, self.param_groups)
         self.block_factors = dict(outcome.factors)

@@ -326,17 +326,24 @@ def plan_restore(
     saved = extra["blocks"]
     if not (isinstance(saved, (list, tuple)) and all(isinstance(n, str) for n in saved)):
         raise bad_state(f"'blocks' is {type(saved).__name__}, not a list of block names")
+    shapes = extra.get("shapes")
+    if isinstance(shapes, list) and len(shapes) != len(groups):  # add_param_group missing?
+        check_shapes(shapes, group_shapes(groups))
     if list(saved) != [b.name for b in blocks]:  # parameters added or unfrozen since?
         blocks = repartition()
     names = [b.name for b in blocks]
     if list(saved) != names:
+        only_saved = [n for n in saved if n not in names]
+        only_here = [n for n in names if n not in saved]
         raise ValueError(
-            "the state dict was saved for a model with different blocks "
-            f"({len(saved)} blocks, first {list(saved)[:3]}) than this one ({len(names)} "
-            f"blocks, first {names[:3]}); load it into the same model"
+            f"the state dict was saved with other blocks than this optimizer has ({len(saved)} "
+            f"against {len(names)}; only saved: {only_saved[:3]}, only here: {only_here[:3]}). "
+            "The blocks are the trainable parameters of the optimizer's groups: freeze, "
+            "unfreeze or add the same parameters as when it was saved before loading, or load "
+            "it into the model it came from"
         )
-    if "shapes" in extra:
-        check_shapes(extra["shapes"], group_shapes(groups))
+    if shapes is not None:
+        check_shapes(shapes, group_shapes(groups))
     mode = extra["mode"]
     if not isinstance(mode, str) or mode not in MODES:
         raise bad_state(f"its mode {mode!r} is not one of {MODES}")

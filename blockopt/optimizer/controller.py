@@ -54,13 +54,15 @@ class ProbeSettings:
 @dataclass(frozen=True)
 class ProbeOutcome:
     """What one probe measured: its step, spectra, score, the block factors to use (spike-held
-    where ``held`` says how many were kept from rising) and the largest block curvature."""
+    where ``held`` says how many were kept from rising), the blocks it probed, and the largest
+    block curvature."""
 
     step: int
     spectra: Spectra
     score: Heterogeneity
     factors: Mapping[str, float]
     held: int
+    blocks: tuple[Block, ...] = ()  # the blocks probed (committed with the outcome)
 
     @property
     def rho_max(self) -> float:
@@ -97,7 +99,7 @@ def measure(
     if previous is not None:
         kept = held_factors(factors, previous)
         held, factors = sum(kept[b] < factors[b] for b in factors), kept
-    return ProbeOutcome(step, spectra, score, factors, held)
+    return ProbeOutcome(step, spectra, score, factors, held, tuple(blocks))
 
 
 @dataclass(frozen=True)

@@ -240,11 +240,18 @@ def _is_number(value: Any) -> bool:
 
 
 def _init_keywords(cls: type[Optimizer]) -> frozenset[str] | None:
-    """The keyword arguments ``cls`` takes (``None``: any, it has ``**kwargs``)."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return frozenset(p.name for p in params)
+    """The keyword arguments ``cls`` takes: those of its ``__init__`` and, through
+    ``**kwargs``, of the ``__init__`` of its bases (``None``: any, to the end of the MRO)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return frozenset(names)
+    return None
 
 
 def _build(

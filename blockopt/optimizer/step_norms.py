@@ -24,6 +24,8 @@ def step_norm(opt: Optimizer) -> float:
             if p.grad is None:
                 continue
             g = p.grad.double()
+            if group.get("maximize"):  # the step ascends: torch's classes negate the gradient
+                g = -g
             state = opt.state.get(p, {})
             if isinstance(opt, (torch.optim.SGD, BlockSGD)):
                 update = _sgd_update(g, p, group, state)
