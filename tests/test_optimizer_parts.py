@@ -102,3 +102,32 @@ def test_a_probe_that_fails_after_a_freeze_leaves_blocks_and_factors_as_they_wer
     opt.probe_now()  # a probe that succeeds commits the new blocks
     assert [b.name for b in opt.blocks] == ["2.weight", "2.bias"]
     assert set(opt.active_optimizer.factors) == {"2.weight", "2.bias"}
+
+
+@pytest.mark.parametrize("name", ["RAdam", "Ranger", "SWATS", "MADGRAD", "Apollo"])
+def test_wrap_keeps_torch_optimizer_classes_whose_defaults_hold_state(name):
+    """Their ``defaults`` hold entries that are not constructor arguments (RAdam's buffer,
+    Ranger's step counter, ...): the wrapped optimizer steps exactly as the bare one."""
+    torch_optimizer = pytest.importorskip("torch_optimizer")
+    cls = getattr(torch_optimizer, name)
+    runs = []
+    for wrapped in (False, True):
+        model, x, y, _probe = _task()
+        opt = cls(model.parameters(), lr=1e-3)
+        if wrapped:
+            opt = blockopt.wrap(opt, model, None)
+            assert type(opt.active_optimizer) is cls
+        _train(opt, model, x, y, 3)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_wrap_refuses_optimizers_without_a_learning_rate_or_a_closure_free_step():
+    torch_optimizer = pytest.importorskip("torch_optimizer")
+    model, *_ = _task()
+    with pytest.raises(TypeError, match="cannot wrap Adafactor: its lr is None"):
+        blockopt.wrap(torch_optimizer.Adafactor(model.parameters()), model)
+    with pytest.raises(ValueError, match="LBFGS cannot be a blockopt mode: LBFGS re-evaluates"):
+        blockopt.wrap(torch.optim.LBFGS(model.parameters()), model)
+    with pytest.raises(ValueError, match="LBFGS cannot be a blockopt mode"):
+        blockopt.BlockOptimizer(model, None, optimizers={"sgd": "LBFGS"})

@@ -43,6 +43,11 @@ _REFUSED = {
         "Lookahead wraps another optimizer instead of taking parameters; give the inner "
         "optimizer's class as the mode, or wrap blockopt's optimizer in Lookahead yourself"
     ),
+    "LBFGS": (
+        "LBFGS re-evaluates the loss several times per step through a closure it must be "
+        "given, and a blockopt mode steps without one; use torch.optim.LBFGS directly, or "
+        "pick a first-order class for this mode"
+    ),
 }
 
 

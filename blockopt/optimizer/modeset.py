@@ -10,7 +10,9 @@ look like the optimizer the user had); the other family's keys keep theirs too u
 is taken with another meaning, as ``weight_decay`` is (L2 in SGD, decoupled in AdamW): then
 they are prefixed with the family, ``adam_weight_decay`` or ``sgd_weight_decay``. ``maximize``,
 ``foreach``, ``fused``, ``differentiable`` and ``capturable`` mean the same in every class and
-are shared. The learning rate applied is the group's ``lr`` times the mode's factor.
+are shared. Only a class's constructor arguments are synced: entries some classes keep in
+their groups as state (MADGRAD's ``k``) stay theirs. The learning rate applied is the group's
+``lr`` times the mode's factor.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from blockopt.optimizer.modes import BlockSGD, transfer_state
 from blockopt.optimizer.policy import MODES
 from blockopt.optimizer.step_norms import step_norm
 
-__all__ = ["SHARED_KEYS", "ActiveMode", "ModeSet", "ModeSpec", "family"]
+__all__ = ["SHARED_KEYS", "ActiveMode", "ModeSet", "ModeSpec", "family", "init_keywords"]
 
 # Keys that mean the same in every optimizer class, so that every mode reads the one value.
 SHARED_KEYS = frozenset({"maximize", "foreach", "fused", "differentiable", "capturable"})
@@ -142,7 +144,7 @@ class ModeSet:
             )
         for m, spec in self.specs.items():
             # torch checks constructor arguments only, never a group's values: pass them so
-            accepted = _init_keywords(spec.cls)
+            accepted = init_keywords(spec.cls)
             values = {
                 k: group[gk]
                 for k, gk in spec.keys.items()
@@ -239,7 +241,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _init_keywords(cls: type[Optimizer]) -> frozenset[str] | None:
+def init_keywords(cls: type[Optimizer]) -> frozenset[str] | None:
     """The keyword arguments ``cls`` takes: those of its ``__init__`` and, through
     ``**kwargs``, of the ``__init__`` of its bases (``None``: any, to the end of the MRO)."""
     names: set[str] = set()
@@ -276,4 +278,11 @@ def _defaults(cls: type[Optimizer], kwargs: Mapping[str, Any], mode: str) -> dic
         raise TypeError(f"could not build mode {mode!r} with {cls.__name__}: {err}") from err
     except (ValueError, RuntimeError) as err:
         raise type(err)(f"mode {mode!r} ({cls.__name__}) refuses its settings: {err}") from err
-    return {k: v for k, v in opt.defaults.items() if k not in ("params", "lr")}
+    # Only constructor arguments are hyperparameters: some classes keep state in their groups
+    # (MADGRAD's step count k, SWATS's phase), which syncing from the wrapper would reset.
+    accepted = init_keywords(cls)
+    return {
+        k: v
+        for k, v in opt.defaults.items()
+        if k not in ("params", "lr") and (accepted is None or k in accepted)
+    }

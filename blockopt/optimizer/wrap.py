@@ -10,6 +10,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from blockopt.optimizer.block_optimizer import BlockOptimizer
+from blockopt.optimizer.modeset import init_keywords
+from blockopt.optimizer.validation import is_real
 
 __all__ = ["wrap"]
 
@@ -47,7 +49,20 @@ def wrap(
                 f"{type(lrs).__name__}"
             )
         opts["lrs"] = {m: v for m, v in lrs.items() if m != mode}
-    kwargs = {k: v for k, v in defaults.items() if k not in ("lr", "params", "foreach", "fused")}
+    lr = defaults.get("lr")
+    if not (is_real(lr) or (isinstance(lr, torch.Tensor) and lr.numel() == 1)):
+        raise TypeError(
+            f"cannot wrap {type(optimizer).__name__}: its lr is {defaults.get('lr')!r}, and "
+            "blockopt's modes scale a learning rate (a switch matches step sizes through it); "
+            "give the optimizer a numeric lr, or build BlockOptimizer(..., optimizers=...) "
+            "with a class that takes one"
+        )
+    accepted = init_keywords(type(optimizer))  # defaults may hold state, not arguments
+    kwargs = {
+        k: v
+        for k, v in defaults.items()
+        if k not in ("lr", "params", "foreach", "fused") and (accepted is None or k in accepted)
+    }
     if mode == "sgd" and not isinstance(optimizer, torch.optim.SGD):
         optimizers.setdefault("sgd", (type(optimizer), kwargs))
     elif mode == "adam" and type(optimizer) is not torch.optim.AdamW:
