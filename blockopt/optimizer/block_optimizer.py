@@ -51,8 +51,8 @@ from blockopt.optimizer.controller import (
     measure,
 )
 from blockopt.optimizer.faults import fault_text
-from blockopt.optimizer.modes import BlockSGD, resolve_optimizer_class
-from blockopt.optimizer.modeset import ActiveMode, ModeSet
+from blockopt.optimizer.modes import BlockSGD
+from blockopt.optimizer.modeset import ActiveMode, ModeSet, mode_classes
 from blockopt.optimizer.policy import (
     MODES,
     Decision,
@@ -254,7 +254,7 @@ class BlockOptimizer(Optimizer):
             "weight_decay": adam_weight_decay,
             "maximize": maximize,
         }
-        self.modes = ModeSet(_mode_classes(optimizers or {}, sgd, adam), start)
+        self.modes = ModeSet(mode_classes(optimizers or {}, sgd, adam), start)
         if params is None:
             params = [p for p in self.probe_model.parameters() if p.requires_grad]
             if not params:  # partition() says why: all frozen, or no parameters at all
@@ -302,8 +302,7 @@ class BlockOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            for key, value in self.modes.group_defaults.items():
-                group.setdefault(key, value)
+            self.modes.fill_defaults(group)
             self.modes.check_group(group, index)
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -577,7 +576,6 @@ class BlockOptimizer(Optimizer):
             self.schedule.noise_floor,
             self.model,
         )
-        hold = "pinned mode" if self.pin_mode is not None else None
         verdict = decide(
             outcome,
             self._active,
@@ -586,7 +584,7 @@ class BlockOptimizer(Optimizer):
             groups=self.param_groups,
             search=self.search_settings,
             setup=setup,
-            hold=hold or ("monitor only" if self.monitor_only else None),
+            hold=self._hold(),
         )
         # Commit: nothing below can fail.
         active, decision, seconds = verdict.active, verdict.decision, verdict.seconds
@@ -612,6 +610,12 @@ class BlockOptimizer(Optimizer):
         spend = self._spend(seconds) if self.schedule.budgeted else None
         self.schedule.after_probe(outcome.step, float(outcome.score), decision.switched, spend)
         return decision
+
+    def _hold(self) -> str | None:
+        """Why probes may not switch the mode (``None``: they may)."""
+        if self.pin_mode is not None:
+            return "pinned mode"
+        return "monitor only" if self.monitor_only else None
 
     def switch(self, mode: str) -> None:
         """Switch to ``mode`` now, carrying state and matching the step size (see module doc).
@@ -753,8 +757,7 @@ class BlockOptimizer(Optimizer):
     def _install(self, plan: ckpt.Restored) -> None:
         """Set what :meth:`_restore_plan` built; every value was checked, so nothing fails."""
         for group in self.param_groups:  # a state saved before a key existed: its default
-            for key, value in self.modes.group_defaults.items():
-                group.setdefault(key, value)
+            self.modes.fill_defaults(group)
         self._active = plan.active
         self.blocks = list(plan.blocks)
         self.block_factors = dict(plan.block_factors)
@@ -784,31 +787,6 @@ class BlockOptimizer(Optimizer):
             f"BlockOptimizer(mode={self.mode!r}, lr={self.param_groups[0]['lr']:g}, "
             f"blocks={len(self.blocks)}, step={self.step_count})"
         )
-
-
-def _mode_classes(
-    optimizers: Mapping[str, Any], sgd: Mapping[str, Any], adam: Mapping[str, Any]
-) -> dict[str, tuple[type[Optimizer], dict[str, Any]]]:
-    """Each mode's class and keyword arguments: the defaults (SGD, block SGD and AdamW with
-    the constructor's hyperparameters) or the user's ``(class_or_name, kwargs)``."""
-    classes: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
-        "sgd": (torch.optim.SGD, dict(sgd)),
-        "block_sgd": (BlockSGD, dict(sgd)),
-        "adam": (torch.optim.AdamW, dict(adam)),
-    }
-    for m, spec in optimizers.items():
-        if m not in MODES:
-            raise ValueError(f"optimizers names unknown mode {m!r}; modes are {MODES}")
-        cls_spec, kwargs = spec if isinstance(spec, tuple) else (spec, {})
-        if not isinstance(kwargs, Mapping):
-            raise TypeError(f"the kwargs for mode {m!r} must be a mapping, got {kwargs!r}")
-        cls = resolve_optimizer_class(cls_spec)
-        if "lr" in kwargs:
-            raise ValueError(
-                f"give mode {m!r}'s learning rate with lrs={{{m!r}: ...}}, not in its kwargs"
-            )
-        classes[m] = (cls, dict(kwargs))
-    return classes
 
 
 def _probe_reduce(model: nn.Module, probe: Any, option: Any) -> Reduce | None:

@@ -62,7 +62,7 @@ class ProbeOutcome:
     score: Heterogeneity
     factors: Mapping[str, float]
     held: int
-    blocks: tuple[Block, ...] = ()  # the blocks probed (committed with the outcome)
+    blocks: tuple[Block, ...]  # the blocks probed (committed with the outcome)
 
     @property
     def rho_max(self) -> float:

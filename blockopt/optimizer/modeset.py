@@ -28,11 +28,19 @@ import torch
 from torch.optim import Optimizer
 
 from blockopt.curvature.blocks import Block
-from blockopt.optimizer.modes import BlockSGD, transfer_state
+from blockopt.optimizer.modes import BlockSGD, resolve_optimizer_class, transfer_state
 from blockopt.optimizer.policy import MODES
 from blockopt.optimizer.step_norms import step_norm
 
-__all__ = ["SHARED_KEYS", "ActiveMode", "ModeSet", "ModeSpec", "family", "init_keywords"]
+__all__ = [
+    "SHARED_KEYS",
+    "ActiveMode",
+    "ModeSet",
+    "ModeSpec",
+    "family",
+    "init_keywords",
+    "mode_classes",
+]
 
 # Keys that mean the same in every optimizer class, so that every mode reads the one value.
 SHARED_KEYS = frozenset({"maximize", "foreach", "fused", "differentiable", "capturable"})
@@ -114,6 +122,12 @@ class ModeSet:
         }
 
     # -- groups ------------------------------------------------------------------------------
+
+    def fill_defaults(self, group: dict[str, Any]) -> None:
+        """Give ``group`` every mode's keys it lacks, at their defaults (a group added since,
+        or one a checkpoint saved before a key existed)."""
+        for key, value in self.group_defaults.items():
+            group.setdefault(key, value)
 
     def check_group(self, group: Mapping[str, Any], index: int) -> None:
         """Refuse a group whose values a mode's class refuses, with that class's own message,
@@ -286,3 +300,28 @@ def _defaults(cls: type[Optimizer], kwargs: Mapping[str, Any], mode: str) -> dic
         for k, v in opt.defaults.items()
         if k not in ("params", "lr") and (accepted is None or k in accepted)
     }
+
+
+def mode_classes(
+    optimizers: Mapping[str, Any], sgd: Mapping[str, Any], adam: Mapping[str, Any]
+) -> dict[str, tuple[type[Optimizer], dict[str, Any]]]:
+    """Each mode's class and keyword arguments: the defaults (SGD, block SGD and AdamW with
+    the constructor's hyperparameters) or the user's ``(class_or_name, kwargs)``."""
+    classes: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
+        "sgd": (torch.optim.SGD, dict(sgd)),
+        "block_sgd": (BlockSGD, dict(sgd)),
+        "adam": (torch.optim.AdamW, dict(adam)),
+    }
+    for m, spec in optimizers.items():
+        if m not in MODES:
+            raise ValueError(f"optimizers names unknown mode {m!r}; modes are {MODES}")
+        cls_spec, kwargs = spec if isinstance(spec, tuple) else (spec, {})
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"the kwargs for mode {m!r} must be a mapping, got {kwargs!r}")
+        cls = resolve_optimizer_class(cls_spec)
+        if "lr" in kwargs:
+            raise ValueError(
+                f"give mode {m!r}'s learning rate with lrs={{{m!r}: ...}}, not in its kwargs"
+            )
+        classes[m] = (cls, dict(kwargs))
+    return classes

@@ -8,6 +8,7 @@ neither changes the live optimizer, so a probe's decision can be committed or dr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -140,7 +141,7 @@ def search_lr(
         warnings.warn(note, ProbeFaultWarning, stacklevel=9)  # at the caller of step()
         return Tuned(active, (note,), time.perf_counter() - start)
     seconds = time.perf_counter() - start
-    searched = ActiveMode(active.mode, active.optimizer, active.scales, searched=True)
+    searched = dataclasses.replace(active, searched=True)
     if found.multiplier == 1.0 and recheck:
         return Tuned(searched, (), seconds)
     tuned = searched.with_scale(found.multiplier)

@@ -14,7 +14,7 @@ from blockopt.curvature.lanczos import check_tol
 from blockopt.curvature.spectra import check_lanczos_settings
 from blockopt.optimizer.policy import MODES, Thresholds, is_share
 
-__all__ = ["check_constructor", "check_options", "check_params_in_model", "is_int", "is_real"]
+__all__ = ["check_constructor", "check_params_in_model", "is_int", "is_real"]
 
 
 def is_real(value: Any) -> bool:
@@ -24,45 +24,6 @@ def is_real(value: Any) -> bool:
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_options(
-    *,
-    thresholds: Any,
-    lrs: Any,
-    optimizers: Any,
-    seed: Any,
-    max_factor: Any,
-    betas: Any,
-    hyper: Mapping[str, Any],
-) -> None:
-    """Refuse option values of the wrong type or range at construction, not at the first probe
-    or switch, where they would fail far from their cause."""
-    if thresholds is not None and not isinstance(thresholds, Thresholds):
-        raise TypeError(
-            f"thresholds must be a blockopt.Thresholds, got {type(thresholds).__name__}; build "
-            "one with blockopt.Thresholds(sgd_below=1.0, adam_above=1.5, margin=0.25, "
-            "min_interval=50, block_ratio=2.0)"
-        )
-    for label, value in (("lrs", lrs), ("optimizers", optimizers)):
-        if value is not None and not isinstance(value, Mapping):
-            raise TypeError(
-                f"{label} must be a mapping mode name -> setting, e.g. {label}={{'adam': ...}}, "
-                f"got {type(value).__name__}"
-            )
-    if not is_int(seed):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-    if not (is_real(max_factor) and math.isfinite(max_factor) and max_factor >= 1):
-        raise ValueError(f"max_factor must be a finite number >= 1, got {max_factor!r}")
-    for name, value in hyper.items():
-        if not (is_real(value) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-    if not (
-        isinstance(betas, (tuple, list))
-        and len(betas) == 2
-        and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)
-    ):
-        raise ValueError(f"betas must be two numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
 
 
 def check_params_in_model(groups: list[dict[str, Any]], model: nn.Module) -> None:
@@ -102,7 +63,8 @@ def check_constructor(
     betas: Any,
     hyper: Mapping[str, Any],
 ) -> None:
-    """Refuse ``BlockOptimizer``'s arguments of the wrong type or range, naming the fix."""
+    """Refuse ``BlockOptimizer``'s arguments of the wrong type or range, naming the fix, at
+    construction rather than at the first probe or switch, far from their cause."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if probe is not None and not callable(probe):
@@ -133,15 +95,31 @@ def check_constructor(
             "probe_budget must be the share of training wall time probes may take, a "
             f"number in (0, 1) such as 0.03 for 3%, or None for no budget; got {probe_budget!r}"
         )
-    check_options(
-        thresholds=thresholds,
-        lrs=lrs,
-        optimizers=optimizers,
-        seed=seed,
-        max_factor=max_factor,
-        betas=betas,
-        hyper=hyper,
-    )
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise TypeError(
+            f"thresholds must be a blockopt.Thresholds, got {type(thresholds).__name__}; build "
+            "one with blockopt.Thresholds(sgd_below=1.0, adam_above=1.5, margin=0.25, "
+            "min_interval=50, block_ratio=2.0)"
+        )
+    for label, value in (("lrs", lrs), ("optimizers", optimizers)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(
+                f"{label} must be a mapping mode name -> setting, e.g. {label}={{'adam': ...}}, "
+                f"got {type(value).__name__}"
+            )
+    if not is_int(seed):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if not (is_real(max_factor) and math.isfinite(max_factor) and max_factor >= 1):
+        raise ValueError(f"max_factor must be a finite number >= 1, got {max_factor!r}")
+    for name, value in hyper.items():
+        if not (is_real(value) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    if not (
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ValueError(f"betas must be two numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
     fixed = dict(lrs or {})
     for m, value in fixed.items():
         if m not in MODES:

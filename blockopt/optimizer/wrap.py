@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -41,13 +41,8 @@ def wrap(
     mode = options.pop("mode", "sgd" if sgd_like else "adam")
     opts = dict(options)
     optimizers = dict(opts.pop("optimizers", {}) or {})
-    lrs = opts.pop("lrs", None)
-    if lrs is not None:
-        if not hasattr(lrs, "items"):
-            raise TypeError(
-                f"lrs must be a mapping mode name -> setting, e.g. lrs={{'adam': ...}}, got "
-                f"{type(lrs).__name__}"
-            )
+    lrs = opts.get("lrs")
+    if isinstance(lrs, Mapping):  # anything else BlockOptimizer refuses, saying why
         opts["lrs"] = {m: v for m, v in lrs.items() if m != mode}
     lr = defaults.get("lr")
     if not (is_real(lr) or (isinstance(lr, torch.Tensor) and lr.numel() == 1)):
