@@ -74,6 +74,10 @@ class _Run:
             # The ridge, not the training loss, sets the block factors: keep them small so
             # that block SGD stays stable on the cross entropy it trains.
             max_factor=3.0,
+            # Every probe switches here, so the switch guard would nearly always hold its
+            # copies of the weights and the old mode's state; what it holds and drops is
+            # tested in test_switch_guard.py, and the counts below stay those of the modes.
+            guard_steps=None,
             thresholds=blockopt.Thresholds(
                 sgd_below=1.0, adam_above=1.5, margin=0.1, min_interval=0
             ),

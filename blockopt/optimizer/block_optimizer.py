@@ -25,7 +25,9 @@ no trace.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import statistics
 import time
 import warnings
 from collections import OrderedDict
@@ -51,6 +53,7 @@ from blockopt.optimizer.controller import (
     measure,
 )
 from blockopt.optimizer.faults import fault_text
+from blockopt.optimizer.guard import GUARD_WINDOW, Watch, judge
 from blockopt.optimizer.modes import BlockSGD
 from blockopt.optimizer.modeset import ActiveMode, ModeSet, mode_classes
 from blockopt.optimizer.policy import (
@@ -64,7 +67,11 @@ from blockopt.optimizer.policy import (
 )
 from blockopt.optimizer.recorder import Recorder
 from blockopt.optimizer.tuner import SearchSettings, TrialSetup
-from blockopt.optimizer.validation import check_constructor, check_params_in_model
+from blockopt.optimizer.validation import (
+    check_constructor,
+    check_params_in_model,
+    check_switching,
+)
 
 __all__ = ["DEFAULT_PROBE_BUDGET", "DEFAULT_TOL", "BlockOptimizer"]
 
@@ -139,6 +146,21 @@ class BlockOptimizer(Optimizer):
             later probes lower it to a rate whose trial gains at least 1%, in the SGD modes only
             if a trial shows it unstable (the probe's loss more than doubled).
             ``lr_search=False``: keep the step-norm match.
+        holdout: zero-argument callable returning the loss on a batch other than the probe's
+            (e.g. the next batch of a validation loader): the trials train on the probe's
+            batch and are judged here, so the search climbs while this loss keeps falling
+            (up to 6 half-decades); ``None``: judged on the probe's batch, at most one step up.
+        modes: the modes probes may choose (default all three), e.g. ``("adam",)`` to tune
+            within Adam's family; it must hold the starting mode. A score that calls for a
+            mode left out takes the nearest one in the order sgd, block_sgd, adam.
+        guard_steps: a probe's switch is judged on this many training losses after it (from
+            ``step(closure)`` or :meth:`observe_loss`): if their median ends more than 10%
+            above the loss before the switch, the parameters and the old mode's state are put
+            back (the step that does so takes no step of its own), and that mode is not
+            chosen again (``opt.refused_modes``). Costs a copy of the parameters and of the
+            old mode's state while the switch is watched (at most ``2 * guard_steps``
+            steps: with fewer losses reported by then, the switch stands). ``None``: switches
+            stand.
         history: the cap on ``history`` (decisions), ``spectra_history`` (probe results) and
             ``faults`` (failed probes): each keeps at most this many entries, the oldest dropped
             first, and so does ``state_dict()``; memory stays bounded however long training runs.
@@ -191,6 +213,9 @@ class BlockOptimizer(Optimizer):
         max_factor: float = DEFAULT_MAX_FACTOR,
         lr_search: bool = True,
         search_steps: int = 10,
+        holdout: Callable[[], torch.Tensor] | None = None,
+        modes: tuple[str, ...] = MODES,
+        guard_steps: int | None = GUARD_WINDOW,
         history: int = 1000,
         logdir: str | Path | None = None,
         writer: Any = None,
@@ -238,6 +263,13 @@ class BlockOptimizer(Optimizer):
         self._reduce = _probe_reduce(model, probe, distributed)
         self.probe_settings = ProbeSettings(steps, probes, seed, tol, max_factor, distributed_share)
         self.search_settings = SearchSettings(lr_search, search_steps, frozenset(fixed))
+        allowed = check_switching(
+            holdout=holdout, modes=modes, start=pin_mode or mode, guard_steps=guard_steps
+        )
+        self.holdout = holdout
+        self.guard_steps = guard_steps
+        self._watch: Watch | None = None
+        self._undo_due = False
         self.fixed_lrs = fixed
         self.strategy = strategy
         start = pin_mode or mode
@@ -281,7 +313,7 @@ class BlockOptimizer(Optimizer):
                     self.modes.build(m, self.param_groups, 1.0, self.blocks)
         self.monitor_only = monitor_only
         self.pin_mode = pin_mode
-        self.policy = SwitchPolicy(thresholds or Thresholds())
+        self.policy = SwitchPolicy(thresholds or Thresholds(), allowed=allowed)
         self.schedule = ProbeSchedule(every=probe_every, budget=probe_budget)
         logger = (
             TensorBoardLogger(logdir, writer, figures=log_figures)
@@ -485,12 +517,20 @@ class BlockOptimizer(Optimizer):
                 loss = closure()
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 self._observe(float(loss.detach()))
+        if self._undo_due:  # this step's gradient is of the parameters being put back
+            self._undo_switch()
+            self.step_count += 1
+            return loss
         if self.probe is not None and self._probe_due():
             with torch.enable_grad():
                 self._probe_or_fault()
         self.modes.sync(self._active, self.param_groups)
         self._active.optimizer.step()
         self.step_count += 1
+        if self._watch is not None and self.step_count - self._watch.step > 2 * (
+            self.guard_steps or 0
+        ):  # too few training losses reported to judge the switch: let it stand
+            self._watch = None
         return loss
 
     def _probe_due(self) -> bool:
@@ -516,6 +556,13 @@ class BlockOptimizer(Optimizer):
                 self._reduce(torch.tensor([value], dtype=torch.float64, device=self._device()))
             )
         self.schedule.observe_loss(self.step_count, value)
+        if self._watch is not None:
+            self._watch = self._watch.seen(value)
+            sign = -1.0 if any(g.get("maximize") for g in self.param_groups) else 1.0
+            verdict = judge(self._watch, self.guard_steps or 0, self.schedule.noise_floor, sign)
+            if verdict == "keep":
+                self._watch = None
+            self._undo_due = verdict == "undo"
 
     def _device(self) -> torch.device:
         return self.param_groups[0]["params"][0].device
@@ -575,6 +622,7 @@ class BlockOptimizer(Optimizer):
             outcome.factors,
             self.schedule.noise_floor,
             self.model,
+            self.holdout,
         )
         verdict = decide(
             outcome,
@@ -588,6 +636,9 @@ class BlockOptimizer(Optimizer):
         )
         # Commit: nothing below can fail.
         active, decision, seconds = verdict.active, verdict.decision, verdict.seconds
+        self._watch, self._undo_due = None, False  # a new decision ends the watch of the last
+        if decision.switched and self.guard_steps is not None:
+            self._watch = self._watch_of(outcome.step, decision.new_mode)
         if isinstance(active.optimizer, BlockSGD):
             active.optimizer.set_blocks(outcome.blocks, outcome.factors)
         self.blocks = list(outcome.blocks)
@@ -610,6 +661,66 @@ class BlockOptimizer(Optimizer):
         spend = self._spend(seconds) if self.schedule.budgeted else None
         self.schedule.after_probe(outcome.step, float(outcome.score), decision.switched, spend)
         return decision
+
+    def _watch_of(self, step: int, mode: str) -> Watch:
+        """A watch of the switch to ``mode`` about to be committed: copies of the parameters
+        and of the mode it leaves, as they are now (:mod:`.guard`)."""
+        old = self._active
+        copy_of = self.modes.build(
+            old.mode, self.param_groups, old.scale, self.blocks, self.block_factors
+        )
+        copy_of.load_state_dict(copy.deepcopy(old.optimizer.state_dict()))
+        params = [p for g in self.param_groups for p in g["params"]]
+        return Watch(
+            step=step,
+            mode=mode,
+            previous=dataclasses.replace(old, optimizer=copy_of),
+            previous_blocks=tuple(self.blocks),
+            previous_factors=dict(self.block_factors),
+            params=tuple(params),
+            values=tuple(p.detach().clone() for p in params),
+            reference=self.schedule.loss_avg,
+        )
+
+    def _undo_switch(self) -> None:
+        """Put back the parameters and the mode a watched switch left, and refuse its mode."""
+        watch = self._watch
+        assert watch is not None
+        with torch.no_grad():
+            for p, value in zip(watch.params, watch.values):
+                p.copy_(value)
+        previous = watch.previous
+        if isinstance(previous.optimizer, BlockSGD):
+            previous.optimizer.set_blocks(watch.previous_blocks, watch.previous_factors)
+        self.blocks = list(watch.previous_blocks)
+        self.block_factors = dict(watch.previous_factors)
+        self._active = previous
+        self.modes.sync(previous, self.param_groups)
+        self.policy = dataclasses.replace(
+            self.policy,
+            refused=self.policy.refused | {watch.mode},
+            last_switch=self.step_count,
+        )
+        window = watch.losses[: self.guard_steps]
+        reason = (
+            f"undo: the median training loss over the {len(window)} steps after the switch "
+            f"to {watch.mode} at step {watch.step} was {statistics.median(window):.4g}, above "
+            f"{watch.reference:.4g} before it; the parameters and {previous.mode}'s state of "
+            f"step {watch.step} are back, and {watch.mode} is not chosen again"
+        )
+        score = float(self.last_score) if self.last_score is not None else float("nan")
+        decision = Decision(self.step_count, score, watch.mode, previous.mode, reason)
+        self.recorder.history.append(decision)
+        self._watch, self._undo_due = None, False
+        warnings.warn(reason, ProbeFaultWarning, stacklevel=3)
+        if self.logger is not None:
+            self.logger.log_decision(decision)
+
+    @property
+    def refused_modes(self) -> frozenset[str]:
+        """Modes whose switch was undone because training got worse; probes do not choose
+        them again."""
+        return self.policy.refused
 
     def _hold(self) -> str | None:
         """Why probes may not switch the mode (``None``: they may)."""
@@ -656,6 +767,9 @@ class BlockOptimizer(Optimizer):
             "block_ratio": t.block_ratio,
             "monitor_only": self.monitor_only,
             "pin_mode": self.pin_mode or "none",
+            "modes": ",".join(self.policy.allowed),
+            "holdout": self.holdout is not None,
+            "guard_steps": self.guard_steps or 0,
         }
         final = {
             "blockopt/final_score": float(self.last_score) if self.last_score else 0.0,
@@ -689,6 +803,7 @@ class BlockOptimizer(Optimizer):
             "inner": {active.mode: active.optimizer.state_dict()},
             "schedule": self.schedule.state_dict(),
             "last_switch": self.policy.last_switch,
+            "refused": sorted(self.policy.refused),
             "history": [d.to_dict() for d in self.history],
             "spectra": [[step, s.to_dict()] for step, s in self.spectra_history],
             "faults": [f.to_dict() for f in self.faults],
@@ -761,7 +876,10 @@ class BlockOptimizer(Optimizer):
         self._active = plan.active
         self.blocks = list(plan.blocks)
         self.block_factors = dict(plan.block_factors)
-        self.policy.last_switch = plan.last_switch
+        self.policy = dataclasses.replace(
+            self.policy, last_switch=plan.last_switch, refused=plan.refused
+        )
+        self._watch, self._undo_due = None, False
         self.schedule.load_state_dict(dict(plan.schedule))
         self.step_count = plan.step_count
         self.recorder.restore(

@@ -358,6 +358,9 @@ def plan_restore(
     last_switch = extra["last_switch"]
     if last_switch is not None:
         last_switch = count(last_switch, "last_switch")
+    refused = extra.get("refused", [])  # saved before switches could be undone: none
+    if not (isinstance(refused, (list, tuple)) and all(m in MODES for m in refused)):
+        raise bad_state(f"'refused' is {refused!r}, not a list of mode names from {MODES}")
     probe_seconds = extra["probe_seconds"]
     if not (is_real(probe_seconds) and math.isfinite(probe_seconds) and probe_seconds >= 0):
         raise bad_state(f"'probe_seconds' is {probe_seconds!r}, not a non-negative number")
@@ -389,6 +392,7 @@ def plan_restore(
         block_factors=factors,
         schedule=schedule,
         last_switch=last_switch,
+        refused=frozenset(refused),
         history=records(extra["history"], "history", Decision),
         spectra=spectra,
         faults=records(extra.get("faults", []), "faults", ProbeFault),
@@ -423,6 +427,7 @@ class Restored:
     block_factors: Mapping[str, float]
     schedule: Mapping[str, Any]
     last_switch: int | None
+    refused: frozenset[str]
     history: Sequence[Decision]
     spectra: Sequence[tuple[int, Spectra]]
     faults: Sequence[ProbeFault]

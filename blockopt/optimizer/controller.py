@@ -25,7 +25,14 @@ from blockopt.distributed.reductions import RankMean, Reduce
 from blockopt.distributed.wrappers import no_sync
 from blockopt.optimizer.modeset import ActiveMode, ModeSet
 from blockopt.optimizer.policy import Decision, SwitchPolicy
-from blockopt.optimizer.tuner import SearchSettings, TrialSetup, Tuned, cap_lr, search_lr
+from blockopt.optimizer.tuner import (
+    SearchSettings,
+    TrialSetup,
+    Tuned,
+    cap_lr,
+    judge_switch,
+    search_lr,
+)
 
 __all__ = ["DEFAULT_TOL", "ProbeOutcome", "ProbeSettings", "Verdict", "decide", "measure"]
 
@@ -126,7 +133,8 @@ def decide(
     hold: str | None = None,
 ) -> Verdict:
     """Decide on ``outcome``: cap a grossly unstable SGD learning rate, ask the policy, switch
-    (carrying state) and search the new mode's learning rate, or re-check a searched one.
+    (carrying state), search the new mode's learning rate and keep the switch only if its trial
+    beats staying (:func:`judge_switch`), or re-check a searched one.
     ``hold`` (``"pinned mode"``, ``"monitor only"``) keeps the mode. Nothing live is changed:
     the policy is decided on a copy and the modes are new objects, for the caller to commit."""
     policy = dataclasses.replace(policy)
@@ -148,11 +156,19 @@ def decide(
         active = tuned(cap_lr(modes, active, groups, outcome.rho_max, fixed))
         decision = policy.decide(step, float(score), active.mode, score.max_ratio)
         if decision.switched:
+            before = active
             active = modes.switched(
                 active, decision.new_mode, groups, fixed, setup.blocks, outcome.factors
             )
             active = tuned(cap_lr(modes, active, groups, outcome.rho_max, fixed))
-            active = tuned(search_lr(modes, active, groups, search, setup, recheck=False))
+            found = search_lr(modes, active, groups, search, setup, recheck=False)
+            active = tuned(judge_switch(modes, before, found, groups, search, setup))
+            if active is before:  # staying trained better in the trials: no switch
+                decision = dataclasses.replace(
+                    decision,
+                    new_mode=before.mode,
+                    reason=f"stay: the trials favour {before.mode} ({decision.reason})",
+                )
         elif active.searched:
             active = tuned(search_lr(modes, active, groups, search, setup, recheck=True))
     if outcome.held and active.mode == "block_sgd":

@@ -2,7 +2,8 @@
 batch, from the current parameters, then everything put back.
 
 A trial copies the parameters, runs ``steps`` steps of an optimizer built for it (holding a copy
-of the live optimizer's state) on gradients of ``probe()``, evaluates ``probe()`` once more and
+of the live optimizer's state) on gradients of ``probe()``, evaluates the loss once more (on
+``holdout()``, a batch the trial did not train on, when given; else on ``probe()``) and
 restores the parameters. It runs inside :func:`isolated` (with the usual,
 first-order kernels), so ``.grad``, buffers, train/eval modes and RNG streams are as before; the
 live optimizer is never touched. Every trial starts from the same RNG state, so trials of a model
@@ -33,17 +34,19 @@ def trial_loss(
     optimizer: Callable[[], Optimizer],
     steps: int,
     reduce: Reduce | None = None,
+    holdout: Callable[[], torch.Tensor] | None = None,
 ) -> float:
-    """The probe's loss after ``steps`` steps of ``optimizer()`` (a fresh scratch optimizer over
-    ``params``) on the probe's gradients; ``inf`` when the loss stops being finite. With
-    ``steps=0``, the loss where the parameters are, and no optimizer is built. The
-    parameters, ``.grad``, buffers, modes and RNG streams are left exactly as they were."""
+    """The loss of ``holdout()`` (default: of ``probe()``) after ``steps`` steps of
+    ``optimizer()`` (a fresh scratch optimizer over ``params``) on the probe's gradients;
+    ``inf`` when a loss stops being finite. With ``steps=0``, the loss where the parameters
+    are, and no optimizer is built. The parameters, ``.grad``, buffers, modes and RNG streams
+    are left exactly as they were."""
 
     def run() -> float:
         saved = [p.detach().clone() for p in params]
         try:
             with isolated(model, second_order=False):
-                return _train_and_evaluate(probe, params, optimizer, steps)
+                return _train_and_evaluate(probe, params, optimizer, steps, holdout or probe)
         finally:
             with torch.no_grad():
                 for p, value in zip(params, saved):
@@ -60,6 +63,7 @@ def _train_and_evaluate(
     params: Sequence[torch.Tensor],
     optimizer: Callable[[], Optimizer],
     steps: int,
+    evaluate: Callable[[], torch.Tensor],
 ) -> float:
     if steps:  # the loss where the parameters are (steps=0) needs no optimizer
         opt = optimizer()
@@ -72,5 +76,5 @@ def _train_and_evaluate(
                 p.grad = g  # isolated() puts the caller's .grad back afterwards
             opt.step()
     with torch.no_grad():
-        value = float(probe())
+        value = float(evaluate())
     return value if math.isfinite(value) else math.inf

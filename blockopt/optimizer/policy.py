@@ -156,10 +156,27 @@ class ProbeFault:
 @dataclass
 class SwitchPolicy:
     """Score -> mode with hysteresis: leave the current mode only when the score lies beyond the
-    boundary by ``margin`` and ``min_interval`` steps have passed since the last switch."""
+    boundary by ``margin`` and ``min_interval`` steps have passed since the last switch.
+
+    Only modes in ``allowed`` (the optimizer's ``modes=``) and not in ``refused`` (modes whose
+    switch was undone because training got worse) are chosen; a score that calls for another
+    mode takes the nearest usable one in the order sgd, block_sgd, adam."""
 
     thresholds: Thresholds = field(default_factory=Thresholds)
     last_switch: int | None = None
+    allowed: tuple[str, ...] = MODES
+    refused: frozenset[str] = frozenset()
+
+    def usable(self, wanted: str, mode: str) -> str:
+        """``wanted``, or the usable mode nearest it (ties towards ``mode``; ``mode`` itself
+        when nothing else is usable)."""
+        usable = [m for m in self.allowed if m not in self.refused or m == mode]
+        if wanted in usable:
+            return wanted
+        if not usable:
+            return mode
+        at = MODES.index(wanted)
+        return min(usable, key=lambda m: (abs(MODES.index(m) - at), m != mode))
 
     def decide(self, step: int, score: float, mode: str, max_ratio: float = 0.0) -> Decision:
         """The mode to train in after a probe at ``step`` that scored ``score`` (``spread``)
@@ -170,6 +187,8 @@ class SwitchPolicy:
             return Decision(step, score, mode, mode, "stay: the score is not finite", max_ratio)
         t = self.thresholds
         wanted = t.target(score, max_ratio)
+        if wanted != mode and self.usable(wanted, mode) == mode:
+            return Decision(step, score, mode, mode, self._unusable(wanted, score), max_ratio)
         if wanted == mode:
             return Decision(
                 step, score, mode, mode, f"stay: {t.reason(score, max_ratio)}", max_ratio
@@ -180,16 +199,15 @@ class SwitchPolicy:
         confirmed = _target(
             score, max_ratio, t.sgd_below + shift, t.adam_above + shift, t.block_ratio + shift
         )
-        if confirmed == mode:
-            return Decision(
-                step,
-                score,
-                mode,
-                mode,
+        usable = self.usable(confirmed, mode)
+        if usable == mode:
+            reason = (
                 f"stay: score {score:.2f} (max_ratio {max_ratio:.2f}) within the "
-                f"{t.margin:g} margin",
-                max_ratio,
+                f"{t.margin:g} margin"
+                if confirmed == mode
+                else self._unusable(confirmed, score)
             )
+            return Decision(step, score, mode, mode, reason, max_ratio)
         if self.last_switch is not None and step - self.last_switch < t.min_interval:
             return Decision(
                 step,
@@ -201,7 +219,18 @@ class SwitchPolicy:
                 max_ratio,
             )
         self.last_switch = step
-        return Decision(step, score, mode, confirmed, t.reason(score, max_ratio), max_ratio)
+        reason = t.reason(score, max_ratio)
+        if usable != confirmed:
+            reason += f"; {self._unusable(confirmed, score, stay=False)}, so {usable}"
+        return Decision(step, score, mode, usable, reason, max_ratio)
+
+    def _unusable(self, wanted: str, score: float, stay: bool = True) -> str:
+        why = (
+            f"{wanted} was undone earlier because training got worse"
+            if wanted in self.refused
+            else f"{wanted} is not among modes={self.allowed}"
+        )
+        return f"stay: score {score:.2f} calls for {wanted}, but {why}" if stay else why
 
 
 def _target(

@@ -1,8 +1,9 @@
-"""The learning-rate tuner: SGD's stability cap, and the search and re-check of the active mode's
-learning-rate factor with trials on the probe's batch.
+"""The learning-rate tuner: SGD's stability cap, the search and re-check of the active mode's
+learning-rate factor with trials on the probe's batch, and the trial that a switch must beat
+staying in the old mode.
 
-Both return a new :class:`~blockopt.optimizer.modeset.ActiveMode` and notes for the decision;
-neither changes the live optimizer, so a probe's decision can be committed or dropped whole.
+All return a new :class:`~blockopt.optimizer.modeset.ActiveMode` and notes for the decision;
+none changes the live optimizer, so a probe's decision can be committed or dropped whole.
 """
 
 from __future__ import annotations
@@ -35,13 +36,24 @@ from blockopt.optimizer.modes import BlockSGD
 from blockopt.optimizer.modeset import ActiveMode, ModeSet, family
 from blockopt.optimizer.policy import ProbeFaultWarning
 
-__all__ = ["SEARCH_MAX_UP", "SearchSettings", "Tuned", "cap_lr", "search_lr"]
+__all__ = [
+    "SEARCH_MAX_UP",
+    "SEARCH_MAX_UP_HOLDOUT",
+    "SearchSettings",
+    "Tuned",
+    "cap_lr",
+    "judge_switch",
+    "search_lr",
+]
 
 # A search at a switch may raise the step-norm match by at most this many half-decades: trials on
 # the probe's one batch reward steps that memorise it (on the digits CNN after 50 steps of
 # training, 20 trial steps at ten times the match end 4 times lower on the probe's batch, and the
 # training loss then rises fivefold), while the match already has the old mode's step size.
 SEARCH_MAX_UP = 1
+# With a held-out batch to judge the trials on (``holdout=``), memorising the probe's batch earns
+# nothing, so the search climbs while the held-out loss keeps falling, up to its trial budget.
+SEARCH_MAX_UP_HOLDOUT = 6
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class Tuned:
     active: ActiveMode
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    loss: float = math.nan  # the chosen trial's loss (NaN: no trial ran)
 
 
 def cap_lr(
@@ -100,7 +113,8 @@ def cap_lr(
 @dataclass(frozen=True)
 class TrialSetup:
     """What trials run on: the model probed, its probe closure, the reduction over ranks, the
-    blocks and factors a block-SGD scratch optimizer needs, and the loss-noise floor."""
+    blocks and factors a block-SGD scratch optimizer needs, the loss-noise floor, and the
+    held-out closure the trials are judged on (``None``: the probe's batch)."""
 
     model: nn.Module
     probe: Callable[[], torch.Tensor]
@@ -109,6 +123,11 @@ class TrialSetup:
     factors: Mapping[str, float]
     noise_floor: float
     ddp_model: nn.Module
+    holdout: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def judged_on(self) -> str:
+        return "the held-out batch" if self.holdout is not None else "the probe's batch"
 
 
 def search_lr(
@@ -120,8 +139,10 @@ def search_lr(
     recheck: bool,
 ) -> Tuned:
     """Search the active mode's learning-rate factor (:mod:`blockopt.optimizer.lr_search`)
-    with trials on the probe's batch (:func:`trial_loss`): after a switch from the round rate
-    nearest the current one, at most ``SEARCH_MAX_UP`` half-decades up; at a later probe
+    with trials on the probe's batch (:func:`trial_loss`), judged on ``setup.holdout`` when
+    given: after a switch from the round rate nearest the current one, at most
+    ``SEARCH_MAX_UP`` half-decades up (``SEARCH_MAX_UP_HOLDOUT`` with a held-out batch, on
+    which memorising the probe's batch earns nothing); at a later probe
     (``recheck``) only down, to a rate that makes real progress, and in the SGD modes only if a
     trial shows the rate unstable (changes below ``noise_floor`` count as noise). Trials run at
     the schedule's base learning rate (``initial_lr``, which schedulers set), so that a warmup
@@ -143,7 +164,7 @@ def search_lr(
     seconds = time.perf_counter() - start
     searched = dataclasses.replace(active, searched=True)
     if found.multiplier == 1.0 and recheck:
-        return Tuned(searched, (), seconds)
+        return Tuned(searched, (), seconds, found.loss)
     tuned = searched.with_scale(found.multiplier)
     modes.sync(tuned, groups)
     tried = ", ".join(
@@ -152,19 +173,60 @@ def search_lr(
     note = (
         f"{active.mode} learning rate {groups[0]['lr'] * tuned.scale:.3g} "
         f"({found.multiplier:.3g} times the previous) from {settings.steps}-step trials "
-        f"on the probe's batch ({tried})"
+        f"on the probe's batch judged on {setup.judged_on} ({tried})"
     )
-    return Tuned(tuned, (note,), seconds)
+    return Tuned(tuned, (note,), seconds, found.loss)
 
 
-def _run_search(
+def judge_switch(
+    modes: ModeSet,
+    before: ActiveMode,
+    after: Tuned,
+    groups: Sequence[Mapping[str, Any]],
+    settings: SearchSettings,
+    setup: TrialSetup,
+) -> Tuned:
+    """A switch whose best trial (``after.loss``, from the search) ends no lower than the loss
+    before any step, where a trial of ``before`` as it is ends lower, is not made: ``before``
+    is kept, with a note that says so. Only a trial that makes no progress at all vetoes a
+    switch: short trials favour whatever lowers the stiffest directions first, which is the
+    old mode on exactly the problems a switch to per-block or per-coordinate rates is for, so
+    a new mode that merely progresses slower in a few steps keeps its switch. Without a trial
+    of the new mode (no search, or a failed one) the switch stands as the policy made it."""
+    if not settings.enabled or math.isnan(after.loss):
+        return after
+    start = time.perf_counter()
+    try:
+        with no_sync(setup.ddp_model):
+            trial = _trial(modes, before, groups, settings, setup)
+            baseline = trial(1.0, steps=0)
+            if after.loss < baseline:
+                return dataclasses.replace(
+                    after, seconds=after.seconds + time.perf_counter() - start
+                )
+            stay = trial(1.0)
+    except Exception:  # the search's trials ran; an error here keeps the switch
+        return after
+    seconds = after.seconds + time.perf_counter() - start
+    if not stay < after.loss:
+        return dataclasses.replace(after, seconds=seconds)
+    note = (
+        f"kept {before.mode}: {after.active.mode}'s best {settings.steps}-step trial ends at "
+        f"{after.loss:.4g} on {setup.judged_on}, no lower than {baseline:.4g} before it, and "
+        f"staying in {before.mode} at {stay:.4g}"
+    )
+    return Tuned(before, (*after.notes, note), seconds, stay)
+
+
+def _trial(
     modes: ModeSet,
     active: ActiveMode,
     groups: Sequence[Mapping[str, Any]],
     settings: SearchSettings,
     setup: TrialSetup,
-    recheck: bool,
-) -> LrSearch:
+) -> Callable[..., float]:
+    """``trial(multiplier, steps=None)``: the (sign-corrected) loss a scratch copy of
+    ``active`` reaches at its base learning rates times ``multiplier``."""
     state = active.optimizer.state_dict()  # its lrs are replaced below
     base_lrs = [g.get("initial_lr", g["lr"]) * active.scale for g in groups]
     params = [p for g in groups for p in g["params"] if p.requires_grad]
@@ -185,9 +247,23 @@ def _run_search(
             lambda: scratch(multiplier),
             settings.steps if steps is None else steps,
             setup.reduce,
+            setup.holdout,
         )
         return sign * loss if math.isfinite(loss) else math.inf
 
+    return trial
+
+
+def _run_search(
+    modes: ModeSet,
+    active: ActiveMode,
+    groups: Sequence[Mapping[str, Any]],
+    settings: SearchSettings,
+    setup: TrialSetup,
+    recheck: bool,
+) -> LrSearch:
+    base_lr = groups[0].get("initial_lr", groups[0]["lr"]) * active.scale
+    trial = _trial(modes, active, groups, settings, setup)
     with no_sync(setup.ddp_model):
         if recheck:  # from where the rate is, against the loss before any step
             baseline = trial(1.0, steps=0)
@@ -195,5 +271,6 @@ def _run_search(
                 return recheck_multiplier(trial, baseline, floor=setup.noise_floor)
             return recheck_multiplier(trial, baseline, keep_stable=False)
         # after a switch, from the round learning rate nearest the step-norm match
-        start = grid_start(base_lrs[0]) if base_lrs[0] > 0 else 1.0
-        return search_multiplier(trial, start=start, max_up=SEARCH_MAX_UP)
+        start = grid_start(base_lr) if base_lr > 0 else 1.0
+        up = SEARCH_MAX_UP if setup.holdout is None else SEARCH_MAX_UP_HOLDOUT
+        return search_multiplier(trial, start=start, max_up=up)

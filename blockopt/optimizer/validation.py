@@ -14,7 +14,7 @@ from blockopt.curvature.lanczos import check_tol
 from blockopt.curvature.spectra import check_lanczos_settings
 from blockopt.optimizer.policy import MODES, Thresholds, is_share
 
-__all__ = ["check_constructor", "check_params_in_model", "is_int", "is_real"]
+__all__ = ["check_constructor", "check_params_in_model", "check_switching", "is_int", "is_real"]
 
 
 def is_real(value: Any) -> bool:
@@ -126,3 +126,35 @@ def check_constructor(
             raise ValueError(f"lrs names unknown mode {m!r}; modes are {MODES}")
         if not (is_real(value) and math.isfinite(value) and value > 0):
             raise ValueError(f"lrs[{m!r}] must be a positive finite number, got {value!r}")
+
+
+def check_switching(*, holdout: Any, modes: Any, start: str, guard_steps: Any) -> tuple[str, ...]:
+    """Refuse a bad ``holdout``, ``modes`` or ``guard_steps``; returns ``modes`` as a tuple in
+    the order sgd, block_sgd, adam."""
+    if holdout is not None and not callable(holdout):
+        raise TypeError(
+            "holdout must be a zero-argument callable returning the loss on a batch other than "
+            f"the probe's (or None), got {type(holdout).__name__}"
+        )
+    if isinstance(modes, str) or not isinstance(modes, (tuple, list, set, frozenset)):
+        raise TypeError(
+            f"modes must be a tuple of mode names, e.g. modes=('adam',), got {modes!r}"
+            + (f"; write modes=({modes!r},) for one mode" if isinstance(modes, str) else "")
+        )
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(
+            f"modes must name one or more of {MODES}, got {tuple(modes)!r}"
+            + (f" (unknown: {unknown})" if unknown else "")
+        )
+    if start not in modes:
+        raise ValueError(
+            f"modes={tuple(modes)!r} leaves out {start!r}, the mode training starts in (mode= "
+            "or pin_mode=, or the wrapped optimizer's family); add it, or start in one of them"
+        )
+    if guard_steps is not None and not (is_int(guard_steps) and guard_steps >= 1):
+        raise ValueError(
+            "guard_steps must be a positive int (the training losses a probe's switch is "
+            f"judged on) or None (switches are never undone), got {guard_steps!r}"
+        )
+    return tuple(m for m in MODES if m in modes)
