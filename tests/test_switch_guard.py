@@ -335,3 +335,54 @@ def test_the_guard_lets_go_of_its_copies():
         opt.step()
         assert (opt._watch is None) == (step >= 10), step
     assert opt.mode == "adam"
+
+
+def test_trials_clip_gradients_as_training_does():
+    """With ``clip``, each trial step's gradient is clipped to that norm first: the trial
+    matches a replay that clips by hand, and differs from one that does not."""
+    params_of = Quadratic
+
+    def run(clip, by_hand):
+        model = params_of()
+        params = list(model.parameters())
+        if not by_hand:
+            return trial_loss(
+                model, model, params, lambda: torch.optim.SGD(params, lr=1e-4), 3, clip=clip
+            )
+        sgd = torch.optim.SGD(params, lr=1e-4)
+        for _ in range(3):
+            sgd.zero_grad()
+            model().backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            sgd.step()
+        with torch.no_grad():
+            return float(model())
+
+    assert run(1.0, False) == pytest.approx(run(1.0, True), rel=1e-12)
+    assert run(None, False) == pytest.approx(run(None, True), rel=1e-12)
+    assert run(1.0, False) != pytest.approx(run(None, False), rel=1e-3)
+    model = Quadratic()
+    opt = blockopt.BlockOptimizer(model, model, lr=1e-6)
+    assert opt.trial_clip is None
+    opt.trial_clip = 2
+    assert opt.trial_clip == 2.0 and opt.search_settings.clip == 2.0
+    for bad in (0, -1.0, math.inf, "1", True):
+        with pytest.raises(ValueError, match="trial_clip must be a positive finite"):
+            opt.trial_clip = bad
+    assert opt.trial_clip == 2.0
+
+
+def test_hparams_and_metrics_are_plain_values():
+    model = Quadratic()
+    opt = blockopt.BlockOptimizer(model, model, lr=1e-6, modes=("sgd", "adam"))
+    _train(opt, model, 1)
+    hp = opt.hparams()
+    assert hp["modes"] == "sgd,adam" and hp["guard_steps"] == 20 and hp["holdout"] is False
+    assert all(isinstance(v, (int, float, str, bool)) for v in hp.values())
+    now = opt.metrics()
+    assert now["blockopt/mode"] == 2.0  # adam
+    assert now["blockopt/switches"] == 1.0
+    assert now["blockopt/score"] == pytest.approx(opt.history[0].score)
+    assert now["blockopt/lr_applied"] == pytest.approx(opt.applied_lrs[0])
+    assert 0.0 < now["blockopt/probe_share"] <= 1.0

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import statistics
 import time
 import warnings
@@ -71,6 +72,7 @@ from blockopt.optimizer.validation import (
     check_constructor,
     check_params_in_model,
     check_switching,
+    is_real,
 )
 
 __all__ = ["DEFAULT_PROBE_BUDGET", "DEFAULT_TOL", "BlockOptimizer"]
@@ -394,6 +396,22 @@ class BlockOptimizer(Optimizer):
         the mode's factor (before block SGD's block factors and Adam's per-coordinate
         scaling). This, not ``group["lr"]``, is the step size a logger should show."""
         return self.modes.applied_lrs(self._active, self.param_groups)
+
+    @property
+    def trial_clip(self) -> float | None:
+        """The gradient-norm clipping of learning-rate trials (``None``: none): set it to the
+        ``max_norm`` your training loop clips to, so that trials step as training does
+        (the Lightning and Hugging Face callbacks set it from the trainer)."""
+        return self.search_settings.clip
+
+    @trial_clip.setter
+    def trial_clip(self, value: float | None) -> None:
+        if value is not None and not (is_real(value) and math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"trial_clip must be a positive finite max gradient norm or None, got {value!r}"
+            )
+        clip = None if value is None else float(value)
+        self.search_settings = dataclasses.replace(self.search_settings, clip=clip)
 
     @property
     def steps(self) -> int:
@@ -744,14 +762,10 @@ class BlockOptimizer(Optimizer):
             self.block_factors,
         )
 
-    def close(self, metrics: Mapping[str, float] | None = None) -> None:
-        """End the TensorBoard run: write the settings and final ``metrics`` (yours, e.g.
-        ``{"final/loss": 0.1}``, plus blockopt's final score, mode, switches and probe share)
-        to the HParams tab, and flush or close the writer. A no-op without logging."""
-        if self.logger is None:
-            return
+    def hparams(self) -> dict[str, int | float | str | bool]:
+        """blockopt's settings, as plain values for an HParams table or a logger's config."""
         t = self.policy.thresholds
-        hparams = {
+        return {
             "start_mode": self.history[0].old_mode if self.history else self.mode,
             "lr": self._start_lr,
             "strategy": self.strategy if isinstance(self.strategy, str) else "custom",
@@ -771,14 +785,35 @@ class BlockOptimizer(Optimizer):
             "holdout": self.holdout is not None,
             "guard_steps": self.guard_steps or 0,
         }
+
+    def metrics(self) -> dict[str, float]:
+        """blockopt's values now, as floats for any logger: the latest score, the mode (its
+        index in ``MODES``), the switches so far, the probe share and the learning rate the
+        first group steps at."""
+        return {
+            "blockopt/score": float(self.last_score) if self.last_score else 0.0,
+            "blockopt/mode": float(MODES.index(self.mode)),
+            "blockopt/switches": float(sum(d.switched for d in self.history)),
+            "blockopt/probe_share": self.probe_share,
+            "blockopt/lr_applied": float(self.applied_lrs[0]),
+        }
+
+    def close(self, metrics: Mapping[str, float] | None = None) -> None:
+        """End the TensorBoard run: write the settings (:meth:`hparams`) and final ``metrics``
+        (yours, e.g. ``{"final/loss": 0.1}``, plus blockopt's final score, mode, switches and
+        probe share) to the HParams tab, and flush or close the writer. A no-op without
+        logging."""
+        if self.logger is None:
+            return
+        now = self.metrics()
         final = {
-            "blockopt/final_score": float(self.last_score) if self.last_score else 0.0,
-            "blockopt/final_mode": float(MODES.index(self.mode)),
-            "blockopt/switch_count": float(sum(d.switched for d in self.history)),
-            "blockopt/final_probe_share": self.probe_share,
+            "blockopt/final_score": now["blockopt/score"],
+            "blockopt/final_mode": now["blockopt/mode"],
+            "blockopt/switch_count": now["blockopt/switches"],
+            "blockopt/final_probe_share": now["blockopt/probe_share"],
             **{k: float(v) for k, v in (metrics or {}).items()},
         }
-        self.logger.close(hparams, final, step=self.step_count)
+        self.logger.close(self.hparams(), final, step=self.step_count)
 
     # -- torch.optim conventions --------------------------------------------------------------
 

@@ -35,18 +35,20 @@ def trial_loss(
     steps: int,
     reduce: Reduce | None = None,
     holdout: Callable[[], torch.Tensor] | None = None,
+    clip: float | None = None,
 ) -> float:
     """The loss of ``holdout()`` (default: of ``probe()``) after ``steps`` steps of
     ``optimizer()`` (a fresh scratch optimizer over ``params``) on the probe's gradients;
     ``inf`` when a loss stops being finite. With ``steps=0``, the loss where the parameters
-    are, and no optimizer is built. The parameters, ``.grad``, buffers, modes and RNG streams
-    are left exactly as they were."""
+    are, and no optimizer is built. ``clip``: each step's gradients are clipped to this total
+    norm first (``torch.nn.utils.clip_grad_norm_``), as training clips them. The parameters,
+    ``.grad``, buffers, modes and RNG streams are left exactly as they were."""
 
     def run() -> float:
         saved = [p.detach().clone() for p in params]
         try:
             with isolated(model, second_order=False):
-                return _train_and_evaluate(probe, params, optimizer, steps, holdout or probe)
+                return _train_and_evaluate(probe, params, optimizer, steps, holdout or probe, clip)
         finally:
             with torch.no_grad():
                 for p, value in zip(params, saved):
@@ -64,6 +66,7 @@ def _train_and_evaluate(
     optimizer: Callable[[], Optimizer],
     steps: int,
     evaluate: Callable[[], torch.Tensor],
+    clip: float | None,
 ) -> float:
     if steps:  # the loss where the parameters are (steps=0) needs no optimizer
         opt = optimizer()
@@ -74,6 +77,8 @@ def _train_and_evaluate(
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for p, g in zip(params, grads):
                 p.grad = g  # isolated() puts the caller's .grad back afterwards
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
             opt.step()
     with torch.no_grad():
         value = float(evaluate())

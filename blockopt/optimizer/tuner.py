@@ -59,11 +59,13 @@ SEARCH_MAX_UP_HOLDOUT = 6
 @dataclass(frozen=True)
 class SearchSettings:
     """Whether to search a mode's learning rate after a probe's switch, with how many trial
-    steps; modes in ``fixed`` keep the learning rate the user gave."""
+    steps; modes in ``fixed`` keep the learning rate the user gave; ``clip``: the max gradient
+    norm the trials clip to, as training does."""
 
     enabled: bool = True
     steps: int = 10
     fixed: frozenset[str] = frozenset()
+    clip: float | None = None  # the gradient-norm clipping training applies, in trials too
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,7 @@ def _trial(
             settings.steps if steps is None else steps,
             setup.reduce,
             setup.holdout,
+            settings.clip,
         )
         return sign * loss if math.isfinite(loss) else math.inf
 
