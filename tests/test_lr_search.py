@@ -600,3 +600,20 @@ def test_training_resumed_after_a_search_is_bitwise_the_same():
     for _ in range(5):
         _step(model2, opt2, x, y)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_a_step_up_must_gain_up_gain_and_a_step_down_min_gain():
+    """Upward steps need ``up_gain`` of the best loss, downward ones ``min_gain``."""
+    losses = {0: 1.0, 1: 0.97, 2: 0.5, -1: 1.01}
+    found = search_multiplier(
+        lambda m: losses[round(math.log10(m) * 2)], factor=10**0.5, max_up=3, up_gain=0.05
+    )
+    # 0.97 is a 3% gain: the walk does not go up; down, 1.01 is worse, so it stays
+    assert found.multiplier == 1.0
+    assert [round(math.log10(m) * 2) for m, _ in found.trials] == [0, 1, -1]
+    found = search_multiplier(
+        lambda m: losses[round(math.log10(m) * 2)], factor=10**0.5, max_up=3, up_gain=0.02
+    )
+    assert round(math.log10(found.multiplier) * 2) == 2
+    with pytest.raises(ValueError, match="up_gain must be a number in"):
+        search_multiplier(lambda m: 1.0, up_gain=1.5)

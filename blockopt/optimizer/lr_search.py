@@ -87,11 +87,12 @@ def search_multiplier(
     max_trials: int = 8,
     max_up: int = 1,
     min_gain: float = 0.0,
+    up_gain: float | None = None,
 ) -> LrSearch:
     """Walk multipliers ``start * factor**k`` from ``k = 0``: first up (at most to
     ``k = max_up``), then, if going up did not help, down, while each step lowers the trial
-    loss below the best so far by more than ``min_gain`` of it; at most ``max_trials`` calls of
-    ``trial``.
+    loss below the best so far by more than ``min_gain`` of it (``up_gain`` of it for a step
+    up, when given); at most ``max_trials`` calls of ``trial``.
 
     Ties keep the multiplier found first, so a learning rate changes only on a strict
     improvement."""
@@ -99,6 +100,9 @@ def search_multiplier(
     if not (isinstance(start, (int, float)) and math.isfinite(start) and start > 0):
         raise ValueError(f"start must be a positive finite number, got {start!r}")
     _check_walk(max_trials, min_gain)
+    up_gain = min_gain if up_gain is None else up_gain
+    if not (isinstance(up_gain, (int, float)) and 0.0 <= up_gain < 1.0):
+        raise ValueError(f"up_gain must be a number in [0, 1), got {up_gain!r}")
     if isinstance(max_up, bool) or not isinstance(max_up, int) or max_up < 0:
         raise ValueError(f"max_up must be a non-negative int, got {max_up!r}")
     tried: dict[float, float] = {}
@@ -114,9 +118,10 @@ def search_multiplier(
     for direction in directions:
         k = direction
         moved = False
+        gain = up_gain if direction > 0 else min_gain
         while len(tried) < max_trials and k <= max_up:
             value = run(k)
-            if not value < (best - min_gain * abs(best) if math.isfinite(best) else best):
+            if not value < (best - gain * abs(best) if math.isfinite(best) else best):
                 break
             best_k, best, moved = k, value, True
             k += direction
