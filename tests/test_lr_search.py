@@ -604,7 +604,7 @@ def test_training_resumed_after_a_search_is_bitwise_the_same():
 
 def test_a_step_up_must_gain_up_gain_and_a_step_down_min_gain():
     """Upward steps need ``up_gain`` of the best loss, downward ones ``min_gain``."""
-    losses = {0: 1.0, 1: 0.97, 2: 0.5, -1: 1.01}
+    losses = {0: 1.0, 1: 0.97, 2: 0.5, 3: 0.6, -1: 1.01}
     found = search_multiplier(
         lambda m: losses[round(math.log10(m) * 2)], factor=10**0.5, max_up=3, up_gain=0.05
     )
