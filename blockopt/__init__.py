@@ -9,9 +9,10 @@ switch between SGD, blockwise-lr SGD and Adam on the score while training.
 
 from blockopt.analysis.heterogeneity import Heterogeneity, heterogeneity
 from blockopt.analysis.tuning import param_groups, tune_block_lrs
-from blockopt.curvature.blocks import Block, BlockPart, partition
+from blockopt.curvature.blocks import Block, BlockPart, Partition, partition
 from blockopt.curvature.hvp import BlockHessian, DoubleBackwardError
 from blockopt.curvature.lanczos import LanczosResult, gaussian_density, lanczos, lanczos_many
+from blockopt.curvature.layouts import AttentionLayout, LayoutWarning
 from blockopt.curvature.spectra import BlockSpectrum, Spectra, block_spectra, model_spectrum
 from blockopt.optimizer.block_optimizer import BlockOptimizer
 from blockopt.optimizer.policy import Decision, ProbeFault, ProbeFaultWarning, Thresholds
@@ -20,6 +21,7 @@ from blockopt.optimizer.wrap import wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionLayout",
     "Block",
     "BlockHessian",
     "BlockOptimizer",
@@ -29,6 +31,8 @@ __all__ = [
     "DoubleBackwardError",
     "Heterogeneity",
     "LanczosResult",
+    "LayoutWarning",
+    "Partition",
     "ProbeFault",
     "ProbeFaultWarning",
     "Spectra",

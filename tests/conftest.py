@@ -29,6 +29,8 @@ class Case:
 class SoftmaxAttention(nn.Module):
     """One layer, one head of softmax self-attention written out by hand, no LayerNorm."""
 
+    num_heads = 1  # what "head" partitions read; one head is the whole projection
+
     def __init__(self, d: int = 4, classes: int = 3) -> None:
         super().__init__()
         self.query = nn.Linear(d, d, bias=False)

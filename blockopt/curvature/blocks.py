@@ -1,28 +1,24 @@
 """Split a model's trainable parameters into blocks: the diagonal Hessian blocks blockopt probes.
 
 A block is one or more *parts*; a part is a whole parameter tensor or a contiguous slice of it
-along one dimension (the Q, K or V third of a fused attention projection, or one head of Q).
-Block names are stable dotted paths derived from ``model.named_parameters()``.
+along one dimension (the Q, K or V part of a fused attention projection, or one head of Q).
+Block names are stable dotted paths derived from ``model.named_parameters()``. Where attention
+projections and their heads lie is :mod:`blockopt.curvature.layouts`' job.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["STRATEGIES", "Block", "BlockPart", "Strategy", "partition"]
+from blockopt.curvature.layouts import AttentionLayout, LayoutWarning, Split, find_splits
 
-# Attribute names of fused [Q; K; V] projections stacked along the output dimension.
-_FUSED_QKV_NAMES = re.compile(r"^(qkv|qkv_proj|c_attn|in_proj|wqkv|w_qkv|to_qkv)$", re.IGNORECASE)
-# Attribute names of separate query / key projections (for per-head splits).
-_QUERY_NAMES = re.compile(r"^(q|q_proj|query|wq|w_q|to_q|q_lin)$", re.IGNORECASE)
-_KEY_NAMES = re.compile(r"^(k|k_proj|key|wk|w_k|to_k|k_lin)$", re.IGNORECASE)
-_HEAD_COUNT_ATTRS = ("num_heads", "n_heads", "n_head", "nhead", "heads", "num_attention_heads")
-_QKV = ("q", "k", "v")
+__all__ = ["STRATEGIES", "Block", "BlockPart", "Partition", "Strategy", "partition"]
 
 
 @dataclass(frozen=True)
@@ -79,26 +75,74 @@ class Block:
 
 # The named partition strategies, in the order blockopt tries them when matching names.
 STRATEGIES = ("tensor", "head", "module", "model")
-Strategy = str | Callable[[str, torch.Tensor], "str | None"] | Mapping[str, str]
+# The named strategies that cut attention projections, and so take layouts.
+_LAYOUT_STRATEGIES = ("tensor", "head")
 
 
-def partition(model: nn.Module, strategy: Strategy = "tensor") -> list[Block]:
+@dataclass(frozen=True)
+class Partition:
+    """Strategy ``"tensor"`` or ``"head"`` with attention ``layouts`` (see :func:`partition`), as
+    one value that goes wherever a strategy does: ``BlockOptimizer(strategy=...)``,
+    ``param_groups(strategy=...)``, ``block_spectra(blocks=...)``.
+
+    ``layouts`` may be given as a mapping; it is kept as (key, layout) pairs, so the value is
+    hashable. ``Partition(...)(model)`` is ``partition(model, Partition(...))``.
+    """
+
+    strategy: str = "tensor"
+    layouts: Mapping[str, AttentionLayout] | tuple[tuple[str, AttentionLayout], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.strategy not in _LAYOUT_STRATEGIES:
+            raise ValueError(
+                f"Partition strategy must be one of {list(_LAYOUT_STRATEGIES)} (the ones that cut "
+                f"attention projections), got {self.strategy!r}; pass other strategies as is"
+            )
+        object.__setattr__(self, "layouts", _layout_pairs(self.layouts))
+
+    def __call__(self, model: nn.Module) -> list[Block]:
+        return partition(model, self)
+
+
+Strategy = str | Partition | Callable[[str, torch.Tensor], "str | None"] | Mapping[str, str]
+
+
+def partition(
+    model: nn.Module,
+    strategy: Strategy = "tensor",
+    *,
+    layouts: Mapping[str, AttentionLayout] | None = None,
+) -> list[Block]:
     """Split ``model``'s trainable parameters into blocks.
 
     Strategies:
 
     - ``"tensor"`` (default): one block per parameter tensor, with fused attention projections
-      (``nn.MultiheadAttention.in_proj_weight``/``in_proj_bias``, a Linear named ``qkv``,
-      ``c_attn``, ``in_proj``, ``Wqkv`` ...) split into their Q, K and V thirds, named
-      ``<param>.q``, ``<param>.k``, ``<param>.v``.
+      (``nn.MultiheadAttention.in_proj_weight``/``in_proj_bias``, a projection named ``qkv``,
+      ``c_attn``, ``qkv_proj``, ``Wqkv``, ``query_key_value`` ...) split into their parts, named
+      ``<param>.q``, ``<param>.k``, ``<param>.v`` (``.k`` and ``.v`` only for a cross-attention
+      [K; V]). A part interleaved per head (GPT-NeoX, Bloom, Falcon) is one block of several
+      slices.
     - ``"head"``: as ``"tensor"``, and the Q and K weights further split per attention head
-      (Adam-mini's principle), named ``<param>.q.h0``, ``<param>.q.h1``, ...
+      (Adam-mini's principle), named ``<param>.q.h0``, ``<param>.q.h1``, ... in a fused
+      projection and ``<param>.h0``, ... in a separate one; keys get one block per key/value
+      head under grouped-query attention.
     - ``"module"``: one block per module that owns parameters directly.
     - ``"model"``: a single block holding every parameter (the full Hessian).
     - a callable ``(param_name, param) -> block name | None``: parameters mapped to the same name
       share a block; ``None`` leaves a parameter out.
     - a mapping ``{block name: regex}``: each parameter joins the first block whose regex
       ``re.search``-es its name; unmatched parameters get a block of their own.
+    - a :class:`Partition`: ``"tensor"`` or ``"head"`` with ``layouts``.
+
+    Head counts, key/value head counts and head sizes are read from each attention module, then
+    from its ``config`` (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
+    ``n_head``, ``num_heads``, ...), and every split is checked against the tensor's size.
+    ``layouts`` maps a module path, or a regex that ``re.fullmatch``-es paths, to the
+    :class:`AttentionLayout` of that attention module (or of one projection module), for
+    attention blockopt cannot read or reads wrong; the first matching key wins. Attention that
+    cannot be split is left whole with a :class:`LayoutWarning` naming it; a layout that does not
+    fit its tensor, or a key that matches no module, raises ``ValueError``.
 
     Frozen parameters (``requires_grad=False``) are skipped and tied parameters counted once.
     """
@@ -117,30 +161,81 @@ def partition(model: nn.Module, strategy: Strategy = "tensor") -> list[Block]:
                 "train (the whole model, not a parameter-free layer or an empty container)"
             )
         )
-    if isinstance(strategy, str):
-        builders = {
-            "tensor": lambda: _by_tensor(model, params, per_head=False),
-            "head": lambda: _by_tensor(model, params, per_head=True),
-            "module": lambda: _by_module(model, params),
-            "model": lambda: [Block("model", tuple(BlockPart(n, p) for n, p in params))],
-        }
-        if strategy not in builders:
-            raise ValueError(
-                f"unknown partition strategy {strategy!r}; use one of {sorted(builders)}, "
-                "a callable (name, param) -> block name, or a mapping {block name: regex}"
+    if isinstance(strategy, Partition):
+        if layouts is not None:
+            raise TypeError(
+                "layouts were given both in the Partition and to partition(); give them in one "
+                "place"
             )
-        blocks = builders[strategy]()
+        strategy, pairs = strategy.strategy, strategy.layouts
+    else:
+        pairs = _layout_pairs(layouts or {})
+    if pairs and strategy not in _LAYOUT_STRATEGIES:
+        raise ValueError(
+            f"layouts apply to the strategies {list(_LAYOUT_STRATEGIES)}, which cut attention "
+            f"projections; strategy {_label(strategy)} does not: drop layouts or use one of them"
+        )
+    problems: list[str] = []
+    if isinstance(strategy, str):
+        if strategy not in STRATEGIES:
+            raise ValueError(
+                f"unknown partition strategy {strategy!r}; use one of {sorted(STRATEGIES)}, "
+                "a callable (name, param) -> block name, a mapping {block name: regex}, "
+                "or a blockopt.Partition"
+            )
+        if strategy in _LAYOUT_STRATEGIES:
+            blocks, problems = _by_tensor(model, params, per_head=strategy == "head", layouts=pairs)
+        elif strategy == "module":
+            blocks = _by_module(model, params)
+        else:
+            blocks = [Block("model", tuple(BlockPart(n, p) for n, p in params))]
     elif isinstance(strategy, Mapping):
         blocks = _by_regex(params, strategy)
     elif callable(strategy):
         blocks = _by_callable(params, strategy)
     else:
         raise TypeError(
-            f"strategy must be a name, a callable or a mapping, got {type(strategy).__name__}"
+            f"strategy must be a name, a callable or a mapping, got {type(strategy).__name__} "
+            "(or a blockopt.Partition: a name with attention layouts)"
         )
+    for message in problems:
+        warnings.warn(message, LayoutWarning, stacklevel=2)
     if not blocks:
         raise ValueError("the partition strategy left out every parameter; no blocks to probe")
     return blocks
+
+
+def _layout_pairs(
+    layouts: Mapping[str, AttentionLayout] | Iterable[tuple[str, AttentionLayout]],
+) -> tuple[tuple[str, AttentionLayout], ...]:
+    """``layouts`` as (key, layout) pairs, each checked."""
+    if isinstance(layouts, Mapping):
+        items = list(layouts.items())
+    elif isinstance(layouts, (tuple, list)) and all(
+        isinstance(x, tuple) and len(x) == 2 for x in layouts
+    ):
+        items = list(layouts)
+    else:
+        raise TypeError(
+            "layouts must be a mapping {module path or regex: blockopt.AttentionLayout}, got "
+            f"{type(layouts).__name__}"
+        )
+    for key, layout in items:
+        if not isinstance(key, str):
+            raise TypeError(f"layouts keys must be module paths or regexes (str), got {key!r}")
+        if not isinstance(layout, AttentionLayout):
+            raise TypeError(
+                f"layouts[{key!r}] must be a blockopt.AttentionLayout, got {type(layout).__name__}"
+            )
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(f"layouts key {key!r} is not a valid regex: {err}") from err
+    return tuple(items)
+
+
+def _label(strategy: object) -> str:
+    return repr(strategy) if isinstance(strategy, str) else f"<{type(strategy).__name__}>"
 
 
 def _group(named: Iterable[tuple[str, BlockPart]]) -> list[Block]:
@@ -194,85 +289,38 @@ def _by_module(model: nn.Module, params: list[tuple[str, torch.Tensor]]) -> list
 
 
 def _by_tensor(
-    model: nn.Module, params: list[tuple[str, torch.Tensor]], *, per_head: bool
-) -> list[Block]:
-    splits = _attention_splits(model)
+    model: nn.Module,
+    params: list[tuple[str, torch.Tensor]],
+    *,
+    per_head: bool,
+    layouts: tuple[tuple[str, AttentionLayout], ...],
+) -> tuple[list[Block], list[str]]:
+    """One block per tensor, attention projections cut by their :class:`Split`; and the
+    messages for attention left whole."""
+    splits, problems = find_splits(model, per_head=per_head, layouts=layouts)
     blocks: list[Block] = []
     for n, p in params:
-        rule = splits.get(n)
-        if rule is None:
+        split = splits.get(n)
+        if split is None:
             blocks.append(Block(n, (BlockPart(n, p),)))
             continue
-        kind, dim, heads = rule
-        if kind == "qkv":
-            size = p.shape[dim] // 3
-            for i, tag in enumerate(_QKV):
-                start = i * size
-                if per_head and tag in "qk" and heads and p.dim() > 1:
-                    blocks.extend(_heads(n, p, dim, start, size, heads, f"{n}.{tag}"))
-                else:
-                    blocks.append(Block(f"{n}.{tag}", (BlockPart(n, p, dim, start, start + size),)))
-        elif per_head and heads and p.dim() > 1:  # a separate query or key weight
-            blocks.extend(_heads(n, p, dim, 0, p.shape[dim], heads, n))
-        else:
-            blocks.append(Block(n, (BlockPart(n, p),)))
-    return blocks
+        heads = per_head and split.headed and p.dim() > 1
+        for tag in split.parts if split.fused else ():
+            prefix = f"{n}.{tag}"
+            if heads and tag in "qk":
+                blocks.extend(_heads(n, p, split, tag, prefix))
+            else:
+                parts = tuple(BlockPart(n, p, split.dim, a, b) for a, b in split.spans(tag))
+                blocks.append(Block(prefix, parts))
+        if not split.fused:
+            blocks.extend(
+                _heads(n, p, split, split.parts, n) if heads else [Block(n, (BlockPart(n, p),))]
+            )
+    return blocks, problems
 
 
-def _heads(
-    n: str, p: torch.Tensor, dim: int, start: int, size: int, heads: int, prefix: str
-) -> list[Block]:
-    width = size // heads
+def _heads(n: str, p: torch.Tensor, split: Split, tag: str, prefix: str) -> list[Block]:
     return [
-        Block(f"{prefix}.h{h}", (BlockPart(n, p, dim, start + h * width, start + (h + 1) * width),))
-        for h in range(heads)
+        Block(f"{prefix}.h{h}", (BlockPart(n, p, split.dim, a, b),))
+        for h, (a, b) in enumerate(split.head_spans(tag))
     ]
-
-
-def _attention_splits(model: nn.Module) -> dict[str, tuple[str, int, int | None]]:
-    """Parameter name -> (kind, split dim, head count) for recognised attention projections.
-
-    kind is ``"qkv"`` for a fused [Q; K; V] projection, ``"qk"`` for a separate Q or K weight.
-    """
-    rules: dict[str, tuple[str, int, int | None]] = {}
-    for mod_name, module in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(module, nn.MultiheadAttention):
-            heads = module.num_heads
-            if module.in_proj_weight is not None:
-                rules[f"{prefix}in_proj_weight"] = ("qkv", 0, heads)
-            if module.in_proj_bias is not None:
-                rules[f"{prefix}in_proj_bias"] = ("qkv", 0, heads)
-            if module.q_proj_weight is not None:
-                rules[f"{prefix}q_proj_weight"] = ("qk", 0, heads)
-                rules[f"{prefix}k_proj_weight"] = ("qk", 0, heads)
-            continue
-        for child_name, child in module.named_children():
-            weight = getattr(child, "weight", None)
-            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-                continue
-            heads = _head_count(module)
-            # nn.Linear stores (out, in); Hugging Face's GPT-2 Conv1D stores (in, out).
-            dim = 1 if type(child).__name__ == "Conv1D" else 0
-            child_prefix = f"{prefix}{child_name}."
-            if _FUSED_QKV_NAMES.match(child_name) and weight.shape[dim] % 3 == 0:
-                if heads and (weight.shape[dim] // 3) % heads:
-                    heads = None
-                rules[f"{child_prefix}weight"] = ("qkv", dim, heads)
-                if getattr(child, "bias", None) is not None:
-                    rules[f"{child_prefix}bias"] = ("qkv", 0, heads)
-            elif (
-                (_QUERY_NAMES.match(child_name) or _KEY_NAMES.match(child_name))
-                and heads
-                and weight.shape[dim] % heads == 0
-            ):
-                rules[f"{child_prefix}weight"] = ("qk", dim, heads)
-    return rules
-
-
-def _head_count(module: nn.Module) -> int | None:
-    for attr in _HEAD_COUNT_ATTRS:
-        value = getattr(module, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

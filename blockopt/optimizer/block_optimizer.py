@@ -41,7 +41,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from blockopt.analysis.tuning import DEFAULT_MAX_FACTOR
-from blockopt.curvature.blocks import Block, Strategy, partition
+from blockopt.curvature.blocks import Block, Partition, Strategy, partition
+from blockopt.curvature.layouts import LayoutWarning
 from blockopt.distributed.reductions import Reduce, fault_kind
 from blockopt.distributed.wrappers import ddp_of, probe_reduce, refuse_sharded, unwrap
 from blockopt.logging.tensorboard import ProbeCost, TensorBoardLogger
@@ -345,13 +346,16 @@ class BlockOptimizer(Optimizer):
             self.modes.sync(self._active, self.param_groups)
 
     def _partition(self) -> list[Block]:
-        """The model's blocks over this optimizer's parameters (frozen ones left out)."""
+        """The model's blocks over this optimizer's parameters (frozen ones left out). A
+        layout the partition cannot split is warned about once, at construction, not at every
+        probe's re-partition."""
         ids = {id(p) for g in self.param_groups for p in g["params"]}
-        return [
-            b
-            for b in partition(self.probe_model, self.strategy)
-            if all(id(p) in ids for p in b.params)
-        ]
+        with warnings.catch_warnings():
+            if self.__dict__.get("_partitioned"):
+                warnings.simplefilter("ignore", LayoutWarning)
+            blocks = partition(self.probe_model, self.strategy)
+        self._partitioned = True
+        return [b for b in blocks if all(id(p) in ids for p in b.params)]
 
     def _blocks_now(self) -> list[Block]:
         """The blocks to probe: the current ones, or a new partition when parameters were
@@ -768,7 +772,13 @@ class BlockOptimizer(Optimizer):
         return {
             "start_mode": self.history[0].old_mode if self.history else self.mode,
             "lr": self._start_lr,
-            "strategy": self.strategy if isinstance(self.strategy, str) else "custom",
+            "strategy": (
+                self.strategy
+                if isinstance(self.strategy, str)
+                else repr(self.strategy)
+                if isinstance(self.strategy, Partition)
+                else "custom"
+            ),
             "steps": self.steps,
             "probes": self.probes,
             "tol": self.tol or 0.0,
