@@ -808,12 +808,16 @@ class BlockOptimizer(Optimizer):
             "blockopt/lr_applied": float(self.applied_lrs[0]),
         }
 
-    def close(self, metrics: Mapping[str, float] | None = None) -> None:
+    def close(self, metrics: Mapping[str, float] | None = None, *, hparams: bool = True) -> None:
         """End the TensorBoard run: write the settings (:meth:`hparams`) and final ``metrics``
         (yours, e.g. ``{"final/loss": 0.1}``, plus blockopt's final score, mode, switches and
-        probe share) to the HParams tab, and flush or close the writer. A no-op without
-        logging."""
+        probe share) to the HParams tab, and flush or close the writer. ``hparams=False``
+        only flushes or closes, for a run whose settings another logger already wrote (an
+        HParams session per call would split one run in two). A no-op without logging."""
         if self.logger is None:
+            return
+        if not hparams:
+            self.logger.close()
             return
         now = self.metrics()
         final = {
