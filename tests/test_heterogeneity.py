@@ -165,8 +165,10 @@ def test_excluded_blocks_and_reasons_never_nan():
     assert reasons["cut"].startswith("no second derivative")
     assert reasons["nan"].startswith("non-finite") and reasons["inf"].startswith("non-finite")
     assert reasons["roundoff"].startswith("negligible curvature")
+    assert h.negligible == ("roundoff",)  # the others are of unknown curvature
     assert all(math.isfinite(x) for x in (h.spread, h.js, h.max_ratio))
     assert h.to_dict()["excluded"][0] == ["unused", "unused: the loss does not depend on it"]
+    assert h.to_dict()["negligible"] == ["roundoff"]
 
 
 def test_negligible_floor_follows_the_probe_dtype():

@@ -245,3 +245,35 @@ def test_tol_saves_steps_where_the_spectrum_has_clear_edges():
 def test_bad_tol_is_refused(tol, error):
     with pytest.raises(error, match="tol must be None or a number in"):
         lanczos(lambda v: v, torch.ones(3), 3, tol=tol)
+
+
+@pytest.mark.parametrize("reorthogonalize", [True, False])
+def test_roundoff_is_the_departure_of_the_products_from_symmetry(reorthogonalize):
+    """From ``e_0`` on ``[[1, b], [c, 2]]`` (``c > 0``): ``v_1 = e_1``, ``v_1 . (A v_0) = c`` and
+    ``v_0 . (A v_1) = b``, so the round-off level is ``|b - c|``; for a symmetric matrix it is
+    round-off itself."""
+    for b, c in [(0.3, 0.5), (-2.0, 1.0), (0.5, 0.5)]:
+        a = torch.tensor([[1.0, b], [c, 2.0]], dtype=torch.float64)
+        run = lanczos(lambda v, a=a: a @ v, torch.tensor([1.0, 0.0], dtype=torch.float64), 2,
+                      reorthogonalize=reorthogonalize)  # fmt: skip
+        assert run.steps == 2 and run.roundoff == pytest.approx(abs(b - c), abs=1e-15)
+    # several steps: the largest departure over them, of the size of the antisymmetric part,
+    # with and without reorthogonalising (whose vectors drift apart by about that part)
+    rng = np.random.default_rng(3)
+    s, k = rng.standard_normal((30, 30)), rng.standard_normal((30, 30))
+    a = torch.from_numpy(s + s.T + 1e-3 * (k - k.T))  # symmetric, and a small antisymmetric part
+    v0 = torch.from_numpy(rng.standard_normal(30))
+    full = lanczos(lambda v: a @ v, v0, 6)
+    plain = lanczos(lambda v: a @ v, v0, 6, reorthogonalize=False)
+    assert 1e-4 < full.roundoff < 1e-2
+    assert plain.roundoff == pytest.approx(full.roundoff, rel=1e-2)
+
+
+def test_a_run_of_one_step_measures_no_roundoff():
+    assert (
+        lanczos(lambda v: torch.zeros_like(v), torch.ones(5, dtype=torch.float64), 10).roundoff
+        is None
+    )
+    assert lanczos(lambda v: 3.0 * v, torch.ones(4, dtype=torch.float64), 10).roundoff is None
+    assert lanczos(lambda v: 3.0 * v, torch.ones(1, dtype=torch.float64), 10).roundoff is None
+    assert lanczos(lambda v: 3.0 * v, torch.ones(4, dtype=torch.float64), 1).roundoff is None

@@ -274,3 +274,47 @@ def test_tol_round_trips_through_to_dict(case):
     for bad in (0.0, 1.5, "0.1", True):
         with pytest.raises(ValueError, match="tol"):
             Spectra.from_dict({**spectra.to_dict(), "tol": bad})
+
+
+def test_roundoff_is_pooled_and_round_trips_through_to_dict(case):
+    """Each block records the largest round-off level of its runs; a dict written before the
+    field existed reads as unmeasured (``None``), so the relative floor decides there."""
+    spectra = blockopt.block_spectra(case.model, case.probe, steps=6, probes=2)
+    for s in spectra.values():
+        assert s.roundoff is None or s.roundoff >= 0.0
+    assert any(s.roundoff is not None and s.roundoff > 0.0 for s in spectra.values())
+    back = Spectra.from_dict(json.loads(json.dumps(spectra.to_dict())))
+    assert dict(back) == dict(spectra)
+    old = spectra.to_dict()
+    for block in old["blocks"]:
+        del block["roundoff"]
+    assert all(s.roundoff is None for s in Spectra.from_dict(old).values())
+    for bad in (-1.0, math.nan, math.inf, "1e-9", True):
+        data = spectra.to_dict()
+        data["blocks"][0]["roundoff"] = bad
+        with pytest.raises(ValueError, match="roundoff"):
+            Spectra.from_dict(data)
+
+
+def test_from_runs_keeps_the_largest_measured_roundoff():
+    from blockopt.curvature.lanczos import LanczosResult
+
+    def run(roundoff):
+        return LanczosResult.from_tridiagonal([1.0, 2.0], [0.5], roundoff=roundoff)
+
+    one_step = LanczosResult.from_tridiagonal([3.0], [])
+    assert BlockSpectrum.from_runs("a", 4, [run(1e-9), run(3e-9), one_step]).roundoff == 3e-9
+    assert BlockSpectrum.from_runs("a", 4, [one_step, one_step]).roundoff is None
+
+
+def test_a_shared_probes_rows_carry_the_roundoff():
+    from blockopt.curvature.lanczos import LanczosResult
+    from blockopt.curvature.spectra import _row_run, _run_row
+
+    for run in (
+        LanczosResult.from_tridiagonal([1.0, 2.0, 0.5], [0.3, 0.1], roundoff=2.5e-17),
+        LanczosResult.from_tridiagonal([1.0, 2.0], [0.3], roundoff=0.0, settled=True),
+        LanczosResult.from_tridiagonal([4.0], [], breakdown=True),
+        LanczosResult.from_tridiagonal([4.0, 1.0], [2.0], breakdown=True, settled=True),
+    ):
+        assert _row_run(_run_row(run, "ok", 4).tolist(), 4) == run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import blockopt
+from blockopt.analysis.heterogeneity import default_floor
 from blockopt.analysis.tuning import (
     CAP_FRACTION,
     UNSTABLE_FACTOR,
@@ -443,3 +445,144 @@ def test_param_groups_work_with_adam_a_scheduler_and_a_checkpoint():
     # blockopt's wrapper takes the groups too
     wrapped = blockopt.wrap(torch.optim.SGD(blockopt.param_groups(model, lrs)), model)
     assert [g["lr"] for g in wrapped.param_groups] == [lrs[n] for n in lrs]
+
+
+# -- factors of the blocks the heterogeneity score leaves out ---------------------------------
+
+
+def _block(name, scale, numel=10, roundoff=1e-16, status="ok"):
+    """A hand-built spectrum of curvature scale ``scale`` whose products' round-off is
+    ``roundoff`` (``None``: not measured)."""
+    return blockopt.BlockSpectrum(
+        name, numel, (scale,), (1.0,), scale, scale, numel * scale, 5, 1, status, roundoff
+    )
+
+
+def _spectra(blocks):
+    return blockopt.Spectra(blocks, steps=5, probes=1, seed=0)
+
+
+def test_excluded_blocks_get_factors_that_never_starve_them():
+    from blockopt.analysis.tuning import block_lr_factors
+
+    spectra = _spectra(
+        [
+            _block("stiff", 100.0, numel=50),  # factor 1
+            _block("mid", 10.0, numel=60),  # factor 10: the weighted median (50 + 60 >= 150 / 2)
+            _block("soft", 1.0, numel=40),  # factor 100
+            _block("zero", 3e-20, roundoff=1e-20),  # within 1000x its round-off: negligible
+            _block("exact_zero", 0.0, roundoff=None),  # products exactly zero: negligible
+            _block("cut", 0.0, status="no_graph"),
+            _block("unused", 0.0, status="unused"),
+            _block("nan", math.nan),
+        ]
+    )
+    h = blockopt.heterogeneity(spectra)
+    assert h.blocks == ("stiff", "mid", "soft") and h.negligible == ("zero", "exact_zero")
+    for max_factor in (100.0, 1000.0):
+        factors = block_lr_factors(spectra, max_factor=max_factor)
+        assert factors == {
+            "stiff": 1.0,
+            "mid": 10.0,
+            "soft": 100.0,
+            "zero": max_factor,  # flatter than anything measurable
+            "exact_zero": max_factor,
+            "cut": 10.0,  # unknown curvature: the middle of what was measured
+            "unused": 10.0,
+            "nan": 10.0,
+        }
+    # with nothing measured there is nothing to scale against
+    nothing = _spectra(
+        [_block("zero", 3e-20, roundoff=1e-20), _block("cut", 0.0, status="no_graph")]
+    )
+    assert block_lr_factors(nothing) == {"zero": 1.0, "cut": 1.0}
+    assert blockopt.tune_block_lrs(spectra, 0.01)["zero"] == pytest.approx(1.0)
+
+
+def test_an_excluded_slice_takes_the_smallest_factor_of_its_measured_siblings():
+    from blockopt.analysis.tuning import block_lr_factors
+
+    spectra = _spectra(
+        [
+            _block("top", 100.0),
+            _block("attn.qkv.bias.q", 2.0),  # factor 50
+            _block("attn.qkv.bias.k", 1e-19, roundoff=1e-19),  # negligible: takes 25, not 100
+            _block("attn.qkv.bias.v", 4.0),  # factor 25
+            _block("attn.qkv.weight.q.h0", 10.0),  # factor 10
+            _block("attn.qkv.weight.q.h1", 5.0),  # factor 20
+            _block("attn.qkv.weight.k.h0", 0.0, status="no_graph"),  # unknown: takes 10
+            _block("attn.qkv.weight.v", 1e-20, roundoff=1e-20),  # negligible: takes 10
+            _block("other.k", 1e-20, roundoff=1e-20),  # no measured sibling: max_factor
+        ]
+    )
+    factors = block_lr_factors(spectra)
+    assert factors["attn.qkv.bias.k"] == factors["attn.qkv.bias.v"] == 25.0
+    assert factors["attn.qkv.weight.k.h0"] == factors["attn.qkv.weight.v"] == 10.0
+    assert factors["other.k"] == 100.0
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    ids = torch.randint(0, 64, (4, 16))
+    return model, ids
+
+
+def _bias_hessian_float64(model: nn.Module, ids: torch.Tensor, name: str) -> torch.Tensor:
+    """The exact Hessian of the loss over the parameter ``name`` alone, in float64: one
+    product per coordinate, through the math attention kernel (it has a second derivative)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = copy.deepcopy(model).double()
+    p = dict(model.named_parameters())[name]
+    with sdpa_kernel(SDPBackend.MATH):
+        (g,) = torch.autograd.grad(model(input_ids=ids, labels=ids).loss, p, create_graph=True)
+        rows = [torch.autograd.grad(gi, p, retain_graph=True)[0] for gi in g]
+    return torch.stack(rows)
+
+
+def test_gpt2s_fused_attention_bias_trains_at_the_rate_of_its_slices_with_curvature():
+    """transformers' GPT-2 (tiny config, float32): the K third of each ``c_attn.bias`` is exactly
+    zero curvature (softmax ignores a shift common to all keys; dense float64 reference), so
+    it is negligible, and ``param_groups`` trains the fused bias at its Q and V slices' rate,
+    with no warning that names the K slice as what set it."""
+    model, ids = _tiny_gpt2()
+    dense = _bias_hessian_float64(model, ids, "transformer.h.0.attn.c_attn.bias")
+    q, k, v = (dense[i * 16 : (i + 1) * 16, i * 16 : (i + 1) * 16] for i in range(3))
+    scale = {s: float(torch.linalg.matrix_norm(m, 2)) for s, m in zip("qkv", (q, k, v))}
+    assert scale["k"] <= 1e-12 * min(scale["q"], scale["v"])
+    assert min(scale["q"], scale["v"]) > 1e-8
+
+    probe = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    spectra = blockopt.block_spectra(model, probe, steps=10)
+    h = blockopt.heterogeneity(spectra)
+    bias = [f"transformer.h.{i}.attn.c_attn.bias" for i in range(2)]
+    assert h.negligible == tuple(f"{b}.k" for b in bias)
+    top = max(h.scales)
+    measured = dict(zip(h.blocks, h.scales))
+    assert measured[f"{bias[0]}.q"] == pytest.approx(scale["q"], rel=0.05)
+    assert measured[f"{bias[0]}.v"] == pytest.approx(scale["v"], rel=0.05)
+    for b in bias:  # real, far above its own round-off, and below float32's 10 eps of the top
+        assert measured[f"{b}.q"] > 1e5 * spectra[f"{b}.q"].roundoff
+        assert measured[f"{b}.q"] < default_floor("float32") * top
+    params = dict(model.named_parameters())
+    for max_factor in (100.0, 1e6):  # Q and V clipped alike, and each at its own factor
+        lrs = blockopt.tune_block_lrs(spectra, 1e-3, max_factor=max_factor)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            groups = blockopt.param_groups(model, lrs)
+        text = " ".join(str(w.message) for w in caught)
+        lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+        for b in bias:
+            rates = [1e-3 * min(top / measured[f"{b}.{s}"], max_factor) for s in "qv"]
+            assert lrs[f"{b}.k"] == pytest.approx(min(rates), rel=1e-12)
+            assert lr_of[id(params[b])] == pytest.approx(min(rates), rel=1e-12)
+            assert f"(block {b}.k)" not in text and f"{b}.k was tuned" not in text
+            if max_factor == 100.0:
+                assert lrs[f"{b}.q"] == lrs[f"{b}.v"] == 0.1 and f"{b} trains" not in text

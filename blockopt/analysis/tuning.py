@@ -6,7 +6,28 @@ Rule: with ``rho_b`` a block's curvature scale (``max(|lambda_max|, |lambda_min|
 the stiffest block (what a tuned single learning rate is), and every other block is raised to the
 same ``lr * rho`` product, so each block sits as close to its own stability limit as the
 stiffest one does. The factor is bounded by ``max_factor`` (default 100) because curvature moves
-during training; blocks with no measurable curvature (zero, unused, non-finite) keep ``base_lr``.
+during training.
+
+Blocks the heterogeneity score leaves out (:func:`blockopt.heterogeneity`) get a factor that
+never starves them:
+
+- negligible curvature (below the round-off of their own products, or exactly zero): flatter
+  than anything measurable, so ``max_factor``, what an included block that flat would get.
+- unknown curvature (the probe's loss does not use them, their gradient has no graph, or their
+  values are not finite): the parameter-weighted median factor of the included blocks (the
+  smallest factor whose included blocks, counted from the smallest factor up, hold half the
+  included parameters), the middle of what was measured; nothing says they are stiffer or
+  flatter than the bulk.
+- a slice of a tensor that other blocks slice too (``<param>.q``/``.k``/``.v``, per-head
+  ``.h<i>``, named as :func:`blockopt.partition` names them), when some of those siblings are
+  included: the smallest factor of the included siblings, whatever the reason it was left out.
+  A param group holds whole tensors (:func:`param_groups`), so the tensor then trains at the
+  rate its slices of real curvature call for: GPT-2's attention key bias is exactly zero
+  (softmax ignores a shift common to all keys), and with a factor of its own it would set
+  the rate of the whole fused ``c_attn.bias``.
+
+With no included block at all there is nothing to scale against, and every factor is 1.
+
 After a loss spike, a probe may lower a factor but not raise it (:func:`held_factors`): the
 curvature read at a spike is that of a transient, and a factor raised on it feeds the next
 spike (on the reference CNN, a spike's probe could lift a first-layer factor five-fold and keep
@@ -38,7 +59,8 @@ from typing import Any
 from torch import nn
 
 from blockopt.analysis.heterogeneity import heterogeneity
-from blockopt.curvature.blocks import STRATEGIES, Block, Strategy, partition
+from blockopt.curvature.blocks import STRATEGIES, Block, Partition, Strategy, partition
+from blockopt.curvature.layouts import LayoutWarning
 from blockopt.curvature.spectra import BlockSpectrum
 
 __all__ = [
@@ -75,16 +97,55 @@ _SLICE_SUFFIX = re.compile(r"(\.[qkv])?(\.h\d+)?$")
 def block_lr_factors(
     spectra: Mapping[str, BlockSpectrum], *, max_factor: float = DEFAULT_MAX_FACTOR
 ) -> dict[str, float]:
-    """Block name -> learning-rate factor in ``[1, max_factor]`` (see the module docstring)."""
+    """Block name -> learning-rate factor in ``[1, max_factor]``, for every block of ``spectra``,
+    those the heterogeneity score leaves out included (see the module docstring)."""
     if not (math.isfinite(max_factor) and max_factor >= 1):
         raise ValueError(f"max_factor must be a finite number >= 1, got {max_factor!r}")
     h = heterogeneity(spectra)
-    factors = dict.fromkeys(spectra, 1.0)
-    if h.scales:
-        top = max(h.scales)
-        for name, rho in zip(h.blocks, h.scales):
-            factors[name] = min(max(top / rho, 1.0), max_factor)
+    if not h.scales:
+        return dict.fromkeys(spectra, 1.0)
+    top = max(h.scales)
+    measured = {name: min(max(top / rho, 1.0), max_factor) for name, rho in zip(h.blocks, h.scales)}
+    middle = _weighted_median(
+        [measured[name] for name in h.blocks], [spectra[name].numel for name in h.blocks]
+    )
+    negligible = set(h.negligible)
+    siblings: dict[str, list[float]] = {}
+    for name, f in measured.items():
+        stem = _slice_stem(name)
+        if stem is not None:
+            siblings.setdefault(stem, []).append(f)
+    factors = {}
+    for name in spectra:
+        stem = _slice_stem(name)
+        if name in measured:
+            factors[name] = measured[name]
+        elif stem in siblings:
+            factors[name] = min(siblings[stem])
+        elif name in negligible:
+            factors[name] = max_factor
+        else:
+            factors[name] = middle
     return factors
+
+
+def _slice_stem(name: str) -> str | None:
+    """The tensor a slice block's name refers to (``a.weight`` for ``a.weight.k`` or
+    ``a.weight.q.h1``), or ``None`` for a name without a slice suffix."""
+    stem = _SLICE_SUFFIX.sub("", name)
+    return stem if stem != name else None
+
+
+def _weighted_median(values: list[float], weights: list[int]) -> float:
+    """The smallest of ``values`` whose weight, summed from the smallest value up, reaches half
+    the total weight."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    total, running = sum(weights), 0
+    for i in order:
+        running += weights[i]
+        if 2 * running >= total:
+            return values[i]
+    return values[order[-1]]
 
 
 def held_factors(factors: Mapping[str, float], previous: Mapping[str, float]) -> dict[str, float]:
@@ -168,7 +229,8 @@ def param_groups(
     A group holds whole tensors. A tensor split into blocks with different learning rates (the
     Q, K and V slices of a fused ``qkv`` weight, per-head blocks) trains at the smallest of them,
     the one that is stable for all its slices, and a ``UserWarning`` names each such tensor, its
-    smallest and largest block learning rate: the other slices train slower than tuned.
+    smallest and largest block learning rate and the blocks at each (all of them, when several
+    share one): the other slices train slower than tuned.
     Frozen parameters are left out, and names in ``lrs`` that refer to frozen parameters
     (tuned before they were frozen) are skipped. Names that match no block, and trainable
     parameters without a learning rate when ``default_lr`` is ``None``, raise ``ValueError``.
@@ -215,11 +277,12 @@ def param_groups(
         lr = min((v for _, v in entries), default=default_lr)
         assert lr is not None  # loose parameters without default_lr raised above
         if len({v for _, v in entries}) > 1:
-            low = min(entries, key=lambda e: e[1])
-            high = max(entries, key=lambda e: e[1])
+            high = max(v for _, v in entries)
+            lows = [b for b, v in entries if v == lr]
+            highs = [b for b, v in entries if v == high]
             lowered.append(
-                f"{name} trains at {lr:.3g} (block {low[0]}), though block {high[0]} was tuned "
-                f"to {high[1]:.3g} ({high[1] / lr:.3g}x)"
+                f"{name} trains at {lr:.3g} ({_blocks(lows)}), though {_blocks(highs)} "
+                f"{'was' if len(highs) == 1 else 'were'} tuned to {high:.3g} ({high / lr:.3g}x)"
             )
         group = groups.setdefault(lr, {"params": [], "lr": lr, "blocks": [], "tensors": []})
         group["params"].append(p)
@@ -302,7 +365,7 @@ def _matching_blocks(model: nn.Module, names: set[str], strategy: Strategy | Non
         return blocks
     closest: tuple[str, list[str]] | None = None
     for candidate in KNOWN_STRATEGIES:
-        blocks = partition(model, candidate)
+        blocks = _quiet_partition(model, candidate)
         unknown = sorted(names - {b.name for b in blocks})
         if not unknown:
             return blocks
@@ -313,18 +376,36 @@ def _matching_blocks(model: nn.Module, names: set[str], strategy: Strategy | Non
         f"the names in lrs are not the blocks of {type(model).__name__} under any of the "
         f"strategies {', '.join(KNOWN_STRATEGIES)}; the closest, {closest[0]!r}, lacks "
         f"{len(closest[1])}: {_listing(closest[1])}. Pass the model the learning rates were "
-        "tuned on, and strategy= when they came from a callable or regex partition"
+        "tuned on, and strategy= when they came from a callable, regex or blockopt.Partition "
+        "partition"
     )
 
 
 def _covers(model: nn.Module, strategy: str, names: set[str]) -> bool:
     """Whether ``strategy`` partitions ``model`` into blocks that include all ``names``."""
-    return names <= {b.name for b in partition(model, strategy)}
+    return names <= {b.name for b in _quiet_partition(model, strategy)}
+
+
+def _quiet_partition(model: nn.Module, strategy: str) -> list[Block]:
+    """``partition(model, strategy)`` tried on the user's behalf: a layout it cannot split is
+    not the user's concern when that strategy is not the one their learning rates came from."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayoutWarning)
+        return partition(model, strategy)
 
 
 def _label(strategy: Strategy) -> str:
     """A strategy as an error message shows it: its name, or its type."""
-    return repr(strategy) if isinstance(strategy, str) else f"<{type(strategy).__name__}>"
+    if isinstance(strategy, (str, Partition)):
+        return repr(strategy)
+    return f"<{type(strategy).__name__}>"
+
+
+def _blocks(names: list[str]) -> str:
+    """``block a`` or ``blocks a, b``: every block at a tensor's smallest or largest rate, so
+    that a slice holding its siblings' rate (see :func:`block_lr_factors`) is never named alone
+    as the one that set it."""
+    return f"block {names[0]}" if len(names) == 1 else f"blocks {', '.join(names)}"
 
 
 def _listing(names: list[str], limit: int = 6) -> str:

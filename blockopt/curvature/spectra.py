@@ -50,8 +50,9 @@ FORMAT_VERSION = 1
 DEFAULT_DTYPE = "float64"
 """The dtype a :class:`Spectra` records when none is given, built by hand or read from a dict
 without one: that of the tridiagonal eigenproblems and of dense references, so that the
-round-off floor (:func:`blockopt.analysis.heterogeneity.default_floor`) of spectra given by
-hand is float64's. :func:`block_spectra` always records the dtype its products ran in."""
+relative floor (:func:`blockopt.analysis.heterogeneity.default_floor`) that blocks without a
+measured round-off level fall back on is float64's for spectra given by hand.
+:func:`block_spectra` always records the dtype its products ran in."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,12 @@ class BlockSpectrum:
     ``numel * mean(v^T H_bb v)`` over the unit start vectors, exact for diagonal blocks.
     ``status`` is ``"ok"``, ``"unused"`` (the loss does not depend on the block) or
     ``"no_graph"`` (its gradient has no graph, so the block reads as zero; see
-    :meth:`blockopt.BlockHessian.status`).
+    :meth:`blockopt.BlockHessian.status`). ``roundoff`` is the round-off level of the block's
+    own products (:attr:`blockopt.curvature.lanczos.LanczosResult.roundoff`), the largest over
+    the runs that measured one; ``None`` when none did (every run took one step: a 1-coordinate
+    block, a start vector that is an eigenvector), for spectra built by hand, and for dicts
+    written before it was recorded. :func:`blockopt.heterogeneity` compares the block's
+    curvature scale with it to tell real curvature from round-off.
     """
 
     name: str
@@ -78,6 +84,7 @@ class BlockSpectrum:
     steps: int = 0
     probes: int = 1
     status: str = "ok"
+    roundoff: float | None = None
 
     def bandwidth(self) -> float:
         """Default Gaussian smoothing width: ``DEFAULT_BANDWIDTH`` times ``max |lambda|``."""
@@ -108,6 +115,7 @@ class BlockSpectrum:
             "steps": self.steps,
             "probes": self.probes,
             "status": self.status,
+            "roundoff": self.roundoff,
         }
 
     @classmethod
@@ -126,6 +134,14 @@ class BlockSpectrum:
         numel = _field(data, "numel", "count", where)
         if numel < 1:
             raise ValueError(f"{where}['numel'] is {numel}; a block holds at least 1 coordinate")
+        roundoff = data.get("roundoff")  # absent (written before it was recorded) or None
+        if roundoff is not None:
+            roundoff = float(_field(data, "roundoff", "number", where))
+            if not (math.isfinite(roundoff) and roundoff >= 0.0):
+                raise ValueError(
+                    f"{where}['roundoff'] is {roundoff!r}; a round-off level is a finite number "
+                    ">= 0, or None (not measured)"
+                )
         return cls(
             name=_field(data, "name", "str", where),
             numel=int(numel),
@@ -137,15 +153,18 @@ class BlockSpectrum:
             steps=int(_field(data, "steps", "count", where, 0)),
             probes=int(_field(data, "probes", "count", where, 1)),
             status=_field(data, "status", "str", where, "ok"),
+            roundoff=roundoff,
         )
 
     @classmethod
     def from_runs(
         cls, name: str, numel: int, runs: Sequence[LanczosResult], status: str = "ok"
     ) -> BlockSpectrum:
-        """Pool several Lanczos runs (unit start vectors) into one SLQ estimate."""
+        """Pool several Lanczos runs (unit start vectors) into one SLQ estimate; the round-off
+        level is the largest any run measured, as ``lambda_max`` is the largest Ritz value."""
         values = [x for r in runs for x in r.ritz_values]
         weights = [w / len(runs) for r in runs for w in r.ritz_weights]
+        measured = [r.roundoff for r in runs if r.roundoff is not None]
         return cls(
             name=name,
             numel=numel,
@@ -157,6 +176,7 @@ class BlockSpectrum:
             steps=max(r.steps for r in runs),
             probes=len(runs),
             status=status,
+            roundoff=max(measured) if measured else None,
         )
 
 
@@ -168,9 +188,10 @@ class Spectra(Mapping[str, BlockSpectrum]):
     ranks shared the blocks (``block_spectra(..., share=True)``), where each rank computed its
     share and the ranks' ``local_hvps`` add up to ``hvps``. ``seconds`` is the probe's wall
     time, ``dtype`` the (widest) floating-point type the products were computed in (default
-    :data:`DEFAULT_DTYPE`), which sets how small a curvature can be told apart from round-off,
-    and ``tol`` the Lanczos stopping tolerance (``None``: every block ran ``steps`` steps, or to
-    its size or breakdown).
+    :data:`DEFAULT_DTYPE`), which sets the relative round-off floor of blocks that did not
+    measure their own round-off level (:func:`blockopt.heterogeneity`), and ``tol`` the Lanczos
+    stopping tolerance (``None``: every block ran ``steps`` steps, or to its size or
+    breakdown).
     """
 
     def __init__(
@@ -463,7 +484,9 @@ def block_spectra(
 
 
 _STATUSES = ("ok", "unused", "no_graph")
-_HEADER = 4  # a shared run's row: steps taken, breakdown, settled, status; then alphas, betas
+# A shared run's row: steps taken, breakdown + 2 * settled, status, round-off level (-1: none);
+# then alphas, betas.
+_HEADER = 4
 
 
 def _check_share(share: Any, reduce: Any) -> None:
@@ -555,11 +578,14 @@ def _shared_runs(
 
 
 def _run_row(run: LanczosResult, status: str, steps: int) -> torch.Tensor:
-    """One Lanczos run as a float64 row: steps taken, breakdown, settled, the block's status
-    (1-based), then ``steps`` alphas and ``steps - 1`` betas, padded with ``-0.0``."""
+    """One Lanczos run as a float64 row: steps taken, ``breakdown + 2 * settled``, the block's
+    status (1-based), the round-off level (``-1.0`` for none), then ``steps`` alphas and
+    ``steps - 1`` betas, padded with ``-0.0``."""
     row = torch.full((_HEADER + 2 * steps - 1,), -0.0, dtype=torch.float64)
+    flags = int(run.breakdown) + 2 * int(run.settled)
+    roundoff = -1.0 if run.roundoff is None else run.roundoff
     row[:_HEADER] = torch.tensor(
-        [run.steps, run.breakdown, run.settled, _STATUSES.index(status) + 1], dtype=torch.float64
+        [run.steps, flags, _STATUSES.index(status) + 1, roundoff], dtype=torch.float64
     )
     row[_HEADER : _HEADER + run.steps] = torch.tensor(run.alphas, dtype=torch.float64)
     if run.betas:
@@ -572,7 +598,7 @@ def _row_run(row: Sequence[float], steps: int) -> LanczosResult:
     """The Lanczos run a gathered row holds, its Ritz pairs computed from the tridiagonal, as
     on every rank: the same bits in, the same spectra out."""
     m = int(row[0])
-    if not 1 <= m <= steps or not 1 <= row[3] <= len(_STATUSES):
+    if not 1 <= m <= steps or not 1 <= row[2] <= len(_STATUSES):
         raise RuntimeError(
             "a shared probe gathered a block that no rank probed: the ranks disagree on the "
             "blocks, steps or group; give every rank the same model, blocks and options"
@@ -580,13 +606,14 @@ def _row_run(row: Sequence[float], steps: int) -> LanczosResult:
     return LanczosResult.from_tridiagonal(
         row[_HEADER : _HEADER + m],
         row[_HEADER + steps : _HEADER + steps + m - 1],
-        breakdown=bool(row[1]),
-        settled=bool(row[2]),
+        breakdown=bool(int(row[1]) & 1),
+        settled=bool(int(row[1]) & 2),
+        roundoff=None if row[3] < 0 else row[3],
     )
 
 
 def _row_status(row: Sequence[float]) -> str:
-    return _STATUSES[int(row[3]) - 1]
+    return _STATUSES[int(row[2]) - 1]
 
 
 def model_spectrum(
