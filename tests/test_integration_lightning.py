@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from hidden_packages import HIDE
 from torch import nn
 
 import blockopt
@@ -413,31 +414,6 @@ def test_a_trainer_without_a_block_optimizer_is_refused_with_the_fix():
     trainer = _trainer(max_epochs=1, callbacks=[BlockoptCallback()])
     with pytest.raises(RuntimeError, match=r"no BlockOptimizer.*\(SGD\).*blockopt\.wrap"):
         _fit(trainer, Plain(), _loader(x, y, 8))
-
-
-# A preamble for a fresh interpreter: the packages ``names`` then look uninstalled to imports and
-# to package metadata alike (torchmetrics, which Lightning imports, imports transformers when its
-# metadata says it is installed, so blocking the import alone would break Lightning).
-HIDE = """
-import importlib.metadata as metadata, sys
-HIDDEN = {names!r}
-
-class Hidden:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in HIDDEN:
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-        return None
-
-sys.meta_path.insert(0, Hidden())
-_distribution = metadata.distribution
-
-def distribution(name):
-    if name.lower().replace("_", "-") in {{n.replace("_", "-") for n in HIDDEN}}:
-        raise metadata.PackageNotFoundError(name)
-    return _distribution(name)
-
-metadata.distribution = distribution
-"""
 
 
 def test_importing_blockopt_imports_no_framework_and_lightning_needs_no_transformers():

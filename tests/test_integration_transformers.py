@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from hidden_packages import HIDE
 
 import blockopt
 
@@ -305,30 +306,6 @@ def test_misuse_is_refused_with_the_fix(tmp_path):
     other.add_callback(BlockoptCallback(trainer))
     with pytest.raises(RuntimeError, match="other than the one it was built with"):
         other.train()
-
-
-# A preamble for a fresh interpreter: the packages ``names`` then look uninstalled to imports and
-# to package metadata alike.
-HIDE = """
-import importlib.metadata as metadata, sys
-HIDDEN = {names!r}
-
-class Hidden:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in HIDDEN:
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-        return None
-
-sys.meta_path.insert(0, Hidden())
-_distribution = metadata.distribution
-
-def distribution(name):
-    if name.lower().replace("_", "-") in {{n.replace("_", "-") for n in HIDDEN}}:
-        raise metadata.PackageNotFoundError(name)
-    return _distribution(name)
-
-metadata.distribution = distribution
-"""
 
 
 def test_importing_blockopt_imports_no_framework_and_transformers_needs_no_lightning():
