@@ -336,8 +336,8 @@ def render(
         "step t's batch, so the wrapper sees the training losses. Nothing is tuned per model.",
         "",
         f"Threads: {threads} torch intra-op thread{'s' if threads != 1 else ''} for training "
-        "(`--threads`; the default is 1 because on a 2-core machine shared with other work, 2 "
-        "intra-op threads made the steps several times slower); blockopt's probes run their "
+        "(`--threads`; the default is 1 because on a busy 2-core machine 2 intra-op threads "
+        "made the steps several times slower); blockopt's probes run their "
         "block products on up to 2 worker threads of one intra-op thread each.",
         "",
         "Final loss: the mean loss over the evaluation set after the last step, under "
