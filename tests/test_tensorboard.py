@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -17,6 +18,7 @@ from blockopt.logging.tensorboard import ProbeCost, TensorBoardLogger, histogram
 from blockopt.optimizer.policy import Decision
 from blockopt.workloads.data import digits
 from blockopt.workloads.models import SmallCNN
+from blockopt.workloads.tasks import DEMO_TASKS
 
 EVERYTHING = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0, "compressedHistograms": 0}
 
@@ -57,20 +59,36 @@ def test_scalars_histograms_and_figures_hold_the_probe(tmp_path, probed):
     assert scalar("blockopt/probe_seconds")[1] == 0.25
     assert scalar("blockopt/probe_hvps")[1] == spectra.hvps
     assert scalar("blockopt/probe_share")[1] == 0.125
-    for name, s in spectra.items():
+    included = [lrs[name] for name in score.blocks]
+    assert scalar("blockopt/lr_max")[1] == pytest.approx(max(included), rel=1e-6)
+    assert scalar("blockopt/lr_min")[1] == pytest.approx(min(included), rel=1e-6)
+    assert score.excluded  # the CNN's conv biases feeding BatchNorm: round-off curvature
+    for name in score.blocks:
+        s = spectra[name]
         assert scalar(f"blockopt.lambda_max/{name}")[1] == pytest.approx(s.lambda_max, rel=1e-6)
-        assert scalar(f"blockopt.lambda_min/{name}")[1] == pytest.approx(s.lambda_min, rel=1e-6)
-        assert scalar(f"blockopt.trace/{name}")[1] == pytest.approx(s.trace, rel=1e-6)
         assert scalar(f"blockopt.lr/{name}")[1] == pytest.approx(lrs[name], rel=1e-6)
         (hist,) = ea.Histograms(f"blockopt.density/{name}")
         h = hist.histogram_value
         assert hist.step == 7
         assert h.num == pytest.approx(s.numel)
-        assert h.min == pytest.approx(min(s.ritz_values))
+        assert h.min == pytest.approx(min(s.ritz_values)) == pytest.approx(s.lambda_min)
         assert h.max == pytest.approx(max(s.ritz_values))
         mean = sum(v * w for v, w in zip(s.ritz_values, s.ritz_weights))
         assert h.sum == pytest.approx(s.numel * mean, rel=1e-9, abs=1e-12)
+        assert h.sum == pytest.approx(s.trace, rel=1e-6, abs=1e-12)
         assert sum(h.bucket) == pytest.approx(s.numel)
+    scalars, histograms = set(ea.Tags()["scalars"]), set(ea.Tags()["histograms"])
+    assert len(scalars) == 9 + 2 * len(score.blocks)
+    for name, _why in score.excluded:
+        assert not {t for t in scalars | histograms if t.endswith(f"/{name}")}
+    (scales,) = ea.Histograms("blockopt/log10_scale")
+    assert scales.histogram_value.num == len(score.blocks)
+    assert sum(scales.histogram_value.bucket) == len(score.blocks)
+    (summary,) = ea.Tensors("blockopt/summary/text_summary")
+    body = summary.tensor_proto.string_val[0].decode()
+    assert summary.step == 7 and f"score {score.spread:.3g} decades" in body
+    assert all(f"| {name} |" in body for name in score.blocks)
+    assert all(f"| {name} (left out: negligible" in body for name, _ in score.excluded)
     assert {"blockopt/densities", "blockopt/js_matrix"} <= set(ea.Tags()["images"])
     (image,) = ea.Images("blockopt/densities")
     assert image.step == 7 and image.width > 100 and image.height > 100
@@ -107,12 +125,24 @@ def test_switch_text_custom_scalars_and_hparams(tmp_path, probed):
     assert "sgd → adam" in body and "score 2.60 > 2" in body
     layout = Layout()
     layout.ParseFromString(ea.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    titles = {c.title for c in layout.category}
-    assert "blockopt" in titles and "blockopt: lambda_max per block" in titles
-    per_block = next(c for c in layout.category if c.title == "blockopt: lambda_max per block")
-    regexes = [t for chart in per_block.chart for t in chart.multiline.tag]
-    assert r"blockopt\.lambda_max/.*" in regexes
-    assert r"blockopt\.lambda_max/features\.0\..*" in regexes
+    titles = [c.title for c in layout.category]
+    assert titles == ["blockopt", "blockopt: lambda_max per block", "blockopt: lr per block"]
+    tags = set(ea.Tags()["scalars"])
+    overview = layout.category[0]
+    for chart in overview.chart:  # every overview chart draws logged top-level scalars
+        assert all(re.fullmatch(r"\^blockopt/\w+\$", t) for t in chart.multiline.tag)
+    assert all(t[1:-1] in tags for c in overview.chart for t in c.multiline.tag if "lr" not in t)
+    per_block = layout.category[1]
+    charts = {chart.title: list(chart.multiline.tag) for chart in per_block.chart}
+    extremes = charts.pop("3 stiffest and 3 flattest blocks")
+    assert len(extremes) == 6
+    assert list(charts) == list(tb.block_groups(list(score.blocks)))
+    drawn = []
+    for regexes in charts.values():
+        matched = [t for t in tags if any(re.search(r, t) for r in regexes)]
+        assert 1 <= len(matched) == len(regexes) <= 6  # a handful of lines, each a block
+        drawn += matched
+    assert sorted(drawn) == sorted(f"blockopt.lambda_max/{name}" for name in score.blocks)
     assert set(ea.PluginTagToContent("hparams")) == {
         "_hparams_/experiment",
         "_hparams_/session_start_info",
@@ -186,10 +216,71 @@ def test_density_figure_separates_blocks_by_decades():
     }
     fig = tb.density_figure(spectra)
     peaks = {}
-    for line in fig.axes[0].get_lines():
-        x, y = line.get_data()
-        peaks[line.get_label()] = x[y.argmax()]
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            x, y = line.get_data()
+            peaks[line.get_label()] = x[y.argmax()]
     assert math.log10(peaks["stiff"] / peaks["flat"]) == pytest.approx(4.0, abs=0.02)
+
+
+def test_block_groups_are_owning_modules():
+    names = ["tok.weight", "a.qkv.weight.q", "a.qkv.bias.v", "a.proj.weight", "scale"]
+    assert tb.block_groups(names) == {
+        "tok": ["tok.weight"],
+        "a.qkv": ["a.qkv.weight.q", "a.qkv.bias.v"],
+        "a.proj": ["a.proj.weight"],
+        "scale": ["scale"],
+    }
+
+
+@pytest.fixture(scope="module")
+def gpt_probe():
+    task = DEMO_TASKS["gpt"].build(0)
+    spectra = blockopt.block_spectra(task.model, task.probe, steps=6)
+    return spectra, blockopt.heterogeneity(spectra)
+
+
+def test_the_tiny_gpt_dashboards_are_readable(tmp_path, gpt_probe):
+    """The bundled tiny GPT: a few top-level charts, per-block ones for real curvature only,
+    one density panel per module with every block named, a labelled JS matrix."""
+    spectra, score = gpt_probe
+    assert len(spectra) == 37 and set(score.negligible) == {
+        "blocks.0.attn.qkv.bias.k",
+        "blocks.1.attn.qkv.bias.k",
+    }
+    lrs = blockopt.tune_block_lrs(spectra, 0.05)
+    logger = TensorBoardLogger(tmp_path)
+    for step in (0, 10):
+        logger.log_probe(step, spectra, score, "block_sgd", lrs, ProbeCost(1.0, 10, 0.1))
+    logger.close()
+    ea = read(tmp_path)
+    scalars = ea.Tags()["scalars"]
+    top = [t for t in scalars if t.startswith("blockopt/")]
+    assert len(top) <= 10
+    assert len(scalars) == len(top) + 2 * 35  # before: 4 per block, 155 tags
+    assert not [t for t in scalars + ea.Tags()["histograms"] if ".bias.k" in t]
+    assert len(ea.Tags()["histograms"]) == 35 + 1
+    assert [e.step for e in ea.Scalars("blockopt/score")] == [0, 10]
+
+    densities = tb.density_figure(spectra, score)
+    groups = tb.block_groups(list(score.blocks))
+    panels = [ax for ax in densities.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == list(groups) and len(panels) == 16
+    for ax, names in zip(panels, groups.values()):
+        assert [line.get_label() for line in ax.get_lines()] == names
+        legend = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert legend == [name.removeprefix(ax.get_title() + ".") for name in names]
+        assert len(names) <= 6
+    notes = " ".join(text.get_text() for text in densities.texts)
+    assert "blocks.0.attn.qkv.bias.k" in notes and "negligible" in notes
+
+    js = tb.js_figure(score)
+    labels = [t.get_text() for t in js.axes[0].get_yticklabels()]
+    assert len(labels) == 35 and all(any(n in t for t in labels) for n in score.blocks)
+    stiffest = max(zip(score.scales, score.blocks))[1]
+    assert labels[0].startswith(f"0 {stiffest} ")
+    width, height = js.get_size_inches()
+    assert 35 * 0.15 <= height <= 20 and width > height
 
 
 def _cnn_task(seed: int = 0):
@@ -224,9 +315,9 @@ def test_optimizer_logs_every_probe_and_switch(tmp_path):
     assert [e.step for e in scores] == [0, 4, 8]
     for event, (step, spectra) in zip(scores, probes):
         assert event.value == pytest.approx(blockopt.heterogeneity(spectra).spread, rel=1e-6)
-        for name, s in spectra.items():
+        for name in blockopt.heterogeneity(spectra).blocks:
             (match,) = [e for e in ea.Scalars(f"blockopt.lambda_max/{name}") if e.step == step]
-            assert match.value == pytest.approx(s.lambda_max, rel=1e-6)
+            assert match.value == pytest.approx(spectra[name].lambda_max, rel=1e-6)
     modes = [e.value for e in ea.Scalars("blockopt/mode")]
     assert modes == [2.0, 2.0, 2.0]  # every threshold at 0: the first probe switches to Adam
     (switch,) = ea.Tensors("blockopt/switches/text_summary")
@@ -253,8 +344,12 @@ def test_block_learning_rates_in_effect_are_logged(tmp_path):
     ((_, spectra),) = opt.spectra_history
     expected = blockopt.tune_block_lrs(spectra, 0.05)
     assert len(set(expected.values())) > 1
-    for name, lr in expected.items():
-        assert ea.Scalars(f"blockopt.lr/{name}")[0].value == pytest.approx(lr, rel=1e-6)
+    included = blockopt.heterogeneity(spectra).blocks
+    for name in included:
+        assert ea.Scalars(f"blockopt.lr/{name}")[0].value == pytest.approx(expected[name], rel=1e-6)
+    assert ea.Scalars("blockopt/lr_max")[0].value == pytest.approx(
+        max(expected[name] for name in included), rel=1e-6
+    )
 
 
 def test_nothing_is_logged_without_logdir_or_writer(tmp_path, monkeypatch):

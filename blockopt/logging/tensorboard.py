@@ -1,25 +1,41 @@
 """What blockopt writes to TensorBoard at every probe, and how.
 
-Tags (scalars grouped by the part before ``/``):
+Scalars (TensorBoard groups charts by the part of the tag before ``/``; the top-level section
+``blockopt`` holds a handful of charts, one point per probe):
 
 - ``blockopt/score``, ``blockopt/max_ratio``, ``blockopt/js``: the heterogeneity score and its
   companions; ``blockopt/mode``: 0 = sgd, 1 = block_sgd, 2 = adam;
   ``blockopt/probe_seconds``, ``blockopt/probe_hvps``, ``blockopt/probe_share``: the probe's cost
   and the share of training wall time spent probing so far (``BlockOptimizer.probe_share``,
-  which its ``probe_budget`` bounds).
-- ``blockopt.lambda_max/<block>``, ``blockopt.lambda_min/<block>``, ``blockopt.trace/<block>``,
-  ``blockopt.lr/<block>``: per block, the extreme Ritz values, the trace estimate and the
-  learning rate in effect.
-- ``blockopt.density/<block>``: histograms of Ritz values weighted by their SLQ weights (times
-  the block size, so bucket counts read as numbers of eigenvalues).
-- ``blockopt/densities`` and ``blockopt/js_matrix``: figures of every block's density over
-  ``|lambda|`` on log axes, and of the pairwise Jensen-Shannon distances.
-- ``blockopt/switches``: a text entry at every switch, with the reason.
+  which its ``probe_budget`` bounds); ``blockopt/lr_max``, ``blockopt/lr_min``: the largest and
+  smallest learning rate applied to a block with real curvature.
+- ``blockopt.lambda_max/<block>``, ``blockopt.lr/<block>``: per block, its largest Ritz value
+  and the learning rate in effect, in two sections of their own below ``blockopt``, and only
+  for the blocks the score includes: blocks of negligible curvature (round-off, e.g. an
+  attention key bias at 1e-10) or unknown curvature (``Heterogeneity.excluded``) are left out.
 
-A custom-scalars layout groups the per-block curves; :meth:`TensorBoardLogger.close` writes the
-run's hyperparameters and final metrics to the HParams tab. Any failure of the writer (an
-unwritable directory, a full disk) gives one warning and turns logging off: training goes on.
-Under ``torch.distributed`` only rank 0 writes.
+Histograms: ``blockopt/log10_scale``, the included blocks' curvature scales (log10, one count
+per block, quarter-decade buckets: the Distributions tab shows the spread across probes), and
+``blockopt.density/<block>`` per included block, its Ritz values weighted by their SLQ weights
+(times the block size, so bucket counts read as numbers of eigenvalues; the histogram's ``min``
+and ``sum`` are the block's smallest Ritz value and trace).
+
+Images: ``blockopt/densities``, one panel per module (its blocks in distinct colours, on common
+log axes of ``|lambda|``), and ``blockopt/js_matrix``, the pairwise Jensen-Shannon distances,
+blocks ordered by curvature scale and labelled. Text: ``blockopt/summary``, one table per
+probe with every block's exact values (left-out ones last, with the reason), and
+``blockopt/switches``, an entry at every switch with the reason.
+
+A custom-scalars layout puts the overview first, then for ``lambda_max`` and ``lr`` one chart
+of the stiffest and flattest few blocks and one chart per module (a handful of lines each);
+:meth:`TensorBoardLogger.close` writes the run's hyperparameters and final metrics to the
+HParams tab. Any failure of the writer (an unwritable directory, a full disk) gives one warning
+and turns logging off: training goes on. Under ``torch.distributed`` only rank 0 writes.
+
+Smoothing: the series have one point per probe, often only a few, and TensorBoard's default
+smoothing (0.6, an exponential moving average drawn as the bold line) bends them towards their
+first values. Set the "Smoothing" slider to 0 in the Scalars tab's settings (and in the Custom
+Scalars tab), or read the exact values from the ``blockopt/summary`` text.
 """
 
 from __future__ import annotations
@@ -41,10 +57,24 @@ from blockopt.analysis.heterogeneity import Heterogeneity
 from blockopt.curvature.spectra import BlockSpectrum, Spectra
 from blockopt.optimizer.policy import MODES, Decision
 
-__all__ = ["ProbeCost", "TensorBoardLogger", "histogram_buckets", "tensorboard_server"]
+__all__ = [
+    "ProbeCost",
+    "TensorBoardLogger",
+    "block_groups",
+    "density_figure",
+    "histogram_buckets",
+    "js_figure",
+    "summary_text",
+    "tensorboard_server",
+]
 
 HISTOGRAM_BUCKETS = 64
-QUANTITIES = ("lambda_max", "lambda_min", "trace", "lr")
+QUANTITIES = ("lambda_max", "lr")
+"""The per-block scalars, logged for the blocks the score includes."""
+EXTREMES = 3
+"""The custom-scalars chart of the extremes shows this many stiffest and flattest blocks."""
+SCALE_BUCKET = 0.25
+"""Width in decades of the buckets of the ``blockopt/log10_scale`` histogram."""
 
 
 @dataclass(frozen=True)
@@ -160,9 +190,15 @@ class TensorBoardLogger:
             "write the probe's scalars",
             lambda: self._scalars(step, spectra, score, mode, block_lrs, cost),
         )
-        self._guard("write the spectral histograms", lambda: self._histograms(step, spectra))
+        self._guard("write the spectral histograms", lambda: self._histograms(step, spectra, score))
+        self._guard(
+            "write the probe's summary",
+            lambda: self.writer.add_text(
+                "blockopt/summary", summary_text(spectra, score, mode, block_lrs, cost), step
+            ),
+        )
         if not self._layout_written:
-            self._guard("write the custom-scalars layout", lambda: self._layout(list(spectra)))
+            self._guard("write the custom-scalars layout", lambda: self._layout(score))
             self._layout_written = True
         if self.figures:
             self._guard("draw the probe's figures", lambda: self._figures(step, spectra, score))
@@ -207,7 +243,15 @@ class TensorBoardLogger:
 
     # -- how -------------------------------------------------------------------------------------
 
-    def _scalars(self, step, spectra, score, mode, block_lrs, cost) -> None:
+    def _scalars(
+        self,
+        step: int,
+        spectra: Mapping[str, BlockSpectrum],
+        score: Heterogeneity,
+        mode: str,
+        block_lrs: Mapping[str, float],
+        cost: ProbeCost,
+    ) -> None:
         w = self.writer
         w.add_scalar("blockopt/score", float(score.spread), step)
         w.add_scalar("blockopt/max_ratio", float(score.max_ratio), step)
@@ -216,15 +260,41 @@ class TensorBoardLogger:
         w.add_scalar("blockopt/probe_seconds", float(cost.seconds), step)
         w.add_scalar("blockopt/probe_hvps", float(cost.hvps), step)
         w.add_scalar("blockopt/probe_share", float(cost.share), step)
-        for name, s in spectra.items():
-            w.add_scalar(f"blockopt.lambda_max/{name}", s.lambda_max, step)
-            w.add_scalar(f"blockopt.lambda_min/{name}", s.lambda_min, step)
-            w.add_scalar(f"blockopt.trace/{name}", s.trace, step)
+        included = [name for name in score.blocks if name in spectra]
+        lrs = [float(block_lrs[name]) for name in included if name in block_lrs]
+        if lrs:
+            w.add_scalar("blockopt/lr_max", max(lrs), step)
+            w.add_scalar("blockopt/lr_min", min(lrs), step)
+        for name in included:
+            w.add_scalar(f"blockopt.lambda_max/{name}", spectra[name].lambda_max, step)
             if name in block_lrs:
                 w.add_scalar(f"blockopt.lr/{name}", float(block_lrs[name]), step)
 
-    def _histograms(self, step, spectra) -> None:
-        for name, s in spectra.items():
+    def _histograms(
+        self, step: int, spectra: Mapping[str, BlockSpectrum], score: Heterogeneity
+    ) -> None:
+        scales = np.log10(np.asarray(score.scales, dtype=np.float64))
+        scales = scales[np.isfinite(scales)]
+        if scales.size:
+            lo = math.floor(scales.min() / SCALE_BUCKET) * SCALE_BUCKET
+            hi = max(math.ceil(scales.max() / SCALE_BUCKET) * SCALE_BUCKET, lo + SCALE_BUCKET)
+            edges = np.arange(lo, hi + SCALE_BUCKET / 2, SCALE_BUCKET)
+            counts, _ = np.histogram(scales, bins=edges)
+            self.writer.add_histogram_raw(
+                "blockopt/log10_scale",
+                min=float(scales.min()),
+                max=float(scales.max()),
+                num=float(scales.size),
+                sum=float(scales.sum()),
+                sum_squares=float(scales @ scales),
+                bucket_limits=[float(e) for e in edges[1:]],
+                bucket_counts=[float(c) for c in counts],
+                global_step=step,
+            )
+        for name in score.blocks:
+            s = spectra.get(name)
+            if s is None:
+                continue
             values = np.asarray(s.ritz_values, dtype=np.float64)
             if not np.all(np.isfinite(values)):
                 continue
@@ -242,31 +312,45 @@ class TensorBoardLogger:
                 global_step=step,
             )
 
-    def _layout(self, names: list[str]) -> None:
-        """Custom Scalars: the score panel, then one chart per quantity with every block, then
-        one chart per quantity and module (blocks sharing a name up to their last part)."""
+    def _layout(self, score: Heterogeneity) -> None:
+        """Custom Scalars: the overview, then per quantity a chart of the ``EXTREMES`` stiffest
+        and flattest included blocks at this (the first) probe and one chart per module."""
         overview = {
             "heterogeneity score (decades)": [
                 "Multiline",
-                ["blockopt/score", "blockopt/max_ratio"],
+                ["^blockopt/score$", "^blockopt/max_ratio$"],
             ],
-            "mode (0 sgd, 1 block_sgd, 2 adam)": ["Multiline", ["blockopt/mode"]],
-            "probe share of training time": ["Multiline", ["blockopt/probe_share"]],
-            "probe seconds": ["Multiline", ["blockopt/probe_seconds"]],
+            "mode (0 sgd, 1 block_sgd, 2 adam)": ["Multiline", ["^blockopt/mode$"]],
+            "applied learning rates (largest, smallest)": [
+                "Multiline",
+                ["^blockopt/lr_max$", "^blockopt/lr_min$"],
+            ],
+            "probe share of training time": ["Multiline", ["^blockopt/probe_share$"]],
+            "probe seconds": ["Multiline", ["^blockopt/probe_seconds$"]],
         }
         layout: dict[str, dict[str, list[Any]]] = {"blockopt": overview}
+        order = sorted(zip(score.scales, score.blocks), reverse=True)
+        k = min(EXTREMES, len(order) // 2)
+        extremes = [name for _, name in order[:k] + order[len(order) - k :]] if k else []
+        groups = block_groups(list(score.blocks))
         for q in QUANTITIES:
-            layout[f"blockopt: {q} per block"] = {
-                "all blocks": ["Multiline", [rf"blockopt\.{q}/.*"]],
-                **{
-                    module: ["Multiline", [rf"blockopt\.{q}/{_escape(module)}\..*"]]
-                    for module in _modules(names)
-                },
-            }
+            charts: dict[str, list[Any]] = {}
+            if extremes:
+                charts[f"{k} stiffest and {k} flattest blocks"] = [
+                    "Multiline",
+                    [_exact(q, name) for name in extremes],
+                ]
+            for group, names in groups.items():
+                charts[group] = ["Multiline", [_exact(q, name) for name in names]]
+            layout[f"blockopt: {q} per block"] = charts
         self.writer.add_custom_scalars(layout)
 
-    def _figures(self, step, spectra, score) -> None:
-        self.writer.add_figure("blockopt/densities", density_figure(spectra), step, close=False)
+    def _figures(
+        self, step: int, spectra: Mapping[str, BlockSpectrum], score: Heterogeneity
+    ) -> None:
+        self.writer.add_figure(
+            "blockopt/densities", density_figure(spectra, score), step, close=False
+        )
         if len(score.blocks) > 1:
             self.writer.add_figure("blockopt/js_matrix", js_figure(score), step, close=False)
 
@@ -287,23 +371,62 @@ class TensorBoardLogger:
             self.writer.add_scalar(k, v, step)
 
 
-def density_figure(spectra: Mapping[str, BlockSpectrum]):
-    """Every block's smoothed spectral density over ``|lambda|``, log axes: blocks whose
-    curvature differs by decades sit apart instead of piling up at zero. A plain matplotlib
-    ``Figure`` (no pyplot, so no global state or GUI backend is touched)."""
-    import matplotlib
-    from matplotlib.figure import Figure
+def block_groups(names: list[str]) -> dict[str, list[str]]:
+    """The blocks by owning module, in first-seen order: ``a.b.weight`` and ``a.b.bias`` fall
+    in ``a.b``, a fused ``a.qkv.weight.q`` in ``a.qkv``, and a name without a dot in its own."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        head, _, _ = name.rpartition(".")
+        group = head.removesuffix(".weight").removesuffix(".bias") if head else name
+        groups.setdefault(group, []).append(name)
+    return groups
 
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
-    mags = [abs(v) for s in spectra.values() for v in s.ritz_values if math.isfinite(v) and v != 0]
+
+def _short(name: str, group: str) -> str:
+    """A block's name inside its group's panel: ``weight.q`` for ``a.qkv.weight.q``."""
+    return name[len(group) + 1 :] if name.startswith(group + ".") else name
+
+
+def _left_out(spectra: Mapping[str, BlockSpectrum], score: Heterogeneity) -> str:
+    """One line naming the blocks the score (and so the figures) left out, and why."""
+    if not score.excluded:
+        return ""
+    negligible = [n for n, _ in score.excluded if n in score.negligible]
+    other = [n for n, _ in score.excluded if n not in score.negligible]
+    parts = []
+    if negligible:
+        parts.append(f"negligible curvature (round-off): {', '.join(negligible)}")
+    if other:
+        parts.append(f"unknown curvature: {', '.join(other)}")
+    return f"left out, {len(score.excluded)} of {len(spectra)} blocks: " + "; ".join(parts)
+
+
+def density_figure(spectra: Mapping[str, BlockSpectrum], score: Heterogeneity | None = None):
+    """Small multiples of the blocks' smoothed spectral densities over ``|lambda|``: one panel
+    per module (:func:`block_groups`), its blocks in distinct colours and named in its legend,
+    every panel on the same log axes, so blocks whose curvature differs by decades sit apart
+    and any two panels compare at a glance. Only the blocks ``score`` includes are drawn (it is
+    computed when not given); a footnote names the others. A plain matplotlib ``Figure`` (no
+    pyplot, so no global state or GUI backend is touched)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogLocator, NullLocator
+
+    if score is None:
+        from blockopt.analysis.heterogeneity import heterogeneity
+
+        score = heterogeneity(spectra)
+    names = [name for name in score.blocks if name in spectra]
+    groups = block_groups(names)
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    mags = [abs(v) for n in names for v in spectra[n].ritz_values if math.isfinite(v) and v != 0]
+    grid = np.zeros(0)
+    peak = 0.0
     if mags:
         top = max(mags)
         lo = max(min(mags), top * 1e-9)
-        grid = np.linspace(math.log10(lo) - 0.5, math.log10(top) + 0.5, 600)
-        peak = 0.0
-        cmap = matplotlib.colormaps["viridis"].resampled(max(len(spectra), 2))
-        for i, (name, s) in enumerate(spectra.items()):
+        grid = np.linspace(math.log10(lo) - 0.5, math.log10(top) + 0.5, 400)
+        for name in names:
+            s = spectra[name]
             theta = np.abs(np.asarray(s.ritz_values, dtype=np.float64))
             keep = np.isfinite(theta) & (theta >= lo)
             if not keep.any():
@@ -315,45 +438,149 @@ def density_figure(spectra: Mapping[str, BlockSpectrum]):
             )
             curve = kernel @ w
             peak = max(peak, float(curve.max()))
-            ax.plot(10**grid, curve, color=cmap(i), lw=1.0, label=name)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        if peak > 0:
-            ax.set_ylim(1e-3 * peak, 2 * peak)
-    ax.set_xlabel("|eigenvalue| of the diagonal Hessian block")
-    ax.set_ylabel("density per decade")
-    ax.set_title("Blockwise Hessian spectra (SLQ, Gaussian smoothing 0.1 decade)")
-    if len(spectra) <= 40:
-        ax.legend(fontsize=5, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
+            curves[name] = (10**grid, curve)
+    ncols = min(4, max(len(groups), 1))
+    nrows = max(math.ceil(len(groups) / ncols), 1)
+    width, height = 3.4 * ncols + 0.9, 2.1 * nrows + 1.1
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+    colors = [f"C{i}" for i in range(10)]
+    for ax, (group, members) in zip(axes, groups.items()):
+        for i, name in enumerate(members):
+            if name in curves:
+                x, y = curves[name]
+                ax.plot(x, y, color=colors[i % 10], lw=1.2, label=name)
+        lines = ax.get_lines()
+        ax.legend(
+            lines,
+            [_short(str(line.get_label()), group) for line in lines],
+            fontsize=7,
+            loc="upper left",
+            framealpha=0.75,
+            edgecolor="none",
+            handlelength=1.2,
+            borderaxespad=0.2,
+        )
+        # a title at a set height skips matplotlib's costly search for a free spot
+        ax.set_title(group, fontsize=9, pad=3, y=1.0)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, which="major", lw=0.3, alpha=0.5)
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    # no minor ticks (on log axes they cost most of the drawing): decades every other decade
+    axes[0].xaxis.set_major_locator(LogLocator(base=100.0))
+    axes[0].xaxis.set_minor_locator(NullLocator())
+    axes[0].yaxis.set_major_locator(LogLocator(base=10.0))
+    axes[0].yaxis.set_minor_locator(NullLocator())
+    if peak > 0:
+        axes[0].set_ylim(1e-3 * peak, 3 * peak)
+        axes[0].set_xlim(10 ** grid[0], 10 ** grid[-1])
+    note = _left_out(spectra, score)
+    fig.supxlabel(
+        "|eigenvalue| of the diagonal Hessian block",
+        fontsize=9,
+        y=(0.35 if note else 0.15) / height,
+    )
+    fig.supylabel("density per decade", fontsize=9, x=0.15 / width)
+    fig.suptitle(
+        f"Blockwise Hessian spectra, one panel per module (SLQ, smoothed 0.1 decade); "
+        f"spread {score.spread:.2f} decades",
+        fontsize=10,
+        y=1 - 0.12 / height,
+    )
+    if note:
+        fig.text(0.01, 0.05 / height, note, fontsize=7, color="0.35", wrap=True)
+    fig.subplots_adjust(
+        left=0.6 / width,
+        right=1 - 0.15 / width,
+        bottom=(0.75 if note else 0.6) / height,
+        top=1 - 0.45 / height,
+        wspace=0.08,
+        hspace=0.28,
+    )
     return fig
 
 
 def js_figure(score: Heterogeneity):
-    """Heatmap of the pairwise Jensen-Shannon distances between the included blocks."""
+    """Heatmap of the pairwise Jensen-Shannon distances between the included blocks, ordered
+    from the stiffest to the flattest (blocks of similar scale and shape form dark squares on
+    the diagonal). Rows are labelled ``index name (scale)`` and columns by index; the figure
+    grows with the number of blocks so that labels stay readable; values are printed in the
+    cells when there are few blocks."""
     from matplotlib.figure import Figure
 
     n = len(score.blocks)
-    size = min(3 + 0.22 * n, 12)
-    fig = Figure(figsize=(size + 1.2, size))
-    ax = fig.subplots()
-    image = ax.imshow(np.asarray(score.js_matrix), vmin=0.0, vmax=1.0, cmap="magma")
-    ax.set_xticks(range(n), score.blocks, rotation=90, fontsize=5)
-    ax.set_yticks(range(n), score.blocks, fontsize=5)
-    ax.set_title(f"Pairwise JS distance between block densities (mean {score.js:.2f})")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    order = sorted(range(n), key=lambda i: -score.scales[i])
+    matrix = np.asarray(score.js_matrix, dtype=np.float64)[np.ix_(order, order)]
+    side = min(max(0.2 * n, 3.0), 20.0)
+    font = min(max(0.55 * 72 * side / max(n, 1), 4.0), 9.0)
+    labels = [f"{k} {score.blocks[i]} ({score.scales[i]:.1e})" for k, i in enumerate(order)]
+    label_width = max((len(t) for t in labels), default=0) * font * 0.62 / 72 + 0.3
+    width, height = max(side + label_width + 1.3, 6.0), side + 1.2
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_axes((label_width / width, 0.45 / height, side / width, side / height))
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="magma", interpolation="nearest")
+    ax.set_xticks(range(n), [str(k) for k in range(n)], fontsize=font)
+    ax.set_yticks(range(n), labels, fontsize=font)
+    ax.tick_params(length=2, pad=1)
+    if n <= 12:
+        for r in range(n):
+            for c in range(n):
+                v = matrix[r, c]
+                color = "white" if v < 0.6 else "black"
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
+    fig.suptitle(
+        f"Pairwise JS distance between block densities (mean {score.js:.2f})\n"
+        "blocks ordered by curvature scale, stiffest first",
+        fontsize=10,
+        y=1 - 0.08 / height,
+    )
+    cax = fig.add_axes(
+        ((label_width + side + 0.25) / width, 0.45 / height, 0.2 / width, side / height)
+    )
+    fig.colorbar(image, cax=cax).ax.tick_params(labelsize=8)
     return fig
 
 
-def _modules(names: list[str]) -> list[str]:
-    """Distinct owning modules of the blocks, in first-seen order (``a.b.weight`` -> ``a.b``)."""
-    seen: dict[str, None] = {}
-    for name in names:
-        head, _, _ = name.rpartition(".")
-        if head:
-            seen.setdefault(head.removesuffix(".weight").removesuffix(".bias"), None)
-    return list(seen)
+def summary_text(
+    spectra: Mapping[str, BlockSpectrum],
+    score: Heterogeneity,
+    mode: str,
+    block_lrs: Mapping[str, float],
+    cost: ProbeCost,
+) -> str:
+    """The probe as Markdown for TensorBoard's Text tab: the score, mode and cost, then a table
+    of every block's exact values, included blocks from the stiffest down, left-out ones last
+    with the reason. Unsmoothed, so short series read exactly."""
+    head = (
+        f"**score {score.spread:.3g} decades** (max ratio {score.max_ratio:.3g}, "
+        f"JS {score.js:.3g}), mode **{mode}**; {len(score.blocks)} of {len(spectra)} blocks "
+        f"included; probe {cost.seconds:.3g} s, {cost.hvps} HVPs, "
+        f"{100 * cost.share:.3g}% of training time"
+    )
+    rows = ["| block | scale | lambda_min | lambda_max | trace | lr |", "|---|---|---|---|---|---|"]
+
+    def lr_of(name: str) -> str:
+        return f"{block_lrs[name]:.3g}" if name in block_lrs else "-"
+
+    for scale, name in sorted(zip(score.scales, score.blocks), reverse=True):
+        s = spectra[name]
+        rows.append(
+            f"| {name} | {scale:.3g} | {s.lambda_min:.3g} | {s.lambda_max:.3g} | "
+            f"{s.trace:.3g} | {lr_of(name)} |"
+        )
+    for name, why in score.excluded:
+        s = spectra.get(name)
+        values = f"{s.lambda_min:.3g} | {s.lambda_max:.3g} | {s.trace:.3g}" if s else "- | - | -"
+        rows.append(f"| {name} (left out: {why}) | - | {values} | {lr_of(name)} |")
+    return head + "\n\n" + "\n".join(rows)
+
+
+def _exact(quantity: str, name: str) -> str:
+    """A custom-scalars regex matching exactly the tag of ``quantity`` for block ``name``."""
+    return f"^blockopt\\.{quantity}/{_escape(name)}$"
 
 
 def _escape(text: str) -> str:
