@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,18 +209,24 @@ def test_bad_logger_arguments(kwargs, error, match):
 
 
 def test_density_figure_separates_blocks_by_decades():
-    """Two blocks four decades apart peak four decades apart in the drawn densities."""
+    """Two blocks four decades apart peak four decades apart in the heatmap's rows, each row
+    holds its block's density per decade (it integrates to 1 over log10 |lambda|), and the
+    figure is one heatmap with a row per block, named, in model order."""
     spectra = {
         "stiff": blockopt.BlockSpectrum("stiff", 4, (10.0,), (1.0,), 10.0, 10.0, 40.0),
         "flat": blockopt.BlockSpectrum("flat", 4, (1e-3,), (1.0,), 1e-3, 1e-3, 4e-3),
     }
+    score = blockopt.heterogeneity(spectra)
+    names, grid, matrix = tb.density_matrix(spectra, score)
+    assert names == ["stiff", "flat"] and matrix.shape == (2, tb.DENSITY_COLUMNS)
+    peaks = grid[matrix.argmax(axis=1)]
+    assert peaks[0] - peaks[1] == pytest.approx(4.0, abs=0.02)
+    step = grid[1] - grid[0]
+    assert matrix.sum(axis=1) * step == pytest.approx([1.0, 1.0], abs=1e-3)
     fig = tb.density_figure(spectra)
-    peaks = {}
-    for ax in fig.axes:
-        for line in ax.get_lines():
-            x, y = line.get_data()
-            peaks[line.get_label()] = x[y.argmax()]
-    assert math.log10(peaks["stiff"] / peaks["flat"]) == pytest.approx(4.0, abs=0.02)
+    heat = fig.axes[0]
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["stiff", "flat"]
+    assert len(heat.get_images()) == 1
 
 
 def test_block_groups_are_owning_modules():
@@ -263,16 +269,23 @@ def test_the_tiny_gpt_dashboards_are_readable(tmp_path, gpt_probe):
     assert [e.step for e in ea.Scalars("blockopt/score")] == [0, 10]
 
     densities = tb.density_figure(spectra, score)
-    groups = tb.block_groups(list(score.blocks))
-    panels = [ax for ax in densities.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in panels] == list(groups) and len(panels) == 16
-    for ax, names in zip(panels, groups.values()):
-        assert [line.get_label() for line in ax.get_lines()] == names
-        legend = [text.get_text() for text in ax.get_legend().get_texts()]
-        assert legend == [name.removeprefix(ax.get_title() + ".") for name in names]
-        assert len(names) <= 6
-    notes = " ".join(text.get_text() for text in densities.texts)
-    assert "blocks.0.attn.qkv.bias.k" in notes and "negligible" in notes
+    heat = densities.axes[0]
+    labels = [t.get_text() for t in heat.get_yticklabels()]
+    assert len(labels) == 37  # one row per block, in model order, the left-out ones marked
+    for label, name in zip(labels, spectra):
+        if name in score.negligible:
+            assert label == f"{name} (negligible curvature)"
+        else:
+            assert label == name
+    (image,) = heat.get_images()
+    rows = image.get_array()
+    assert rows.shape[0] == 37
+    for row, name in enumerate(spectra):  # grey rows exactly for the blocks left out
+        assert bool(np.ma.getmaskarray(rows[row]).all() or np.isnan(rows[row]).all()) == (
+            name in score.negligible
+        )
+    _, height = densities.get_size_inches()
+    assert height >= 37 * 0.15  # a row per block, at a legible size
 
     js = tb.js_figure(score)
     labels = [t.get_text() for t in js.axes[0].get_yticklabels()]
@@ -388,3 +401,17 @@ def test_training_goes_on_when_the_writer_fails(probed):
     assert len(opt.history) == 3
     for a, b in zip(model.parameters(), reference_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_all_blocks_logs_the_left_out_blocks_too(tmp_path, gpt_probe):
+    spectra, score = gpt_probe
+    logger = TensorBoardLogger(tmp_path, all_blocks=True, figures=False)
+    logger.log_probe(0, spectra, score, "adam", {}, ProbeCost(1.0, 10, 0.1))
+    logger.close()
+    ea = read(tmp_path)
+    per_block = [t for t in ea.Tags()["scalars"] if t.startswith("blockopt.lambda_max/")]
+    assert per_block == [f"blockopt.lambda_max/{name}" for name in spectra]  # all 37
+    assert "blockopt.density/blocks.0.attn.qkv.bias.k" in ea.Tags()["histograms"]
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(TypeError, match="log_all_blocks must be True or False"):
+        blockopt.BlockOptimizer(model, lambda: model(torch.ones(1, 2)).sum(), log_all_blocks=1)

@@ -12,7 +12,8 @@ Scalars (TensorBoard groups charts by the part of the tag before ``/``; the top-
 - ``blockopt.lambda_max/<block>``, ``blockopt.lr/<block>``: per block, its largest Ritz value
   and the learning rate in effect, in two sections of their own below ``blockopt``, and only
   for the blocks the score includes: blocks of negligible curvature (round-off, e.g. an
-  attention key bias at 1e-10) or unknown curvature (``Heterogeneity.excluded``) are left out.
+  attention key bias at 1e-10) or unknown curvature (``Heterogeneity.excluded``) are left out
+  (``all_blocks=True`` logs them too).
 
 Histograms: ``blockopt/log10_scale``, the included blocks' curvature scales (log10, one count
 per block, quarter-decade buckets: the Distributions tab shows the spread across probes), and
@@ -20,8 +21,9 @@ per block, quarter-decade buckets: the Distributions tab shows the spread across
 (times the block size, so bucket counts read as numbers of eigenvalues; the histogram's ``min``
 and ``sum`` are the block's smallest Ritz value and trace).
 
-Images: ``blockopt/densities``, one panel per module (its blocks in distinct colours, on common
-log axes of ``|lambda|``), and ``blockopt/js_matrix``, the pairwise Jensen-Shannon distances,
+Images: ``blockopt/densities``, a heatmap with one row per block in model order (named; the
+blocks the score leaves out grey and marked) against ``log10 |lambda|``, coloured by the SLQ
+density per decade, with a dot at each block's curvature scale, and ``blockopt/js_matrix``, the pairwise Jensen-Shannon distances,
 blocks ordered by curvature scale and labelled. Text: ``blockopt/summary``, one table per
 probe with every block's exact values (left-out ones last, with the reason), and
 ``blockopt/switches``, an entry at every switch with the reason.
@@ -62,6 +64,7 @@ __all__ = [
     "TensorBoardLogger",
     "block_groups",
     "density_figure",
+    "density_matrix",
     "histogram_buckets",
     "js_figure",
     "summary_text",
@@ -74,6 +77,9 @@ QUANTITIES = ("lambda_max", "lr")
 EXTREMES = 3
 """The custom-scalars chart of the extremes shows this many stiffest and flattest blocks."""
 SCALE_BUCKET = 0.25
+# The density heatmap: columns along log10 |lambda|, and the Gaussian smoothing in decades.
+DENSITY_COLUMNS = 300
+DENSITY_SMOOTHING = 0.1
 """Width in decades of the buckets of the ``blockopt/log10_scale`` histogram."""
 
 
@@ -121,6 +127,8 @@ class TensorBoardLogger:
     Give either ``logdir`` (a ``SummaryWriter`` is created there, and closed by :meth:`close`)
     or ``writer`` (your own ``SummaryWriter``, e.g. Lightning's ``logger.experiment``; it is
     flushed, not closed). ``figures=False`` skips the matplotlib figures, the slowest part.
+    ``all_blocks=True`` also writes the per-block scalars and histograms of the blocks the
+    score leaves out (round-off and unknown curvature), which are skipped by default.
     """
 
     def __init__(
@@ -129,6 +137,7 @@ class TensorBoardLogger:
         writer: Any = None,
         *,
         figures: bool = True,
+        all_blocks: bool = False,
     ) -> None:
         if (logdir is None) == (writer is None):
             raise ValueError(
@@ -140,6 +149,7 @@ class TensorBoardLogger:
                 f"got {type(writer).__name__}"
             )
         self.figures = figures
+        self.all_blocks = all_blocks
         self.enabled = _rank() == 0
         self._owns_writer = writer is None
         self._layout_written = False
@@ -265,7 +275,7 @@ class TensorBoardLogger:
         if lrs:
             w.add_scalar("blockopt/lr_max", max(lrs), step)
             w.add_scalar("blockopt/lr_min", min(lrs), step)
-        for name in included:
+        for name in self._logged(spectra, score):
             w.add_scalar(f"blockopt.lambda_max/{name}", spectra[name].lambda_max, step)
             if name in block_lrs:
                 w.add_scalar(f"blockopt.lr/{name}", float(block_lrs[name]), step)
@@ -291,10 +301,8 @@ class TensorBoardLogger:
                 bucket_counts=[float(c) for c in counts],
                 global_step=step,
             )
-        for name in score.blocks:
-            s = spectra.get(name)
-            if s is None:
-                continue
+        for name in self._logged(spectra, score):
+            s = spectra[name]
             values = np.asarray(s.ritz_values, dtype=np.float64)
             if not np.all(np.isfinite(values)):
                 continue
@@ -311,6 +319,13 @@ class TensorBoardLogger:
                 bucket_counts=counts,
                 global_step=step,
             )
+
+    def _logged(self, spectra: Mapping[str, BlockSpectrum], score: Heterogeneity) -> list[str]:
+        """The blocks given per-block scalars and histograms: those the score includes, or
+        with ``all_blocks`` every block, in model order."""
+        if self.all_blocks:
+            return list(spectra)
+        return [name for name in score.blocks if name in spectra]
 
     def _layout(self, score: Heterogeneity) -> None:
         """Custom Scalars: the overview, then per quantity a chart of the ``EXTREMES`` stiffest
@@ -401,104 +416,103 @@ def _left_out(spectra: Mapping[str, BlockSpectrum], score: Heterogeneity) -> str
     return f"left out, {len(score.excluded)} of {len(spectra)} blocks: " + "; ".join(parts)
 
 
+def density_matrix(
+    spectra: Mapping[str, BlockSpectrum], score: Heterogeneity, columns: int = DENSITY_COLUMNS
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The heatmap's data: the block names in model order, the grid of ``log10 |lambda|``
+    (``columns`` points spanning the included blocks' Ritz values, at most 9 decades below the
+    largest, half a decade beyond), and per block its SLQ density per decade of ``|lambda|``
+    (both signs pooled, smoothed by a Gaussian of 0.1 decade) on that grid; NaN rows for the
+    blocks ``score`` leaves out."""
+    names = list(spectra)
+    included = set(score.blocks)
+    mags = [
+        abs(v)
+        for n in names
+        if n in included
+        for v in spectra[n].ritz_values
+        if math.isfinite(v) and v != 0
+    ]
+    if not mags:
+        return names, np.zeros(0), np.full((len(names), 0), np.nan)
+    top = max(mags)
+    lo = max(min(mags), top * 1e-9)
+    grid = np.linspace(math.log10(lo) - 0.5, math.log10(top) + 0.5, columns)
+    matrix = np.full((len(names), columns), np.nan)
+    for row, name in enumerate(names):
+        if name not in included:
+            continue
+        s = spectra[name]
+        theta = np.abs(np.asarray(s.ritz_values, dtype=np.float64))
+        keep = np.isfinite(theta) & (theta >= lo)
+        x = np.log10(theta[keep])
+        w = np.asarray(s.ritz_weights, dtype=np.float64)[keep]
+        kernel = np.exp(-0.5 * ((grid[:, None] - x[None, :]) / DENSITY_SMOOTHING) ** 2)
+        matrix[row] = kernel @ w / (DENSITY_SMOOTHING * math.sqrt(2 * math.pi))
+    return names, grid, matrix
+
+
 def density_figure(spectra: Mapping[str, BlockSpectrum], score: Heterogeneity | None = None):
-    """Small multiples of the blocks' smoothed spectral densities over ``|lambda|``: one panel
-    per module (:func:`block_groups`), its blocks in distinct colours and named in its legend,
-    every panel on the same log axes, so blocks whose curvature differs by decades sit apart
-    and any two panels compare at a glance. Only the blocks ``score`` includes are drawn (it is
-    computed when not given); a footnote names the others. A plain matplotlib ``Figure`` (no
-    pyplot, so no global state or GUI backend is touched)."""
+    """Every block's spectrum in one picture: a heatmap with one row per block, in model
+    order and named, against ``log10 |lambda|`` (columns), coloured by the block's SLQ density
+    per decade on a log colour scale (:func:`density_matrix`), with a dot at the block's
+    curvature scale. Blocks whose curvature differs by decades sit decades apart along a row;
+    blocks ``score`` leaves out are grey rows marked with why. ``score`` is computed when not
+    given. A plain matplotlib ``Figure`` (no pyplot, so no global state or GUI backend)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
-    from matplotlib.ticker import LogLocator, NullLocator
 
     if score is None:
         from blockopt.analysis.heterogeneity import heterogeneity
 
         score = heterogeneity(spectra)
-    names = [name for name in score.blocks if name in spectra]
-    groups = block_groups(names)
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    mags = [abs(v) for n in names for v in spectra[n].ritz_values if math.isfinite(v) and v != 0]
-    grid = np.zeros(0)
-    peak = 0.0
-    if mags:
-        top = max(mags)
-        lo = max(min(mags), top * 1e-9)
-        grid = np.linspace(math.log10(lo) - 0.5, math.log10(top) + 0.5, 400)
-        for name in names:
-            s = spectra[name]
-            theta = np.abs(np.asarray(s.ritz_values, dtype=np.float64))
-            keep = np.isfinite(theta) & (theta >= lo)
-            if not keep.any():
-                continue
-            x = np.log10(theta[keep])
-            w = np.asarray(s.ritz_weights, dtype=np.float64)[keep]
-            kernel = np.exp(-0.5 * ((grid[:, None] - x[None, :]) / 0.1) ** 2) / (
-                0.1 * math.sqrt(2 * math.pi)
-            )
-            curve = kernel @ w
-            peak = max(peak, float(curve.max()))
-            curves[name] = (10**grid, curve)
-    ncols = min(4, max(len(groups), 1))
-    nrows = max(math.ceil(len(groups) / ncols), 1)
-    width, height = 3.4 * ncols + 0.9, 2.1 * nrows + 1.1
+    names, grid, matrix = density_matrix(spectra, score)
+    reasons = dict(score.excluded)
+    rows = max(len(names), 1)
+    label_size = 7 if rows <= 60 else 5
+    longest = max((len(n) for n in names), default=8) + 12  # room for " (negligible)"
+    left = min(0.055 * label_size * longest / 7 + 0.3, 5.0)
+    width = left + 7.5
+    height = min(0.16 * rows + 1.5, 40.0) if label_size == 7 else min(0.11 * rows + 1.5, 40.0)
     fig = Figure(figsize=(width, height))
-    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
-    colors = [f"C{i}" for i in range(10)]
-    for ax, (group, members) in zip(axes, groups.items()):
-        for i, name in enumerate(members):
-            if name in curves:
-                x, y = curves[name]
-                ax.plot(x, y, color=colors[i % 10], lw=1.2, label=name)
-        lines = ax.get_lines()
-        ax.legend(
-            lines,
-            [_short(str(line.get_label()), group) for line in lines],
-            fontsize=7,
-            loc="upper left",
-            framealpha=0.75,
-            edgecolor="none",
-            handlelength=1.2,
-            borderaxespad=0.2,
+    ax = fig.add_axes((left / width, 0.75 / height, 6.3 / width, 1 - 1.2 / height))
+    cmap = colormaps["magma"].copy()
+    cmap.set_bad("0.88")
+    finite = matrix[np.isfinite(matrix)]
+    peak = float(finite.max()) if finite.size else 1.0
+    shown = np.where(np.isfinite(matrix), np.maximum(matrix, 1e-3 * peak), np.nan)
+    if grid.size:
+        image = ax.imshow(
+            shown,
+            aspect="auto",
+            interpolation="nearest",
+            cmap=cmap,
+            norm=LogNorm(vmin=1e-3 * peak, vmax=peak),
+            extent=(grid[0], grid[-1], rows - 0.5, -0.5),
         )
-        # a title at a set height skips matplotlib's costly search for a free spot
-        ax.set_title(group, fontsize=9, pad=3, y=1.0)
-        ax.tick_params(labelsize=7)
-        ax.grid(True, which="major", lw=0.3, alpha=0.5)
-    for ax in axes[len(groups) :]:
-        ax.set_visible(False)
-    axes[0].set_xscale("log")
-    axes[0].set_yscale("log")
-    # no minor ticks (on log axes they cost most of the drawing): decades every other decade
-    axes[0].xaxis.set_major_locator(LogLocator(base=100.0))
-    axes[0].xaxis.set_minor_locator(NullLocator())
-    axes[0].yaxis.set_major_locator(LogLocator(base=10.0))
-    axes[0].yaxis.set_minor_locator(NullLocator())
-    if peak > 0:
-        axes[0].set_ylim(1e-3 * peak, 3 * peak)
-        axes[0].set_xlim(10 ** grid[0], 10 ** grid[-1])
-    note = _left_out(spectra, score)
-    fig.supxlabel(
-        "|eigenvalue| of the diagonal Hessian block",
+        colorbar = fig.colorbar(
+            image, cax=fig.add_axes((1 - 0.9 / width, 0.75 / height, 0.15 / width, 0.5))
+        )
+        colorbar.set_label("density per decade", fontsize=8)
+        colorbar.ax.tick_params(labelsize=7)
+        scale_of = dict(zip(score.blocks, score.scales))
+        ys = [r for r, n in enumerate(names) if n in scale_of and scale_of[n] > 0]
+        xs = [math.log10(scale_of[names[r]]) for r in ys]
+        ax.scatter(xs, ys, s=6, color="white", edgecolors="none", zorder=3)
+        decades = range(math.ceil(grid[0]), math.floor(grid[-1]) + 1)
+        ax.set_xticks(list(decades), [f"1e{d}" for d in decades], fontsize=7)
+    labels = [n if n not in reasons else f"{n} ({reasons[n].split(':')[0]})" for n in names]
+    ax.set_yticks(range(len(names)), labels, fontsize=label_size)
+    for tick, name in zip(ax.get_yticklabels(), names):
+        if name in reasons:
+            tick.set_color("0.45")
+    ax.set_xlabel("|eigenvalue| of the diagonal Hessian block (log scale)", fontsize=8)
+    ax.set_title(
+        f"Blockwise Hessian spectra: spread {score.spread:.2f} decades\n"
+        "one row per block, SLQ density smoothed 0.1 decade; dot: the block's curvature scale",
         fontsize=9,
-        y=(0.35 if note else 0.15) / height,
-    )
-    fig.supylabel("density per decade", fontsize=9, x=0.15 / width)
-    fig.suptitle(
-        f"Blockwise Hessian spectra, one panel per module (SLQ, smoothed 0.1 decade); "
-        f"spread {score.spread:.2f} decades",
-        fontsize=10,
-        y=1 - 0.12 / height,
-    )
-    if note:
-        fig.text(0.01, 0.05 / height, note, fontsize=7, color="0.35", wrap=True)
-    fig.subplots_adjust(
-        left=0.6 / width,
-        right=1 - 0.15 / width,
-        bottom=(0.75 if note else 0.6) / height,
-        top=1 - 0.45 / height,
-        wspace=0.08,
-        hspace=0.28,
+        loc="left",
     )
     return fig
 

@@ -170,7 +170,9 @@ class BlockOptimizer(Optimizer):
         logdir, writer: log every probe and switch to TensorBoard, into a new
             ``SummaryWriter`` at ``logdir`` or into your own ``writer`` (see
             :mod:`blockopt.logging.tensorboard`); nothing is logged when neither is given.
-        log_figures: also draw the density and JS-matrix figures at every probe.
+        log_figures: also draw the density heatmap and JS-matrix figures at every probe.
+        log_all_blocks: also log per-block scalars and histograms of the blocks the score
+            leaves out (round-off and unknown curvature; skipped by default).
         distributed: which data-parallel ranks probes combine (docs/DISTRIBUTED.md): ``None``
             those of DDP's group when ``model`` is DistributedDataParallel and
             torch.distributed is initialised; ``True`` always (DDP's or the default group), a
@@ -223,6 +225,7 @@ class BlockOptimizer(Optimizer):
         logdir: str | Path | None = None,
         writer: Any = None,
         log_figures: bool = True,
+        log_all_blocks: bool = False,
         distributed: Any = None,
         distributed_share: bool = True,
     ) -> None:
@@ -241,6 +244,7 @@ class BlockOptimizer(Optimizer):
                 "nesterov": nesterov,
                 "maximize": maximize,
                 "monitor_only": monitor_only,
+                "log_all_blocks": log_all_blocks,
                 "distributed_share": distributed_share,
             },
             search_steps=search_steps,
@@ -319,7 +323,7 @@ class BlockOptimizer(Optimizer):
         self.policy = SwitchPolicy(thresholds or Thresholds(), allowed=allowed)
         self.schedule = ProbeSchedule(every=probe_every, budget=probe_budget)
         logger = (
-            TensorBoardLogger(logdir, writer, figures=log_figures)
+            TensorBoardLogger(logdir, writer, figures=log_figures, all_blocks=log_all_blocks)
             if logdir is not None or writer is not None
             else None
         )
