@@ -572,8 +572,11 @@ def test_a_fault_on_one_rank_is_a_fault_on_every_rank(ranks, how):
     r0, r1 = ranks[0][how], ranks[1][how]
     expected = [(TRAIN, "probe_error"), (TRAIN + 2, "double_backward"), (TRAIN + 6, "non_finite")]
     assert r0["faults"] == r1["faults"] == expected
-    # Only rank 0 writes to TensorBoard: three switches and three failed probes.
-    assert r0["texts"] == ["blockopt/switches"] * 3 + ["blockopt/events"] * 3 and not r1["texts"]
+    # Only rank 0 writes to TensorBoard: three switches and three failed probes, and a summary
+    # of every probe that succeeded (those of training, and the one through the DDP wrapper).
+    texts = [tag for tag in r0["texts"] if tag != "blockopt/summary"]
+    assert texts == ["blockopt/switches"] * 3 + ["blockopt/events"] * 3 and not r1["texts"]
+    assert r0["texts"].count("blockopt/summary") == len(r0["spectra"]) + 1
     # After the third failure the retry at TRAIN + 6 + 8 succeeds on both ranks.
     assert [step for step, _ in r0["spectra"]][-2:] == [TRAIN - 2, TRAIN + 14]
     for a, b in zip(r0["params"], r1["params"]):
