@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 import blockopt
+from blockopt.analysis.tuning import block_lr_factors
 from blockopt.cli.demo import run_demo
 
 FACTORY = textwrap.dedent(
@@ -109,6 +111,35 @@ FACTORY = textwrap.dedent(
     def float_probe():
         model = _mlp()
         return model, lambda: float(model(torch.ones(2, 4)).sum())
+
+
+    # A float64 quadratic with known Hessian blocks: a's is indefinite (eigenvalues -2, 0.5, 3),
+    # b's positive definite (1, 4); c enters with zero curvature, d not at all.
+    EIGS_A, EIGS_B = (-2.0, 0.5, 3.0), (1.0, 4.0)
+    _Q = torch.linalg.qr(
+        torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0], [2.0, 0.0, 1.0]], dtype=torch.float64)
+    )[0]
+    A = _Q @ torch.diag(torch.tensor(EIGS_A, dtype=torch.float64)) @ _Q.T
+    B = torch.tensor(EIGS_B, dtype=torch.float64)
+
+
+    class Quadratic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.ones(3, dtype=torch.float64))
+            self.b = nn.Parameter(torch.ones(2, dtype=torch.float64))
+            self.c = nn.Parameter(torch.ones(2, dtype=torch.float64))
+            self.d = nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+
+    def quadratic():
+        model = Quadratic()
+
+        def probe():
+            a, b, c = model.a, model.b, model.c
+            return 0.5 * a @ A @ a + 0.5 * (B * b * b).sum() + 0.0 * (c * c).sum()
+
+        return model, probe
     '''
 )
 
@@ -158,11 +189,11 @@ def tinyfactory(factory_dir: Path, monkeypatch: pytest.MonkeyPatch):
     return importlib.import_module("tinyfactory")
 
 
-def _api_spectra(module, seed: int, **options):
+def _api_spectra(module, seed: int, factory: str = "make", **options):
     """What the CLI computes: the factory called right after seeding torch, then probed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, probe = module.make()
+        model, probe = getattr(module, factory)()
     return model, blockopt.block_spectra(model, probe, seed=seed, **options)
 
 
@@ -171,7 +202,7 @@ def _api_spectra(module, seed: int, **options):
 HELP = {
     "top": (["--help"], r"COMMAND.* demo .* probe .* tune "),
     "demo": (["demo", "--help"], r"--quick.*--logdir"),
-    "probe": (["probe", "--help"], r"cond is \|lambda\|max / \|lambda\|min"),
+    "probe": (["probe", "--help"], r"neg is the block's share of negative curvature"),
     "tune": (["tune", "--help"], r"param_groups"),
 }
 
@@ -259,6 +290,96 @@ def test_tune_writes_lrs_that_param_groups_loads(factory_dir, tmp_path, tinyfact
     torch.optim.SGD(groups, lr=0.05, momentum=0.9)  # loads into a plain optimizer
 
 
+def _rows(stdout: str) -> dict[str, list[str]]:
+    """The probe table's header (key ``"block"``) and rows, split into cells at 2+ spaces."""
+    lines = stdout.split("\n\n")[1].splitlines()
+    return {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in lines)}
+
+
+def _share_below_zero(s) -> float:
+    return sum(w for v, w in zip(s.ritz_values, s.ritz_weights) if v < 0) / sum(s.ritz_weights)
+
+
+def test_probe_table_of_a_quadratic_shows_the_signed_extremes_and_negative_share(
+    factory_dir, tmp_path, tinyfactory
+):
+    argv = ["probe", "tinyfactory:quadratic", "--steps", "3", "--json", "out.json"]
+    run = run_cli(argv, factory_dir, tmp_path)
+    assert run.returncode == 0, run.stderr
+    header = run.stdout.split("\n\n")[1].splitlines()[0]
+    assert header == "block  size  lambda_min  lambda_max    neg       trace"
+    rows = _rows(run.stdout)
+    assert "lr" not in rows["block"] and "cond" not in rows["block"]
+
+    _, spectra = _api_spectra(tinyfactory, 0, "quadratic", steps=3)
+    for name, eigs in (("a", tinyfactory.EIGS_A), ("b", tinyfactory.EIGS_B)):
+        s = spectra[name]
+        assert (s.lambda_min, s.lambda_max) == pytest.approx((min(eigs), max(eigs)), rel=1e-9)
+        share = _share_below_zero(s)
+        trace = f"{s.trace:.3e}"
+        assert rows[name] == [name, str(len(eigs)), f"{min(eigs):.3e}", f"{max(eigs):.3e}",
+                              f"{100 * share:.1f}%", trace]  # fmt: skip
+    assert rows["b"][4] == "0.0%"  # positive definite: no negative curvature
+    assert 0 < _share_below_zero(spectra["a"]) < 1  # one of a's three eigenvalues is negative
+    # c has zero curvature, d no part in the loss: both left out of the score, and marked so
+    assert rows["c"] == ["c", "2", "-", "-", "-", "-", "(left out: negligible curvature)"]
+    assert rows["d"] == ["d", "2", "-", "-", "-", "-", "(left out: unused)"]
+    assert "lr: not printed without --base-lr; give --base-lr LR" in run.stdout
+    assert "left out of the score: 2 block(s), 1 of them with negligible curvature" in run.stdout
+
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["base_lr"] is None and saved["suggested_lrs"] is None
+    assert saved["lr_factors"] == pytest.approx(block_lr_factors(spectra))
+    assert saved["negative_share"]["a"] == pytest.approx(_share_below_zero(spectra["a"]))
+    assert saved["negative_share"]["b"] == 0.0
+    assert dict(saved["heterogeneity"]["excluded"]).keys() == {"c", "d"}
+    assert "wrote the spectra, score, mode and lr factors to out.json" in run.stdout
+
+
+def test_probe_prints_the_lr_column_only_with_base_lr(factory_dir, tmp_path, tinyfactory):
+    argv = ["probe", "tinyfactory:quadratic", "--steps", "3", "--base-lr", "0.05"]
+    argv += ["--json", "out.json"]
+    run = run_cli(argv, factory_dir, tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = _rows(run.stdout)
+    assert rows["block"] == ["block", "size", "lambda_min", "lambda_max", "neg", "trace", "lr"]
+    _, spectra = _api_spectra(tinyfactory, 0, "quadratic", steps=3)
+    factors = block_lr_factors(spectra)
+    assert factors["a"] == pytest.approx(4 / 3) and factors["b"] == pytest.approx(1.0)
+    for name, f in factors.items():
+        assert rows[name][6] == f"{0.05 * f:.3g}"
+    assert rows["a"][6] == "0.0667" and rows["b"][6] == "0.05"
+    assert rows["c"][-1] == "(left out: negligible curvature)"
+    assert "lr: --base-lr 0.05 (the stiffest block's) times clip(rho_max / rho, 1, 100)" in (
+        run.stdout
+    )
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["base_lr"] == 0.05
+    assert saved["suggested_lrs"] == pytest.approx({n: 0.05 * f for n, f in factors.items()})
+
+
+def test_negative_share_counts_the_weight_below_the_round_off():
+    from blockopt.cli.main import negative_share
+
+    s = blockopt.BlockSpectrum(
+        "w", 4, (-1.0, -1e-12, 0.5, 2.0), (0.1, 0.2, 0.3, 0.4), 2.0, -1.0, 1.0, roundoff=1e-9
+    )
+    assert negative_share(s) == pytest.approx(0.1)  # -1e-12 lies within the round-off
+    assert negative_share(s, tol=0.0) == pytest.approx(0.3)
+    empty = blockopt.BlockSpectrum("e", 1, (), (), 0.0, 0.0, 0.0)
+    assert math.isnan(negative_share(empty))
+
+
+def test_short_reason_keeps_the_condition():
+    from blockopt.cli.main import short_reason
+
+    t = blockopt.Thresholds()
+    assert short_reason(t.reason(4.01)) == "score 4.01 > 1.5"
+    assert short_reason(t.reason(0.29, 3.02)) == "score 0.29 < 1 but max_ratio 3.02 > 2"
+    assert short_reason(f"stay: {t.reason(0.2)}") == "stay: score 0.20 < 1"
+    assert short_reason(None) == "-"
+
+
 # -- demo -----------------------------------------------------------------------------------------
 
 
@@ -287,6 +408,13 @@ def test_demo_prints_the_summary_and_writes_tensorboard_logs(factory_dir, tmp_pa
     # the bulk scores in SGD's band, but BatchNorm's gains sit 3 decades below: block SGD
     assert first_score < blockopt.Thresholds().sgd_below and probes == 1
     assert modes == "sgd@0 -> block_sgd@0"
+    # why: the deciding probe's condition, in the policy's own numbers
+    why = re.search(rf"^cnn\s+{auto.group(1)}\s.*= \d+%  (.*)$", out, re.M)
+    cond = re.fullmatch(r"score (\d\.\d\d) < 1 but max_ratio (\d\.\d\d) > 2", why.group(1))
+    assert cond and cond.group(1) == auto.group(1)
+    assert float(cond.group(2)) > blockopt.Thresholds().block_ratio
+    assert re.search(r"^model\s+score first probe\s+score at end\s+modes\s+probes\s+"
+                     r"probe overhead\s+why$", out, re.M)  # fmt: skip
 
     (run_dir,) = (tmp_path / "logs").iterdir()
     assert (
@@ -311,12 +439,16 @@ def test_demo_depends_only_on_the_seed(tmp_path):
 
     def outcome(seed: int, folder: str):
         results = run_demo(["cnn"], 6, tmp_path / folder, seed)
-        return [(r.optimizer, r.metrics, r.modes, r.first_score, r.end_score) for r in results]
+        return [
+            (r.optimizer, r.metrics, r.modes, r.first_score, r.end_score, r.reason) for r in results
+        ]
 
     first = outcome(1, "a")
     assert outcome(1, "b") == first
     assert outcome(2, "c") != first
     assert all(math.isfinite(m["train_loss"]) for _, m, *_ in first)
+    reasons = {optimizer: reason for optimizer, *_, reason in first}
+    assert reasons["sgd"] is None and reasons["adam"] is None and reasons["auto"]
     assert torch.get_num_threads() == threads
     assert torch.equal(torch.random.get_rng_state(), rng)
 
@@ -592,13 +724,26 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_runs):
 # -- in this process ------------------------------------------------------------------------------
 
 
+_IGNORED_BY_DEFAULT = (
+    DeprecationWarning,
+    PendingDeprecationWarning,
+    ImportWarning,
+    ResourceWarning,
+)
+
+
 def _main_in_process(argv: list[str]) -> int:
     """``blockopt.cli.main(argv)`` here, the torch, numpy and ``random`` seeding it does undone."""
     from blockopt.cli.main import main
 
     states = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # the filters of a fresh `python -m blockopt`, not pytest's (which show everything):
+            # a library's PendingDeprecationWarning must not reach the CLI's stderr here either
+            warnings.resetwarnings()
+            for category in _IGNORED_BY_DEFAULT:
+                warnings.simplefilter("ignore", category)
             return main(argv)
     finally:
         random.setstate(states[0])

@@ -60,8 +60,9 @@ MAX_THREADS = 1
 @dataclass
 class RunResult:
     """One training run. ``metrics`` holds ``train_loss``, ``held_out_loss`` and, on digits,
-    ``held_out_accuracy``; ``modes`` is ``[(mode, step), ...]`` from the start; scores and probe
-    times are ``None`` for the fixed optimizers."""
+    ``held_out_accuracy``; ``modes`` is ``[(mode, step), ...]`` from the start; scores, probe
+    times and ``reason`` (the policy's reason for auto's final mode, from the last probe that
+    switched, else the last probe) are ``None`` for the fixed optimizers."""
 
     task: str
     optimizer: str
@@ -77,6 +78,7 @@ class RunResult:
     probe_seconds: float | None = None
     probes: int = 0
     diverged_at: int | None = None  # the step whose loss was not finite; training stopped there
+    reason: str | None = None  # why auto is in its final mode: the deciding probe's reason
 
     @property
     def overhead(self) -> float | None:
@@ -196,6 +198,9 @@ def _finish_auto(opt: BlockOptimizer, work: Workload, result: RunResult) -> None
     result.probe_seconds = opt.probe_seconds
     result.probes = len(opt.history)
     result.first_score = opt.history[0].score if opt.history else None
+    switches = [d for d in opt.history if d.switched]
+    deciding = switches[-1] if switches else (opt.history[-1] if opt.history else None)
+    result.reason = deciding.reason if deciding is not None else None
     opt.close({f"final/{k}": v for k, v in result.metrics.items()})
     if result.diverged_at is not None:
         return  # no curvature at non-finite weights

@@ -20,19 +20,27 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, NoReturn, TextIO
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO
 
 from blockopt.curvature.blocks import STRATEGIES
+
+if TYPE_CHECKING:
+    from blockopt.curvature.spectra import BlockSpectrum
 
 __all__ = ["UsageError", "build_parser", "main"]
 
 MODELS = ("gpt", "vit", "cnn")
-CONDITION_HELP = (
-    "cond is |lambda|max / |lambda|min over the block's two extreme Ritz values: the condition "
-    "number of a positive definite block once Lanczos has converged at both ends, a lower bound "
-    "on |lambda|max / |lambda|min over all eigenvalues otherwise, inf when one of them is 0."
+COLUMNS_HELP = (
+    "Columns: lambda_min and lambda_max are the block's extreme Ritz values, signed (they bound "
+    "its extreme eigenvalues from inside and equal them once --steps reaches the block's size); "
+    "neg is the block's share of negative curvature, the SLQ weight on Ritz values below minus "
+    "its round-off level, in %; trace is the Hutchinson estimate; lr, printed only with "
+    "--base-lr, is --base-lr times the block's factor clip(rho_max / rho, 1, --max-factor), "
+    "rho = max(|lambda_max|, |lambda_min|). Blocks the heterogeneity score leaves out (negligible "
+    "curvature: within the round-off of their products; unused; no second derivative) show - "
+    "and a note saying why; --json keeps their raw values."
 )
 
 
@@ -230,14 +238,6 @@ def _measure(args: argparse.Namespace):
     return model, spectra
 
 
-def condition(lambda_max: float, lambda_min: float) -> float:
-    """``|lambda|max / |lambda|min`` over the two extreme Ritz values (see ``CONDITION_HELP``)."""
-    hi, lo = max(abs(lambda_max), abs(lambda_min)), min(abs(lambda_max), abs(lambda_min))
-    if not (math.isfinite(hi) and math.isfinite(lo)):
-        return math.nan
-    return hi / lo if lo > 0 else math.inf
-
-
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
     """Columns padded to their widest cell; columns in ``right`` are right-aligned."""
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
@@ -250,38 +250,88 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int
     return "\n".join(lines)
 
 
-def spectra_table(spectra, lrs: dict[str, float], excluded: dict[str, str]) -> str:
-    """One line per block: size, extreme Ritz values, trace, condition estimate, suggested lr."""
+def negative_share(s: BlockSpectrum, tol: float | None = None) -> float:
+    """The block's share of negative curvature: the SLQ weight on Ritz values below ``-tol``,
+    in ``[0, 1]``, over all the block's Ritz weights.
+
+    ``tol`` defaults to the block's round-off level (``s.roundoff``, 0 when unknown), so that
+    a Ritz value of -1e-17 in a positive semi-definite block does not count as negative
+    curvature. ``nan`` for a block without Ritz values or whose weights do not sum to a positive
+    finite number."""
+    limit = -(s.roundoff or 0.0) if tol is None else -tol
+    total = math.fsum(s.ritz_weights)
+    if not (math.isfinite(total) and total > 0):
+        return math.nan
+    below = math.fsum(w for v, w in zip(s.ritz_values, s.ritz_weights) if v < limit)
+    return below / total
+
+
+def _left_out_note(reason: str) -> str:
+    """The table note for a block the score leaves out: its reason's first clause."""
+    return f"(left out: {reason.split(':')[0]})"
+
+
+def spectra_table(
+    spectra: Mapping[str, BlockSpectrum],
+    excluded: Mapping[str, str],
+    lrs: Mapping[str, float] | None = None,
+) -> str:
+    """One line per block: size, signed extreme Ritz values, share of negative curvature,
+    trace and, when ``lrs`` is given, the block's learning rate (see ``COLUMNS_HELP``).
+
+    A block in ``excluded`` (block -> reason, as :attr:`blockopt.Heterogeneity.excluded` pairs
+    them) shows ``-`` for its curvature columns, whose values are round-off or missing, and a
+    note with the reason's first clause."""
     rows = []
     for name, s in spectra.items():
-        note = excluded.get(name, "")
-        rows.append(
-            [
-                name,
-                f"{s.numel:,}",
-                f"{s.lambda_max:.3e}",
+        reason = excluded.get(name)
+        if reason is None:
+            cells = [
                 f"{s.lambda_min:.3e}",
+                f"{s.lambda_max:.3e}",
+                _fmt_percent(negative_share(s)),
                 f"{s.trace:.3e}",
-                f"{condition(s.lambda_max, s.lambda_min):.3g}",
-                f"{lrs[name]:.3g}",
-                f"({note.split(':')[0]})" if note else "",
             ]
-        )
-    headers = ["block", "size", "lambda_max", "lambda_min", "trace", "cond", "lr", ""]
-    return _table(headers, rows, right={1, 2, 3, 4, 5, 6})
+        else:
+            cells = ["-"] * 4
+        row = [name, f"{s.numel:,}", *cells]
+        if lrs is not None:
+            row.append(f"{lrs[name]:.3g}")
+        row.append(_left_out_note(reason) if reason is not None else "")
+        rows.append(row)
+    headers = ["block", "size", "lambda_min", "lambda_max", "neg", "trace"]
+    if lrs is not None:
+        headers.append("lr")
+    headers.append("")
+    return _table(headers, rows, right=set(range(1, len(headers) - 1)))
+
+
+def _finite_or_none(value: float) -> float | None:
+    """``value`` for JSON, ``None`` (null) when it is not finite."""
+    return value if math.isfinite(value) else None
+
+
+def _fmt_percent(share: float) -> str:
+    """A share in ``[0, 1]`` as a percentage with one decimal, ``-`` when not finite."""
+    return f"{100 * share:.1f}%" if math.isfinite(share) else "-"
 
 
 def _report(args: argparse.Namespace, model, spectra) -> dict[str, Any]:
-    """Score, recommended mode and suggested learning rates, printed and returned."""
+    """Print the table, score, recommended mode and (with ``--base-lr``) the suggested learning
+    rates; return what ``--json`` adds to the spectra."""
     from blockopt.analysis.heterogeneity import heterogeneity
-    from blockopt.analysis.tuning import tune_block_lrs
+    from blockopt.analysis.tuning import block_lr_factors
     from blockopt.optimizer.policy import Thresholds
 
     h = heterogeneity(spectra)
-    lrs = tune_block_lrs(spectra, args.base_lr, max_factor=args.max_factor)
+    factors = block_lr_factors(spectra, max_factor=args.max_factor)
+    base_lr: float | None = args.base_lr
+    lrs = None if base_lr is None else {name: base_lr * f for name, f in factors.items()}
     thresholds = Thresholds()
     score = float(h)
     mode = thresholds.target(score, h.max_ratio)
+    reason = thresholds.reason(score, h.max_ratio)
+    excluded = dict(h.excluded)
     n_params = sum(s.numel for s in spectra.values())
     print(
         f"{args.target}: {type(model).__name__}, {len(spectra)} blocks (strategy "
@@ -290,27 +340,46 @@ def _report(args: argparse.Namespace, model, spectra) -> dict[str, Any]:
         f"Hessian-vector products in {spectra.seconds:.1f} s"
     )
     print()
-    print(spectra_table(spectra, lrs, dict(h.excluded)))
+    print(spectra_table(spectra, excluded, lrs))
     print()
     print(
         f"heterogeneity score: {score:.2f} decades (spread of the block curvature scales "
         f"max(|lambda_max|, |lambda_min|) over the bulk of the parameters)"
     )
-    print(f"recommended mode: {mode} ({thresholds.reason(score, h.max_ratio)})")
+    print(f"recommended mode: {mode} ({reason})")
     print(
-        "cond: |lambda|max / |lambda|min of the two extreme Ritz values (see --help); lr: base lr "
-        f"{args.base_lr:g} (the stiffest block's) times clip(rho_max / rho, 1, "
-        f"{args.max_factor:g}), rho = max(|lambda_max|, |lambda_min|)"
+        "lambda_min, lambda_max: the extreme Ritz values, signed; neg: share of negative "
+        "curvature (SLQ weight on negative Ritz values); trace: Hutchinson estimate (see --help)"
     )
+    if excluded:
+        negligible = len(h.negligible)
+        print(
+            f"left out of the score: {len(excluded)} block(s), {negligible} of them with "
+            "negligible curvature (within the round-off of their products: their numbers are "
+            "noise); - marks them, --json has their values and reasons (heterogeneity.excluded)"
+        )
+    if lrs is None:
+        print(
+            "lr: not printed without --base-lr; give --base-lr LR (your tuned SGD learning rate, "
+            "for the stiffest block) to see per-block rates, or run blockopt tune"
+        )
+    else:
+        print(
+            f"lr: --base-lr {base_lr:g} (the stiffest block's) times clip(rho_max / rho, 1, "
+            f"{args.max_factor:g}), rho = max(|lambda_max|, |lambda_min|); blocks left out take "
+            "their slices', the bulk's median or (negligible) the largest factor"
+        )
     return {
         "score": score,
         "heterogeneity": h.to_dict(),
         "recommended_mode": mode,
-        "reason": thresholds.reason(score, h.max_ratio),
-        "base_lr": args.base_lr,
+        "reason": reason,
+        "base_lr": base_lr,
         "max_factor": args.max_factor,
         "strategy": args.strategy,
+        "lr_factors": factors,
         "suggested_lrs": lrs,
+        "negative_share": {name: _finite_or_none(negative_share(s)) for name, s in spectra.items()},
     }
 
 
@@ -337,7 +406,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
             figure = density_figure(spectra)
             stage(args.plot, lambda f: figure.savefig(f, format=fmt, dpi=150))
     if args.json is not None:
-        print(f"wrote the spectra, score, mode and suggested lrs to {args.json}")
+        lrs = "suggested lrs" if args.base_lr is not None else "lr factors"
+        print(f"wrote the spectra, score, mode and {lrs} to {args.json}")
     if args.plot is not None:
         print(f"wrote the block densities to {args.plot}")
     return 0
@@ -421,8 +491,18 @@ def results_table(results) -> str:
     return _table(headers, rows, right={3, 4, 5})
 
 
+def short_reason(reason: str | None) -> str:
+    """A policy reason cut to its condition: ``"score 4.01 > 1.5: block curvatures ..."`` gives
+    ``"score 4.01 > 1.5"``; a reason to stay keeps its ``"stay: "``; ``-`` when there is none."""
+    if not reason:
+        return "-"
+    stay = reason.startswith("stay: ")
+    body = reason[len("stay: ") :] if stay else reason
+    return ("stay: " if stay else "") + body.split(":")[0].strip()
+
+
 def auto_table(results) -> str:
-    """Per model, blockopt's auto run: scores, modes over time and probe overhead."""
+    """Per model, blockopt's auto run: scores, modes over time, probe overhead and why."""
     rows = []
     for r in results:
         if r.optimizer != "auto":
@@ -442,9 +522,18 @@ def auto_table(results) -> str:
                 modes,
                 str(r.probes),
                 cost,
+                short_reason(r.reason),
             ]
         )
-    headers = ["model", "score first probe", "score at end", "modes", "probes", "probe overhead"]
+    headers = [
+        "model",
+        "score first probe",
+        "score at end",
+        "modes",
+        "probes",
+        "probe overhead",
+        "why",
+    ]
     return _table(headers, rows, right={1, 2, 4})
 
 
@@ -504,9 +593,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("blockopt auto")
     print(
         f"(score: heterogeneity in decades; below {t.sgd_below:g} calls for sgd (block_sgd "
-        f"if some blocks sit more than {t.block_ratio:g} decades below the stiffest), above "
-        f"{t.adam_above:g} for adam, block_sgd in between)"
+        f"if some blocks sit more than {t.block_ratio:g} decades below the stiffest: max_ratio), "
+        f"above {t.adam_above:g} for adam, block_sgd in between;"
     )
+    print(
+        " modes: mode@step, the start then each switch; probe overhead: seconds in probes and "
+        "lr searches / seconds of the training loop;"
+    )
+    print(" why: the condition that chose the final mode)")
     print(auto_table(results))
     print()
     print(f"done in {time.perf_counter() - start:.0f}s. TensorBoard logs: {logdir}")
@@ -625,23 +719,28 @@ def build_parser() -> argparse.ArgumentParser:
         "probe",
         help="print the block spectra, heterogeneity score and recommended mode of your model",
         description="Estimate every diagonal Hessian block's spectrum of your model's probe loss "
-        "(Lanczos on Hessian-vector products) and print, per block, its size, extreme Ritz values, "
-        "Hutchinson trace, condition estimate and suggested learning rate, then the heterogeneity "
-        "score and the mode it calls for. " + CONDITION_HELP,
+        "(Lanczos on Hessian-vector products) and print, per block, its size, "
+        "signed extreme Ritz values, share of negative curvature, Hutchinson trace and, with "
+        "--base-lr, suggested learning rate, then the heterogeneity score and the mode it calls "
+        "for. " + COLUMNS_HELP,
     )
     _add_probe_options(probe)
     probe.add_argument(
         "--base-lr",
         type=_positive_float,
-        default=0.1,
-        help="the learning rate for the stiffest block, e.g. your tuned SGD lr (default: 0.1)",
+        default=None,
+        metavar="LR",
+        help="the learning rate for the stiffest block, e.g. your tuned SGD lr: adds the lr "
+        "column, base_lr times each block's factor (without it no lr is printed; --json "
+        "always has the factors, lr_factors)",
     )
     probe.add_argument(
         "--json",
         type=Path,
         metavar="FILE",
-        help="also write Spectra.to_dict() with the score, recommended mode and suggested lrs to "
-        "FILE (blockopt.Spectra.from_dict reads it back)",
+        help="also write Spectra.to_dict() with the score, recommended mode, the blocks' lr "
+        "factors and shares of negative curvature and, with --base-lr, the suggested lrs to FILE "
+        "(blockopt.Spectra.from_dict reads it back)",
     )
     probe.add_argument(
         "--plot", type=Path, metavar="FILE.png", help="also draw every block's density to FILE"

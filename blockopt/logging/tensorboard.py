@@ -23,10 +23,10 @@ and ``sum`` are the block's smallest Ritz value and trace).
 
 Images: ``blockopt/densities``, a heatmap with one row per block in model order (named; the
 blocks the score leaves out grey and marked) against ``log10 |lambda|``, coloured by the SLQ
-density per decade, with a dot at each block's curvature scale, and ``blockopt/js_matrix``, the pairwise Jensen-Shannon distances,
-blocks ordered by curvature scale and labelled. Text: ``blockopt/summary``, one table per
-probe with every block's exact values (left-out ones last, with the reason), and
-``blockopt/switches``, an entry at every switch with the reason.
+density per decade, with a dot at each block's curvature scale, and ``blockopt/js_matrix``,
+the pairwise Jensen-Shannon distances, blocks ordered by curvature scale and labelled.
+Text: ``blockopt/summary``, one table per probe with every block's exact values (left-out ones
+last, with the reason), and ``blockopt/switches``, an entry at every switch with the reason.
 
 A custom-scalars layout puts the overview first, then for ``lambda_max`` and ``lr`` one chart
 of the stiffest and flattest few blocks and one chart per module (a handful of lines each);
@@ -477,8 +477,7 @@ def density_figure(spectra: Mapping[str, BlockSpectrum], score: Heterogeneity | 
     height = min(0.16 * rows + 1.5, 40.0) if label_size == 7 else min(0.11 * rows + 1.5, 40.0)
     fig = Figure(figsize=(width, height))
     ax = fig.add_axes((left / width, 0.75 / height, 6.3 / width, 1 - 1.2 / height))
-    cmap = colormaps["magma"].copy()
-    cmap.set_bad("0.88")
+    cmap = colormaps["magma"].with_extremes(bad="0.88")
     finite = matrix[np.isfinite(matrix)]
     peak = float(finite.max()) if finite.size else 1.0
     shown = np.where(np.isfinite(matrix), np.maximum(matrix, 1e-3 * peak), np.nan)
