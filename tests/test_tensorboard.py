@@ -415,3 +415,16 @@ def test_all_blocks_logs_the_left_out_blocks_too(tmp_path, gpt_probe):
     model = torch.nn.Linear(2, 1)
     with pytest.raises(TypeError, match="log_all_blocks must be True or False"):
         blockopt.BlockOptimizer(model, lambda: model(torch.ones(1, 2)).sum(), log_all_blocks=1)
+
+
+def test_the_js_matrix_is_drawn_only_while_it_can_be_read(tmp_path, monkeypatch, gpt_probe):
+    spectra, score = gpt_probe
+    for cap, drawn in ((len(score.blocks), True), (len(score.blocks) - 1, False)):
+        monkeypatch.setattr(tb, "JS_MAX_BLOCKS", cap)
+        logdir = tmp_path / str(cap)
+        logger = TensorBoardLogger(logdir)
+        logger.log_probe(0, spectra, score, "adam", {}, ProbeCost(1.0, 10, 0.1))
+        logger.close()
+        images = read(logdir).Tags()["images"]
+        assert "blockopt/densities" in images
+        assert ("blockopt/js_matrix" in images) is drawn

@@ -24,7 +24,8 @@ and ``sum`` are the block's smallest Ritz value and trace).
 Images: ``blockopt/densities``, a heatmap with one row per block in model order (named; the
 blocks the score leaves out grey and marked) against ``log10 |lambda|``, coloured by the SLQ
 density per decade, with a dot at each block's curvature scale, and ``blockopt/js_matrix``,
-the pairwise Jensen-Shannon distances, blocks ordered by curvature scale and labelled.
+the pairwise Jensen-Shannon distances, blocks ordered by curvature scale and labelled (up to
+``JS_MAX_BLOCKS`` included blocks, beyond which its labels could not be read).
 Text: ``blockopt/summary``, one table per probe with every block's exact values (left-out ones
 last, with the reason), and ``blockopt/switches``, an entry at every switch with the reason.
 
@@ -79,6 +80,8 @@ EXTREMES = 3
 SCALE_BUCKET = 0.25
 # The density heatmap: columns along log10 |lambda|, and the Gaussian smoothing in decades.
 DENSITY_COLUMNS = 300
+# The JS matrix figure is drawn up to this many blocks: at 20 inches a side, 0.08 in a row.
+JS_MAX_BLOCKS = 250
 DENSITY_SMOOTHING = 0.1
 """Width in decades of the buckets of the ``blockopt/log10_scale`` histogram."""
 
@@ -366,7 +369,7 @@ class TensorBoardLogger:
         self.writer.add_figure(
             "blockopt/densities", density_figure(spectra, score), step, close=False
         )
-        if len(score.blocks) > 1:
+        if 1 < len(score.blocks) <= JS_MAX_BLOCKS:  # beyond, its labels could not be read
             self.writer.add_figure("blockopt/js_matrix", js_figure(score), step, close=False)
 
     def _hparams(
