@@ -130,7 +130,7 @@ def test_switch_text_custom_scalars_and_hparams(tmp_path, probed):
     tags = set(ea.Tags()["scalars"])
     overview = layout.category[0]
     for chart in overview.chart:  # every overview chart draws logged top-level scalars
-        assert all(re.fullmatch(r"\^blockopt/\w+\$", t) for t in chart.multiline.tag)
+        assert all(re.fullmatch(r"\^blockopt(/|\\\.mode_lr/)\w+\$", t) for t in chart.multiline.tag)
     assert all(t[1:-1] in tags for c in overview.chart for t in c.multiline.tag if "lr" not in t)
     per_block = layout.category[1]
     charts = {chart.title: list(chart.multiline.tag) for chart in per_block.chart}
@@ -342,6 +342,12 @@ def test_optimizer_logs_every_probe_and_switch(tmp_path):
     assert ea.Scalars("final/loss")[0].value == 0.5
     assert ea.Scalars("blockopt/switch_count")[0].value == 1.0
     assert ea.Scalars("blockopt/final_mode")[0].value == 2.0
+    # each mode's learning rate at every probe; the last equal the optimizer's now (no
+    # scheduler, and the search ran at the switch of step 0)
+    for mode, lr in opt.mode_lrs.items():
+        events = ea.Scalars(f"blockopt.mode_lr/{mode}")
+        assert [e.step for e in events] == [0, 4, 8]
+        assert events[-1].value == pytest.approx(lr, rel=1e-6)
 
 
 def test_block_learning_rates_in_effect_are_logged(tmp_path):

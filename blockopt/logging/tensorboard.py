@@ -8,7 +8,8 @@ Scalars (TensorBoard groups charts by the part of the tag before ``/``; the top-
   ``blockopt/probe_seconds``, ``blockopt/probe_hvps``, ``blockopt/probe_share``: the probe's cost
   and the share of training wall time spent probing so far (``BlockOptimizer.probe_share``,
   which its ``probe_budget`` bounds); ``blockopt/lr_max``, ``blockopt/lr_min``: the largest and
-  smallest learning rate applied to a block with real curvature.
+  smallest learning rate applied to a block with real curvature; ``blockopt.mode_lr/<mode>``:
+  each mode's learning rate (``BlockOptimizer.mode_lrs``), in a section of its own.
 - ``blockopt.lambda_max/<block>``, ``blockopt.lr/<block>``: per block, its largest Ritz value
   and the learning rate in effect, in two sections of their own below ``blockopt``, and only
   for the blocks the score includes: blocks of negligible curvature (round-off, e.g. an
@@ -197,12 +198,21 @@ class TensorBoardLogger:
         mode: str,
         block_lrs: Mapping[str, float],
         cost: ProbeCost,
+        mode_lrs: Mapping[str, float] | None = None,
     ) -> None:
-        """Everything one probe measured, at global step ``step``."""
+        """Everything one probe measured, at global step ``step``; ``mode_lrs`` (each mode's
+        learning rate, ``BlockOptimizer.mode_lrs``) is logged as ``blockopt.mode_lr/<mode>``."""
         self._guard(
             "write the probe's scalars",
             lambda: self._scalars(step, spectra, score, mode, block_lrs, cost),
         )
+        for name, lr in (mode_lrs or {}).items():
+            self._guard(
+                "write the modes' learning rates",
+                lambda name=name, lr=lr: self.writer.add_scalar(
+                    f"blockopt.mode_lr/{name}", float(lr), step
+                ),
+            )
         self._guard("write the spectral histograms", lambda: self._histograms(step, spectra, score))
         self._guard(
             "write the probe's summary",
@@ -342,6 +352,10 @@ class TensorBoardLogger:
             "applied learning rates (largest, smallest)": [
                 "Multiline",
                 ["^blockopt/lr_max$", "^blockopt/lr_min$"],
+            ],
+            "learning rate per mode": [
+                "Multiline",
+                [rf"^blockopt\.mode_lr/{mode}$" for mode in MODES],
             ],
             "probe share of training time": ["Multiline", ["^blockopt/probe_share$"]],
             "probe seconds": ["Multiline", ["^blockopt/probe_seconds$"]],

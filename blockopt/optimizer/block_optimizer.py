@@ -677,7 +677,13 @@ class BlockOptimizer(Optimizer):
             start = time.perf_counter()
             cost = ProbeCost(seconds, outcome.spectra.hvps, self.probe_share)
             self.logger.log_probe(
-                outcome.step, outcome.spectra, outcome.score, self.mode, self.block_lrs(), cost
+                outcome.step,
+                outcome.spectra,
+                outcome.score,
+                self.mode,
+                self.block_lrs(),
+                cost,
+                self.mode_lrs,
             )
             self.logger.log_decision(decision)
             # writing the probe's dashboards (histograms, figures) is part of what it costs
