@@ -130,8 +130,11 @@ def test_switch_text_custom_scalars_and_hparams(tmp_path, probed):
     tags = set(ea.Tags()["scalars"])
     overview = layout.category[0]
     for chart in overview.chart:  # every overview chart draws logged top-level scalars
-        assert all(re.fullmatch(r"\^blockopt(/|\\\.mode_lr/)\w+\$", t) for t in chart.multiline.tag)
-    assert all(t[1:-1] in tags for c in overview.chart for t in c.multiline.tag if "lr" not in t)
+        for t in chart.multiline.tag:
+            assert re.fullmatch(r"\^blockopt(/|\\\.mode_lr/|\\\.train/)\w+\$", t), t
+    exact = [t[1:-1].replace("\\", "") for c in overview.chart for t in c.multiline.tag]
+    # (the learning-rate and every-10-steps tags need more steps than this run takes)
+    assert all(t in tags for t in exact if "lr" not in t and ".train/" not in t)
     per_block = layout.category[1]
     charts = {chart.title: list(chart.multiline.tag) for chart in per_block.chart}
     extremes = charts.pop("3 stiffest and 3 flattest blocks")
@@ -434,3 +437,30 @@ def test_the_js_matrix_is_drawn_only_while_it_can_be_read(tmp_path, monkeypatch,
         images = read(logdir).Tags()["images"]
         assert "blockopt/densities" in images
         assert ("blockopt/js_matrix" in images) is drawn
+
+
+def test_current_values_are_logged_every_10_steps(tmp_path):
+    """``blockopt.train/<name>`` repeats the latest probe's score and the current mode every 10
+    steps: a dense series for TensorBoard's smoothing."""
+    model, x, y, probe = _cnn_task(2)
+    opt = blockopt.BlockOptimizer(
+        model, probe, lr=0.05, steps=4, probe_every=4, logdir=tmp_path, log_figures=False
+    )
+    seen = {}
+    for _ in range(25):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if opt.step_count % 10 == 0:
+            seen[opt.step_count] = opt.metrics()
+    opt.close()
+    ea = read(tmp_path)
+    for name in ("score", "mode", "switches", "probe_share", "lr_applied"):
+        events = ea.Scalars(f"blockopt.train/{name}")
+        assert [e.step for e in events] == [10, 20]
+        for e in events:  # the probe share moves with the clock between the two readings
+            tolerance = {"abs": 0.05} if name == "probe_share" else {"rel": 1e-6}
+            assert e.value == pytest.approx(seen[e.step][f"blockopt/{name}"], **tolerance)
+    (at_20,) = [e.value for e in ea.Scalars("blockopt.train/score") if e.step == 20]
+    last = [s for step, s in opt.spectra_history if step < 20][-1]  # the probe at step 16
+    assert at_20 == pytest.approx(blockopt.heterogeneity(last).spread, rel=1e-6)

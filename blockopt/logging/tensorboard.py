@@ -36,10 +36,12 @@ of the stiffest and flattest few blocks and one chart per module (a handful of l
 HParams tab. Any failure of the writer (an unwritable directory, a full disk) gives one warning
 and turns logging off: training goes on. Under ``torch.distributed`` only rank 0 writes.
 
-Smoothing: the series have one point per probe, often only a few, and TensorBoard's default
-smoothing (0.6, an exponential moving average drawn as the bold line) bends them towards their
-first values. Set the "Smoothing" slider to 0 in the Scalars tab's settings (and in the Custom
-Scalars tab), or read the exact values from the ``blockopt/summary`` text.
+Smoothing: the probe-by-probe series have one point per probe, often only a few, and
+TensorBoard's default smoothing (0.6, an exponential moving average drawn as the bold line)
+bends them towards their first values. ``blockopt.train/<name>`` therefore repeats the current
+score, mode, switch count, probe share and applied learning rate every ``LOG_EVERY`` (10)
+training steps, a dense series that smoothing leaves readable; set the "Smoothing" slider to 0
+for the per-probe charts, or read their exact values in the ``blockopt/summary`` text.
 """
 
 from __future__ import annotations
@@ -227,6 +229,20 @@ class TensorBoardLogger:
             self._guard("draw the probe's figures", lambda: self._figures(step, spectra, score))
         self._guard("flush the event file", lambda: self.writer.flush())
 
+    def log_training(self, step: int, metrics: Mapping[str, float]) -> None:
+        """blockopt's current values (``BlockOptimizer.metrics()``, tags ``blockopt/<name>``)
+        as ``blockopt.train/<name>`` at training step ``step``: a dense series, one point every
+        few steps, that TensorBoard's smoothing does not bend the way it bends the few points
+        a probe-by-probe series has."""
+        for tag, value in metrics.items():
+            name = tag.removeprefix("blockopt/")
+            self._guard(
+                "write the training values",
+                lambda name=name, value=value: self.writer.add_scalar(
+                    f"blockopt.train/{name}", float(value), step
+                ),
+            )
+
     def log_decision(self, decision: Decision) -> None:
         """A text entry for a switch (decisions that keep the mode are in the scalars)."""
         if decision.switched:
@@ -352,6 +368,14 @@ class TensorBoardLogger:
             "applied learning rates (largest, smallest)": [
                 "Multiline",
                 ["^blockopt/lr_max$", "^blockopt/lr_min$"],
+            ],
+            "every 10 training steps: score, mode, probe share": [
+                "Multiline",
+                [
+                    r"^blockopt\.train/score$",
+                    r"^blockopt\.train/mode$",
+                    r"^blockopt\.train/probe_share$",
+                ],
             ],
             "learning rate per mode": [
                 "Multiline",

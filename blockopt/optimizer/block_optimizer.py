@@ -78,6 +78,8 @@ from blockopt.optimizer.validation import (
 
 __all__ = ["DEFAULT_PROBE_BUDGET", "DEFAULT_TOL", "BlockOptimizer"]
 
+# blockopt's current values go to TensorBoard every this many steps (blockopt.train/...).
+LOG_EVERY = 10
 # The default share of training wall time that probes (with their learning-rate searches) take.
 DEFAULT_PROBE_BUDGET = 0.03
 _NO_COPY = (
@@ -553,6 +555,8 @@ class BlockOptimizer(Optimizer):
         self.modes.sync(self._active, self.param_groups)
         self._active.optimizer.step()
         self.step_count += 1
+        if self.logger is not None and self.step_count % LOG_EVERY == 0:
+            self.logger.log_training(self.step_count, self.metrics())
         if self._watch is not None and self.step_count - self._watch.step > 2 * (
             self.guard_steps or 0
         ):  # too few training losses reported to judge the switch: let it stand
