@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from event_files import hparams_sessions
 from hidden_packages import HIDE
 from torch import nn
 
@@ -189,25 +190,6 @@ def _fit_from(
         trainer.fit(net, loader, ckpt_path=ckpt_path)
 
 
-def _sessions(logdir: Path) -> list[dict[str, Any]]:
-    """The HParams sessions (their hyperparameters) in every event file under ``logdir``."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    sessions = []
-    for path in sorted(logdir.rglob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.tag != "_hparams_/session_start_info":
-                    continue
-                data = plugin_data_pb2.HParamsPluginData.FromString(
-                    value.metadata.plugin_data.content
-                )
-                hparams = data.session_start_info.hparams
-                sessions.append({k: getattr(v, v.WhichOneof("kind")) for k, v in hparams.items()})
-    return sessions
-
-
 def _yaml(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -294,7 +276,7 @@ def test_automatic_optimisation_feeds_logs_and_writes_hparams_once(tmp_path):
     settings = {f"blockopt/{k}": v for k, v in opt.hparams().items()}
     assert recorder.hparams == [{"width": 16, **settings}]
     assert settings["blockopt/lr"] == 0.05 and settings["blockopt/probe_every"] == 4
-    (session,) = _sessions(tmp_path / "tb")
+    (session,) = hparams_sessions(tmp_path / "tb")
     assert session["width"] == 16 and session["blockopt/lr"] == 0.05
     assert _yaml(tmp_path / "tb" / "version_0" / "hparams.yaml") == {"width": 16, **settings}
     assert session["blockopt/start_mode"] == "sgd"
@@ -303,7 +285,7 @@ def test_automatic_optimisation_feeds_logs_and_writes_hparams_once(tmp_path):
 
     # blockopt's own writer: its probes are there, no second HParams session, closed once
     assert list((tmp_path / "bo").glob("events.out.tfevents.*"))
-    assert _sessions(tmp_path / "bo") == []
+    assert hparams_sessions(tmp_path / "bo") == []
     assert closes.close == [1] and closes.logger_close == [1]  # close(hparams=False): no session
     assert not opt.logger.enabled
     assert opt._optimizer_step_pre_hooks == {}  # the callback's hook is gone after the fit
@@ -340,7 +322,7 @@ def test_accumulation_feeds_the_mean_of_the_micro_batches_and_closes_into_its_ow
     assert net.received[2][1] == net.losses[4]  # a window of one: that batch's loss exactly
     assert opt.trial_clip is None
     assert closes.close == [1] and closes.logger_close == [1]  # opt.close() closes its writer
-    (session,) = _sessions(tmp_path / "bo")
+    (session,) = hparams_sessions(tmp_path / "bo")
     assert session["lr"] == 0.05 and session["probe_every"] == 4
 
 
@@ -370,7 +352,7 @@ def test_manual_optimisation_feeds_the_returned_losses_once(tmp_path, closure):
     # no save_hyperparameters: blockopt's settings alone, once, in hparams.yaml too
     settings = {f"blockopt/{k}": v for k, v in opt.hparams().items()}
     assert recorder.hparams == [settings]
-    (session,) = _sessions(tmp_path / "tb")
+    (session,) = hparams_sessions(tmp_path / "tb")
     assert session["blockopt/lr"] == 0.05 and session["blockopt/guard_steps"] == 20
     assert _yaml(tmp_path / "tb" / "version_0" / "hparams.yaml") == settings
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from event_files import hparams_sessions
 from hidden_packages import HIDE
 
 import blockopt
@@ -128,25 +129,6 @@ def _args(out: Path, **kwargs: Any) -> TrainingArguments:
     return TrainingArguments(**{**options, **kwargs})
 
 
-def _sessions(logdir: Path) -> list[dict[str, Any]]:
-    """The HParams sessions (their hyperparameters) in every event file under ``logdir``."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    sessions = []
-    for path in sorted(logdir.rglob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.tag != "_hparams_/session_start_info":
-                    continue
-                data = plugin_data_pb2.HParamsPluginData.FromString(
-                    value.metadata.plugin_data.content
-                )
-                hparams = data.session_start_info.hparams
-                sessions.append({k: getattr(v, v.WhichOneof("kind")) for k, v in hparams.items()})
-    return sessions
-
-
 def _scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -222,7 +204,7 @@ def test_losses_logs_clipping_and_closing(tmp_path):
     # clipping and closing
     assert opt.trial_clip == 0.5
     assert closes == [1]
-    (session,) = _sessions(tmp_path / "bo")
+    (session,) = hparams_sessions(tmp_path / "bo")
     assert session["lr"] == 0.05 and session["probe_every"] == 4 and session["start_mode"] == "sgd"
     (final,) = _scalars(tmp_path / "bo", "train_loss")
     assert final[1] == pytest.approx(trainer.state.log_history[-1]["train_loss"])
