@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from event_files import hparams_sessions
-from hidden_packages import HIDE
+from integration_support import HIDE, hparams_sessions, spy_losses
 from torch import nn
 
 import blockopt
@@ -37,20 +36,6 @@ def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.utils.da
     return torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=False
     )
-
-
-def _spy(opt: blockopt.BlockOptimizer) -> list[tuple[int, float]]:
-    """Every training loss the optimizer receives, with its step count when it came (both
-    ``step(closure)`` and ``observe_loss`` go through ``_observe``)."""
-    received: list[tuple[int, float]] = []
-    observe = opt._observe
-
-    def spy(value: float) -> None:
-        received.append((opt.step_count, value))
-        observe(value)
-
-    opt._observe = spy
-    return received
 
 
 class _Net(pl.LightningModule):
@@ -123,7 +108,7 @@ class _Net(pl.LightningModule):
             lr_search=False,
             **self.options,
         )
-        self.received = _spy(opt)
+        self.received = spy_losses(opt)
         return opt
 
 

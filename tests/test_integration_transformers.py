@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from event_files import hparams_sessions
-from hidden_packages import HIDE
+from integration_support import HIDE, hparams_sessions, spy_losses
 
 import blockopt
 
@@ -58,19 +57,6 @@ def _model() -> GPT2LMHeadModel:
         loss_type="ForCausalLM",
     )
     return GPT2LMHeadModel(config)
-
-
-def _spy(opt: blockopt.BlockOptimizer) -> list[tuple[int, float]]:
-    """Every training loss the optimizer receives, with its step count when it came."""
-    received: list[tuple[int, float]] = []
-    observe = opt._observe
-
-    def spy(value: float) -> None:
-        received.append((opt.step_count, value))
-        observe(value)
-
-    opt._observe = spy
-    return received
 
 
 def _optimizer(model: GPT2LMHeadModel, **options: Any) -> blockopt.BlockOptimizer:
@@ -150,7 +136,7 @@ def test_losses_logs_clipping_and_closing(tmp_path):
     HParams session, into blockopt's own writer."""
     model = _model()
     opt = _optimizer(model, logdir=tmp_path / "bo")
-    received = _spy(opt)
+    received = spy_losses(opt)
     args = _args(
         tmp_path / "out",
         max_steps=6,
@@ -215,7 +201,7 @@ def test_losses_logs_clipping_and_closing(tmp_path):
 def _run(out: Path, resume: str | None = None) -> tuple[Any, list[tuple[int, float]]]:
     model = _model()
     opt = _optimizer(model)
-    received = _spy(opt)
+    received = spy_losses(opt)
     args = _args(out, max_steps=8, save_strategy="steps", save_steps=4)
     trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(opt, None))
     trainer.add_callback(BlockoptCallback(trainer))

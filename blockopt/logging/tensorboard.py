@@ -208,13 +208,8 @@ class TensorBoardLogger:
             "write the probe's scalars",
             lambda: self._scalars(step, spectra, score, mode, block_lrs, cost),
         )
-        for name, lr in (mode_lrs or {}).items():
-            self._guard(
-                "write the modes' learning rates",
-                lambda name=name, lr=lr: self.writer.add_scalar(
-                    f"blockopt.mode_lr/{name}", float(lr), step
-                ),
-            )
+        lrs = {f"blockopt.mode_lr/{name}": lr for name, lr in (mode_lrs or {}).items()}
+        self._guard("write the modes' learning rates", lambda: self._add_scalars(lrs, step))
         self._guard("write the spectral histograms", lambda: self._histograms(step, spectra, score))
         self._guard(
             "write the probe's summary",
@@ -234,14 +229,12 @@ class TensorBoardLogger:
         as ``blockopt.train/<name>`` at training step ``step``: a dense series, one point every
         few steps, that TensorBoard's smoothing does not bend the way it bends the few points
         a probe-by-probe series has."""
-        for tag, value in metrics.items():
-            name = tag.removeprefix("blockopt/")
-            self._guard(
-                "write the training values",
-                lambda name=name, value=value: self.writer.add_scalar(
-                    f"blockopt.train/{name}", float(value), step
-                ),
-            )
+        values = {f"blockopt.train/{k.removeprefix('blockopt/')}": v for k, v in metrics.items()}
+        self._guard("write the training values", lambda: self._add_scalars(values, step))
+
+    def _add_scalars(self, values: Mapping[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, float(value), step)
 
     def log_decision(self, decision: Decision) -> None:
         """A text entry for a switch (decisions that keep the mode are in the scalars)."""

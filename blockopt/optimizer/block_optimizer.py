@@ -28,7 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import statistics
 import time
 import warnings
 from collections import OrderedDict
@@ -55,9 +54,9 @@ from blockopt.optimizer.controller import (
     measure,
 )
 from blockopt.optimizer.faults import fault_text
-from blockopt.optimizer.guard import GUARD_WINDOW, Watch, judge
+from blockopt.optimizer.guard import GUARD_WINDOW, Watch, judge, median_after
 from blockopt.optimizer.modes import BlockSGD
-from blockopt.optimizer.modeset import ActiveMode, ModeSet, mode_classes
+from blockopt.optimizer.modeset import ActiveMode, ModeSet, loss_sign, mode_classes
 from blockopt.optimizer.policy import (
     MODES,
     Decision,
@@ -153,8 +152,9 @@ class BlockOptimizer(Optimizer):
             ``lr_search=False``: keep the step-norm match.
         holdout: zero-argument callable returning the loss on a batch other than the probe's
             (e.g. the next batch of a validation loader): the trials train on the probe's
-            batch and are judged here, so the search climbs while this loss keeps falling
-            (up to 6 half-decades); ``None``: judged on the probe's batch, at most one step up.
+            batch and are judged here, so the search climbs while each step up lowers this
+            loss by at least 5% (up to 6 half-decades); ``None``: judged on the probe's batch,
+            at most one step up.
         modes: the modes probes may choose (default all three), e.g. ``("adam",)`` to tune
             within Adam's family; it must hold the starting mode. A score that calls for a
             mode left out takes the nearest one in the order sgd, block_sgd, adam.
@@ -278,7 +278,6 @@ class BlockOptimizer(Optimizer):
         self.holdout = holdout
         self.guard_steps = guard_steps
         self._watch: Watch | None = None
-        self._undo_due = False
         self.fixed_lrs = fixed
         self.strategy = strategy
         start = pin_mode or mode
@@ -545,7 +544,7 @@ class BlockOptimizer(Optimizer):
                 loss = closure()
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 self._observe(float(loss.detach()))
-        if self._undo_due:  # this step's gradient is of the parameters being put back
+        if self._verdict() == "undo":  # this step's gradient is of the parameters put back
             self._undo_switch()
             self.step_count += 1
             return loss
@@ -588,11 +587,16 @@ class BlockOptimizer(Optimizer):
         self.schedule.observe_loss(self.step_count, value)
         if self._watch is not None:
             self._watch = self._watch.seen(value)
-            sign = -1.0 if any(g.get("maximize") for g in self.param_groups) else 1.0
-            verdict = judge(self._watch, self.guard_steps or 0, self.schedule.noise_floor, sign)
-            if verdict == "keep":
+            if self._verdict() == "keep":
                 self._watch = None
-            self._undo_due = verdict == "undo"
+
+    def _verdict(self) -> str | None:
+        """The switch guard's verdict on the watched switch (:func:`.guard.judge`): ``None``
+        while there is none to judge yet."""
+        if self._watch is None:
+            return None
+        sign = loss_sign(self.param_groups)
+        return judge(self._watch, self.guard_steps or 0, self.schedule.noise_floor, sign)
 
     def _device(self) -> torch.device:
         return self.param_groups[0]["params"][0].device
@@ -666,7 +670,7 @@ class BlockOptimizer(Optimizer):
         )
         # Commit: nothing below can fail.
         active, decision, seconds = verdict.active, verdict.decision, verdict.seconds
-        self._watch, self._undo_due = None, False  # a new decision ends the watch of the last
+        self._watch = None  # a new decision ends the watch of the last
         if decision.switched and self.guard_steps is not None:
             self._watch = self._watch_of(outcome.step, decision.new_mode)
         if isinstance(active.optimizer, BlockSGD):
@@ -737,17 +741,19 @@ class BlockOptimizer(Optimizer):
             refused=self.policy.refused | {watch.mode},
             last_switch=self.step_count,
         )
-        window = watch.losses[: self.guard_steps]
+        window = self.guard_steps or 0
+        sign = loss_sign(self.param_groups)
+        after = sign * median_after(watch, window, sign)
         reason = (
-            f"undo: the median training loss over the {len(window)} steps after the switch "
-            f"to {watch.mode} at step {watch.step} was {statistics.median(window):.4g}, above "
+            f"undo: the median training loss over the {window} steps after the switch "
+            f"to {watch.mode} at step {watch.step} was {after:.4g}, above "
             f"{watch.reference:.4g} before it; the parameters and {previous.mode}'s state of "
             f"step {watch.step} are back, and {watch.mode} is not chosen again"
         )
         score = float(self.last_score) if self.last_score is not None else float("nan")
         decision = Decision(self.step_count, score, watch.mode, previous.mode, reason)
         self.recorder.history.append(decision)
-        self._watch, self._undo_due = None, False
+        self._watch = None
         warnings.warn(reason, ProbeFaultWarning, stacklevel=3)
         if self.logger is not None:
             self.logger.log_decision(decision)
@@ -942,7 +948,7 @@ class BlockOptimizer(Optimizer):
         self.policy = dataclasses.replace(
             self.policy, last_switch=plan.last_switch, refused=plan.refused
         )
-        self._watch, self._undo_due = None, False
+        self._watch = None
         self.schedule.load_state_dict(dict(plan.schedule))
         self.step_count = plan.step_count
         self.recorder.restore(

@@ -23,7 +23,7 @@ import torch
 
 from blockopt.optimizer.modeset import ActiveMode
 
-__all__ = ["GUARD_MARGIN", "GUARD_WINDOW", "Watch", "judge"]
+__all__ = ["GUARD_MARGIN", "GUARD_WINDOW", "Watch", "judge", "median_after"]
 
 # Training losses seen after a switch before it is judged: twice the search's default trial
 # length, enough for a median to see through batch-to-batch noise.
@@ -57,6 +57,14 @@ class Watch:
         return dataclasses.replace(self, losses=(*self.losses, loss))
 
 
+def median_after(watch: Watch, window: int, sign: float) -> float:
+    """The median of the first ``window`` losses after the switch, times ``sign`` (so lower is
+    better); a non-finite loss counts as worse than any finite one, whatever the sign."""
+    return statistics.median(
+        sign * v if math.isfinite(v) else math.inf for v in watch.losses[:window]
+    )
+
+
 def judge(watch: Watch, window: int, noise_floor: float, sign: float) -> str | None:
     """``"undo"`` when the median of the first ``window`` losses after the switch ends above
     the reference by more than ``max(GUARD_MARGIN * |reference|, noise_floor)``, ``"keep"``
@@ -66,9 +74,6 @@ def judge(watch: Watch, window: int, noise_floor: float, sign: float) -> str | N
     if not math.isfinite(watch.reference):
         return "keep"
     reference = sign * watch.reference
-    # a non-finite loss counts as worse than any finite one, whatever the sign
-    after = statistics.median(
-        sign * v if math.isfinite(v) else math.inf for v in watch.losses[:window]
-    )
+    after = median_after(watch, window, sign)
     allowed = max(GUARD_MARGIN * abs(reference), noise_floor)
     return "undo" if not after <= reference + allowed else "keep"

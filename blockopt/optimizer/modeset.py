@@ -251,6 +251,12 @@ class ModeSet:
         return switched
 
 
+def loss_sign(groups: Sequence[Mapping[str, Any]]) -> float:
+    """-1 when the groups maximize their objective (``maximize=True``), else 1: what a loss is
+    multiplied by so that lower always means better."""
+    return -1.0 if any(g.get("maximize") for g in groups) else 1.0
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

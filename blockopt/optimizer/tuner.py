@@ -33,7 +33,7 @@ from blockopt.optimizer.lr_search import (
 )
 from blockopt.optimizer.lr_trials import trial_loss
 from blockopt.optimizer.modes import BlockSGD
-from blockopt.optimizer.modeset import ActiveMode, ModeSet, family
+from blockopt.optimizer.modeset import ActiveMode, ModeSet, family, loss_sign
 from blockopt.optimizer.policy import ProbeFaultWarning
 
 __all__ = [
@@ -239,7 +239,7 @@ def _trial(
     state = active.optimizer.state_dict()  # its lrs are replaced below
     base_lrs = [g.get("initial_lr", g["lr"]) * active.scale for g in groups]
     params = [p for g in groups for p in g["params"] if p.requires_grad]
-    sign = -1.0 if any(g.get("maximize") for g in groups) else 1.0
+    sign = loss_sign(groups)
 
     def scratch(multiplier: float) -> Optimizer:
         opt = modes.build(active.mode, groups, active.scale, setup.blocks, setup.factors)
