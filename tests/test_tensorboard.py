@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import warnings
 
 import numpy as np
@@ -179,6 +180,33 @@ def test_a_failing_writer_warns_once_and_training_goes_on(probed):
         logger.log_decision(Decision(1, 3.0, "sgd", "adam", "r"))
         logger.close({"lr": 0.1}, {"m": 1.0})
     assert FullDisk.calls == 1
+
+
+def test_a_full_disk_gives_one_warning_and_no_traceback(tmp_path, probed, monkeypatch):
+    """The writer's own thread dies on the failed write; its traceback is not printed (the
+    hook it would go to sees nothing), and blockopt's one warning says what happened."""
+    spectra, score = probed
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    logger = TensorBoardLogger(tmp_path, figures=False)
+    async_writer = logger.writer._get_file_writer().event_writer._async_writer
+
+    def full(data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    async_writer._writer.write = full
+    with pytest.warns(RuntimeWarning, match="No space left on device") as caught:
+        for step in range(3):
+            logger.log_probe(step, spectra, score, "sgd", {}, ProbeCost(0.1, 1, 0.0))
+    assert len(caught) == 1 and not logger.enabled
+    async_writer._worker.join(timeout=10)
+    assert not async_writer._worker.is_alive()
+    assert isinstance(async_writer._worker.exception, OSError)
+    assert seen == []  # no traceback printed for the writer's thread
+    other = threading.Thread(target=lambda: 1 / 0)  # every other thread's error still shows
+    other.start()
+    other.join()
+    assert [type(args.exc_value) for args in seen] == [ZeroDivisionError]
 
 
 def test_an_unwritable_log_directory_warns_once(tmp_path):

@@ -46,12 +46,16 @@ for the per-probe charts, or read their exact values in the ``blockopt/summary``
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import math
 import sys
+import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +65,8 @@ import numpy as np
 
 from blockopt.analysis.heterogeneity import Heterogeneity
 from blockopt.curvature.spectra import BlockSpectrum, Spectra
+from blockopt.logging import figures
+from blockopt.logging.renderer import FigureJob, FigureRenderer, shared_renderer
 from blockopt.optimizer.policy import MODES, Decision
 
 __all__ = [
@@ -132,7 +138,10 @@ class TensorBoardLogger:
 
     Give either ``logdir`` (a ``SummaryWriter`` is created there, and closed by :meth:`close`)
     or ``writer`` (your own ``SummaryWriter``, e.g. Lightning's ``logger.experiment``; it is
-    flushed, not closed). ``figures=False`` skips the matplotlib figures, the slowest part.
+    flushed, not closed). ``figures=False`` skips the matplotlib figures. They are drawn in a
+    separate process (:mod:`blockopt.logging.renderer`) while training goes on, and written at
+    the next call that finds them done, at :meth:`close`, or at exit; a writer without
+    ``_get_file_writer`` (not a ``SummaryWriter``) gets them drawn here, through ``add_figure``.
     ``all_blocks=True`` also writes the per-block scalars and histograms of the blocks the
     score leaves out (round-off and unknown curvature), which are skipped by default.
     """
@@ -144,6 +153,7 @@ class TensorBoardLogger:
         *,
         figures: bool = True,
         all_blocks: bool = False,
+        renderer: FigureRenderer | None = None,
     ) -> None:
         if (logdir is None) == (writer is None):
             raise ValueError(
@@ -156,12 +166,16 @@ class TensorBoardLogger:
             )
         self.figures = figures
         self.all_blocks = all_blocks
+        self._renderer = renderer
+        self._pending: list[tuple[str, int, FigureJob]] = []  # figures being drawn
         self.enabled = _rank() == 0
         self._owns_writer = writer is None
         self._layout_written = False
         self.writer = writer
         if self.enabled and writer is None:
             self._guard("create the writer", lambda: self._open(logdir))
+        if self.enabled:
+            _report_write_failures_once(self.writer)
 
     def _open(self, logdir: str | Path | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -222,6 +236,7 @@ class TensorBoardLogger:
             self._layout_written = True
         if self.figures:
             self._guard("draw the probe's figures", lambda: self._figures(step, spectra, score))
+        self._guard("write the probe's figures", lambda: self._drain(wait=False))
         self._guard("flush the event file", lambda: self.writer.flush())
 
     def log_training(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -231,6 +246,8 @@ class TensorBoardLogger:
         a probe-by-probe series has."""
         values = {f"blockopt.train/{k.removeprefix('blockopt/')}": v for k, v in metrics.items()}
         self._guard("write the training values", lambda: self._add_scalars(values, step))
+        if self._pending:
+            self._guard("write the probe's figures", lambda: self._drain(wait=False))
 
     def _add_scalars(self, values: Mapping[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -262,6 +279,8 @@ class TensorBoardLogger:
     ) -> None:
         """Write ``hparams`` and final ``metrics`` (also as scalars at ``step``) to the HParams
         tab when given, then flush, and close the writer if this logger created it."""
+        if self._pending:
+            self._guard("write the probe's figures", lambda: self._drain(wait=True))
         if hparams:
             self._guard(
                 "write the hyperparameters", lambda: self._hparams(hparams, metrics or {}, step)
@@ -397,11 +416,35 @@ class TensorBoardLogger:
     def _figures(
         self, step: int, spectra: Mapping[str, BlockSpectrum], score: Heterogeneity
     ) -> None:
-        self.writer.add_figure(
-            "blockopt/densities", density_figure(spectra, score), step, close=False
-        )
+        jobs = [("blockopt/densities", FigureJob("densities", density_arguments(spectra, score)))]
         if 1 < len(score.blocks) <= JS_MAX_BLOCKS:  # beyond, its labels could not be read
-            self.writer.add_figure("blockopt/js_matrix", js_figure(score), step, close=False)
+            jobs.append(("blockopt/js_matrix", FigureJob("js_matrix", js_arguments(score))))
+        if not callable(getattr(self.writer, "_get_file_writer", None)):
+            for tag, job in jobs:  # a writer of figures only: draw them here
+                with _default_style():
+                    figure = figures.KINDS[job.kind](**job.arguments)
+                self.writer.add_figure(tag, figure, step, close=False)
+            return
+        _live.add(self)
+        renderer = self._renderer or shared_renderer()
+        self._pending += [(tag, step, renderer.submit(job)) for tag, job in jobs]
+
+    def _drain(self, *, wait: bool) -> None:
+        """Write the figures that are drawn (with ``wait``, all of them, waiting as needed)."""
+        renderer = self._renderer or shared_renderer()
+        pending, self._pending = self._pending, []
+        for tag, step, job in pending:
+            if wait or job.lost:
+                renderer.wait(job)
+            if not job.done:
+                self._pending.append((tag, step, job))
+                continue
+            if job.error is not None:
+                self._pending = []  # logging stops: the rest is not written
+                raise RuntimeError(f"{tag} could not be drawn: {job.error}")
+            self.writer._get_file_writer().add_summary(_image_summary(tag, job.data), step)
+        if len(self._pending) < len(pending):
+            self.writer.flush()
 
     def _hparams(
         self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int | None
@@ -486,6 +529,29 @@ def density_matrix(
     return names, grid, matrix
 
 
+def density_arguments(spectra: Mapping[str, BlockSpectrum], score: Heterogeneity) -> dict[str, Any]:
+    """What :func:`blockopt.logging.figures.draw_density` draws, as plain numbers."""
+    names, grid, matrix = density_matrix(spectra, score)
+    return {
+        "names": names,
+        "grid": grid.tolist(),
+        "matrix": matrix.tolist(),
+        "reasons": dict(score.excluded),
+        "scales": dict(zip(score.blocks, score.scales)),
+        "spread": score.spread,
+    }
+
+
+def js_arguments(score: Heterogeneity) -> dict[str, Any]:
+    """What :func:`blockopt.logging.figures.draw_js` draws, as plain numbers."""
+    return {
+        "blocks": list(score.blocks),
+        "scales": list(score.scales),
+        "js_matrix": np.asarray(score.js_matrix, dtype=np.float64).tolist(),
+        "js": score.js,
+    }
+
+
 def density_figure(spectra: Mapping[str, BlockSpectrum], score: Heterogeneity | None = None):
     """Every block's spectrum in one picture: a heatmap with one row per block, in model
     order and named, against ``log10 |lambda|`` (columns), coloured by the block's SLQ density
@@ -493,102 +559,17 @@ def density_figure(spectra: Mapping[str, BlockSpectrum], score: Heterogeneity | 
     curvature scale. Blocks whose curvature differs by decades sit decades apart along a row;
     blocks ``score`` leaves out are grey rows marked with why. ``score`` is computed when not
     given. A plain matplotlib ``Figure`` (no pyplot, so no global state or GUI backend)."""
-    from matplotlib import colormaps
-    from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
-
     if score is None:
         from blockopt.analysis.heterogeneity import heterogeneity
 
         score = heterogeneity(spectra)
-    names, grid, matrix = density_matrix(spectra, score)
-    reasons = dict(score.excluded)
-    rows = max(len(names), 1)
-    label_size = 7 if rows <= 60 else 5
-    longest = max((len(n) for n in names), default=8) + 12  # room for " (negligible)"
-    left = min(0.055 * label_size * longest / 7 + 0.3, 5.0)
-    width = left + 7.5
-    height = min(0.16 * rows + 1.5, 40.0) if label_size == 7 else min(0.11 * rows + 1.5, 40.0)
-    fig = Figure(figsize=(width, height))
-    ax = fig.add_axes((left / width, 0.75 / height, 6.3 / width, 1 - 1.2 / height))
-    cmap = colormaps["magma"].with_extremes(bad="0.88")
-    finite = matrix[np.isfinite(matrix)]
-    peak = float(finite.max()) if finite.size else 1.0
-    shown = np.where(np.isfinite(matrix), np.maximum(matrix, 1e-3 * peak), np.nan)
-    if grid.size:
-        image = ax.imshow(
-            shown,
-            aspect="auto",
-            interpolation="nearest",
-            cmap=cmap,
-            norm=LogNorm(vmin=1e-3 * peak, vmax=peak),
-            extent=(grid[0], grid[-1], rows - 0.5, -0.5),
-        )
-        colorbar = fig.colorbar(
-            image, cax=fig.add_axes((1 - 0.9 / width, 0.75 / height, 0.15 / width, 0.5))
-        )
-        colorbar.set_label("density per decade", fontsize=8)
-        colorbar.ax.tick_params(labelsize=7)
-        scale_of = dict(zip(score.blocks, score.scales))
-        ys = [r for r, n in enumerate(names) if n in scale_of and scale_of[n] > 0]
-        xs = [math.log10(scale_of[names[r]]) for r in ys]
-        ax.scatter(xs, ys, s=6, color="white", edgecolors="none", zorder=3)
-        decades = range(math.ceil(grid[0]), math.floor(grid[-1]) + 1)
-        ax.set_xticks(list(decades), [f"1e{d}" for d in decades], fontsize=7)
-    labels = [n if n not in reasons else f"{n} ({reasons[n].split(':')[0]})" for n in names]
-    ax.set_yticks(range(len(names)), labels, fontsize=label_size)
-    for tick, name in zip(ax.get_yticklabels(), names):
-        if name in reasons:
-            tick.set_color("0.45")
-    ax.set_xlabel("|eigenvalue| of the diagonal Hessian block (log scale)", fontsize=8)
-    ax.set_title(
-        f"Blockwise Hessian spectra: spread {score.spread:.2f} decades\n"
-        "one row per block, SLQ density smoothed 0.1 decade; dot: the block's curvature scale",
-        fontsize=9,
-        loc="left",
-    )
-    return fig
+    return figures.draw_density(**density_arguments(spectra, score))
 
 
 def js_figure(score: Heterogeneity):
     """Heatmap of the pairwise Jensen-Shannon distances between the included blocks, ordered
-    from the stiffest to the flattest (blocks of similar scale and shape form dark squares on
-    the diagonal). Rows are labelled ``index name (scale)`` and columns by index; the figure
-    grows with the number of blocks so that labels stay readable; values are printed in the
-    cells when there are few blocks."""
-    from matplotlib.figure import Figure
-
-    n = len(score.blocks)
-    order = sorted(range(n), key=lambda i: -score.scales[i])
-    matrix = np.asarray(score.js_matrix, dtype=np.float64)[np.ix_(order, order)]
-    side = min(max(0.2 * n, 3.0), 20.0)
-    font = min(max(0.55 * 72 * side / max(n, 1), 4.0), 9.0)
-    labels = [f"{k} {score.blocks[i]} ({score.scales[i]:.1e})" for k, i in enumerate(order)]
-    label_width = max((len(t) for t in labels), default=0) * font * 0.62 / 72 + 0.3
-    width, height = max(side + label_width + 1.3, 6.0), side + 1.2
-    fig = Figure(figsize=(width, height))
-    ax = fig.add_axes((label_width / width, 0.45 / height, side / width, side / height))
-    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="magma", interpolation="nearest")
-    ax.set_xticks(range(n), [str(k) for k in range(n)], fontsize=font)
-    ax.set_yticks(range(n), labels, fontsize=font)
-    ax.tick_params(length=2, pad=1)
-    if n <= 12:
-        for r in range(n):
-            for c in range(n):
-                v = matrix[r, c]
-                color = "white" if v < 0.6 else "black"
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
-    fig.suptitle(
-        f"Pairwise JS distance between block densities (mean {score.js:.2f})\n"
-        "blocks ordered by curvature scale, stiffest first",
-        fontsize=10,
-        y=1 - 0.08 / height,
-    )
-    cax = fig.add_axes(
-        ((label_width + side + 0.25) / width, 0.45 / height, 0.2 / width, side / height)
-    )
-    fig.colorbar(image, cax=cax).ax.tick_params(labelsize=8)
-    return fig
+    from the stiffest to the flattest (:func:`blockopt.logging.figures.draw_js`)."""
+    return figures.draw_js(**js_arguments(score))
 
 
 def summary_text(
@@ -692,3 +673,57 @@ def _runs(url: str) -> list[str]:
             return json.loads(response.read())
     except (OSError, ValueError):
         return []
+
+
+def _image_summary(tag: str, png: bytes):
+    """A TensorBoard image summary of an encoded PNG (its size read from the PNG header)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
+def _default_style() -> contextlib.AbstractContextManager:
+    import matplotlib.style
+
+    return matplotlib.style.context("default")
+
+
+_live: weakref.WeakSet[TensorBoardLogger] = weakref.WeakSet()
+"""Loggers with figures being drawn: at exit, the figures are written before the writer goes."""
+
+
+@atexit.register
+def _write_pending_figures() -> None:
+    for logger in list(_live):
+        if logger._pending:
+            logger._guard("write the probe's figures", functools.partial(logger._drain, wait=True))
+
+
+_quiet_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def _report_write_failures_once(writer: Any) -> None:
+    """A ``SummaryWriter`` writes on a thread of its own, which on a failed write (a full disk)
+    prints the error's traceback as it ends; the writer's next call raises the same error, which
+    the logger reports in its one warning. So a traceback from that thread is not printed; any
+    other thread's still is."""
+    try:
+        thread = writer._get_file_writer().event_writer._async_writer._worker
+    except AttributeError:  # another writer, or another version: its errors print as they do
+        return
+    if not isinstance(thread, threading.Thread):
+        return
+    _quiet_threads.add(thread)
+    if getattr(threading.excepthook, "_blockopt", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if args.thread is not None and args.thread in _quiet_threads:
+            return
+        previous(args)
+
+    hook._blockopt = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
