@@ -25,6 +25,7 @@ block's curvature from round-off.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ __all__ = [
     "DEFAULT_BANDWIDTH",
     "LanczosResult",
     "accurate_dot",
+    "available_memory",
+    "check_lanczos_size",
     "check_tol",
     "gaussian_density",
     "lanczos",
@@ -146,6 +149,77 @@ def accurate_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.sum(a * b, dtype=wide))
 
 
+MAX_REORTH_FLOPS = 1e13
+"""The most floating-point operations a probe's reorthogonalisation may take, about ``4 n k^2``
+for ``k`` steps on ``n`` coordinates summed over the runs: minutes on a CPU core. SLQ needs 10
+to 100 steps; a request beyond this is a mistake (``steps=10**9``), refused before any
+product."""
+MEMORY_SHARE = 0.5
+"""A probe's Lanczos bases may take at most this share of the memory available on their device
+(``MemAvailable`` on Linux, free memory on CUDA)."""
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes available for new tensors on ``device``, or ``None`` where that is not known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_lanczos_size(
+    sizes: Sequence[int],
+    steps: int,
+    starts: Sequence[torch.Tensor],
+    reorthogonalize: bool = True,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Refuse, before any product, Lanczos runs of ``steps`` steps on operators of ``sizes``
+    coordinates (vectors like ``starts``) whose bases would take more than ``MEMORY_SHARE`` of
+    the memory available or whose reorthogonalisation more than ``MAX_REORTH_FLOPS``; the
+    message gives the numbers and the largest run (named by ``names``, else by its index)."""
+    if not reorthogonalize or not sizes:
+        return
+    ks = [min(steps, n) for n in sizes]
+    label = (
+        [f"block {name!r}" for name in names]
+        if names
+        else [f"operator {i}" for i in range(len(sizes))]
+    )
+    big = max(range(len(sizes)), key=lambda i: ks[i] * sizes[i])
+    where = f"the largest, {label[big]}, has {sizes[big]:,} coordinates"
+    flops = sum(4.0 * n * k * k for n, k in zip(sizes, ks))
+    if flops > MAX_REORTH_FLOPS:
+        raise ValueError(
+            f"{steps:,} Lanczos steps with full reorthogonalisation would take about "
+            f"{flops:.1e} floating-point operations for the basis alone ({where}), hours on a "
+            f"CPU; SLQ needs 10 to 100 steps: ask for fewer steps"
+        )
+    by_device: dict[torch.device, int] = {}
+    for n, k, v in zip(sizes, ks, starts):
+        by_device[v.device] = by_device.get(v.device, 0) + k * n * v.element_size()
+    for device, need in by_device.items():
+        have = available_memory(device)
+        if have is not None and need > MEMORY_SHARE * have:
+            raise ValueError(
+                f"the Lanczos bases of {steps:,} steps need {need / 2**30:.2f} GiB on {device} "
+                f"(one vector per step per block; {where}), more than half of the "
+                f"{have / 2**30:.2f} GiB available: ask for fewer steps, probe fewer or "
+                "smaller blocks at a time (blocks=), or split the largest (a finer partition)"
+            )
+
+
 def random_start(
     n: int, *, generator: torch.Generator, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
@@ -194,7 +268,12 @@ def lanczos_many(
 
     With ``reorthogonalize`` (the default) every new vector is orthogonalised twice against all
     previous ones (classical Gram-Schmidt, "twice is enough"), so Ritz values do not repeat as
-    ghosts; the memory cost is ``steps`` vectors per operator.
+    ghosts. Memory: the basis, ``min(steps, n)`` vectors per operator in one tensor allocated at
+    the start (pages the run never reaches are never touched), plus a handful of vectors in
+    flight (the product, the residual and its Gram-Schmidt temporaries, two ``(steps,)``
+    coefficient vectors); without reorthogonalisation, the handful alone.
+    :func:`check_lanczos_size` refuses a run whose basis could not fit or whose
+    reorthogonalisation could not finish in reasonable time, before any product.
 
     Each run's ``roundoff`` (see the module docstring) costs two dot products per step and no
     stored vector: ``v_j . (A v_{j-1})`` once ``v_j`` is formed, ``v_{j-1} . (A v_j)`` when the
@@ -206,8 +285,13 @@ def lanczos_many(
     k = len(starts)
     if k == 0:
         return []
-    basis: list[list[torch.Tensor]] = []
+    check_lanczos_size([v0.numel() for v0 in starts], steps, starts, reorthogonalize)
+    # Run i's Lanczos vectors, one row per step, in one tensor allocated up front: the
+    # reorthogonalisation reads its rows as a view, so no step copies the basis.
+    basis: list[torch.Tensor] = []
+    filled: list[int] = []  # rows of basis[i] in use
     current: list[torch.Tensor] = []
+    previous: list[torch.Tensor | None] = []  # v_{j-1} of run i
     limits: list[int] = []
     tols: list[float] = []
     for v0 in starts:
@@ -221,9 +305,14 @@ def lanczos_many(
         if not torch.isfinite(norm) or norm == 0:
             raise ValueError("a start vector is zero or not finite")
         v = v0 / norm
-        current.append(v)
-        basis.append([v])
-        limits.append(min(steps, v0.numel()))
+        limit = min(steps, v0.numel())
+        rows = limit if reorthogonalize else 1
+        basis.append(torch.empty((rows, v.numel()), dtype=v.dtype, device=v.device))
+        basis[-1][0] = v
+        filled.append(1)
+        current.append(basis[-1][0])
+        previous.append(None)
+        limits.append(limit)
         eps = torch.finfo(v0.dtype).eps
         tols.append(100.0 * eps * math.sqrt(v0.numel()))
     alphas: list[list[float]] = [[] for _ in range(k)]
@@ -253,12 +342,12 @@ def lanczos_many(
                 )
             alphas[i].append(alpha)
             w = w - alpha * v
-            if len(basis[i]) > 1:
-                w = w - betas[i][-1] * basis[i][-2]
-                defect = abs(accurate_dot(basis[i][-2], product) - lower[i])
+            if previous[i] is not None:
+                w = w - betas[i][-1] * previous[i]
+                defect = abs(accurate_dot(previous[i], product) - lower[i])
                 roundoff[i] = defect if roundoff[i] is None else max(roundoff[i], defect)
             if reorthogonalize:
-                stack = torch.stack(basis[i])
+                stack = basis[i][: filled[i]]  # a view
                 for _ in range(2):
                     w = w - stack.T @ (stack @ w)
             beta = float(torch.linalg.vector_norm(w))
@@ -278,12 +367,14 @@ def lanczos_many(
                     done[i] = settled[i] = True
                     continue
             betas[i].append(beta)
-            v_next = w / beta
-            lower[i] = accurate_dot(v_next, product)
             if reorthogonalize:
-                basis[i].append(v_next)
+                v_next = basis[i][filled[i]]
+                torch.div(w, beta, out=v_next)
+                filled[i] += 1
             else:
-                basis[i] = [basis[i][-1], v_next]
+                v_next = w / beta
+            lower[i] = accurate_dot(v_next, product)
+            previous[i] = v
             current[i] = v_next
             still.append(i)
         active = still

@@ -514,7 +514,11 @@ def _starts(
     hessian: BlockHessian, blocks: Sequence[Block], indices: Iterable[int], probes: int, seed: int
 ) -> list[torch.Tensor]:
     """The start vectors of the blocks at ``indices``, ``probes`` per block: each block's depend
-    only on ``seed`` and its name, so every rank draws the same ones."""
+    only on ``seed`` and its name, so every rank draws the same ones. They are at least float32,
+    and so is the Lanczos basis built from them: a bfloat16 basis loses its orthogonality at
+    once (eps 2^-7) and a float16 one nearly so; the products still run in the parameters'
+    dtype, which decides the round-off margin (:func:`blockopt.analysis.heterogeneity.
+    roundoff_margin`)."""
     starts = []
     for i in indices:
         generator = torch.Generator().manual_seed(_block_seed(seed, blocks[i].name))
@@ -523,7 +527,7 @@ def _starts(
                 random_start(
                     blocks[i].numel,
                     generator=generator,
-                    dtype=hessian.dtype(i),
+                    dtype=torch.promote_types(hessian.dtype(i), torch.float32),
                     device=hessian.device(i),
                 )
             )
