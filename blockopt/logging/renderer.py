@@ -24,7 +24,7 @@ from typing import Any
 
 from blockopt.logging import figures
 
-__all__ = ["FigureJob", "FigureRenderer", "shared_renderer"]
+__all__ = ["FigureJob", "FigureRenderer", "draw", "shared_renderer"]
 
 # A worker that takes longer than this for one figure is given up on; the figure is then drawn
 # in the caller's thread.
@@ -209,3 +209,14 @@ def shared_renderer() -> FigureRenderer:
         _shared = FigureRenderer()
         atexit.register(_shared.close)
     return _shared
+
+
+def draw(kind: str, arguments: Mapping[str, Any], fmt: str = "png", dpi: float = 100) -> bytes:
+    """Figure ``kind`` encoded as ``fmt``, drawn by the worker (so neither this process nor the
+    worker reads a ``matplotlibrc`` in the working directory) and waited for; drawn here if
+    there is no worker. Raises ``RuntimeError`` if it cannot be drawn."""
+    renderer = shared_renderer()
+    job = renderer.wait(renderer.submit(FigureJob(kind, arguments, fmt, dpi)))
+    if job.error is not None or job.data is None:
+        raise RuntimeError(f"the {kind} figure could not be drawn: {job.error}")
+    return job.data
