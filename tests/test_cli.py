@@ -12,10 +12,12 @@ import math
 import os
 import random
 import re
+import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -159,7 +161,11 @@ ARGPARSE_ON_IMPORT = textwrap.dedent(
 def factory_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with ``tinyfactory.py``, and modules that fail on import: ``brokenmod.py``
     (raises), ``exitmod.py`` (calls ``sys.exit(0)``), ``argmod.py`` (runs argparse)."""
-    folder = tmp_path_factory.mktemp("factories")
+    return write_factories(tmp_path_factory.mktemp("factories"))
+
+
+def write_factories(folder: Path) -> Path:
+    """Write the factory modules of :func:`factory_dir` into ``folder``; returns it."""
     (folder / "tinyfactory.py").write_text(FACTORY)
     (folder / "brokenmod.py").write_text("RATIO = 1 / 0\n")
     (folder / "exitmod.py").write_text("import sys\n\nsys.exit(0)\n")
@@ -226,6 +232,35 @@ def test_console_script_probes_a_factory_given_by_file_path(factory_dir, tmp_pat
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "recommended mode:" in run.stdout
+
+
+def test_plot_ignores_a_matplotlibrc_in_the_working_directory(factory_dir, tmp_path):
+    """The README says the CLI reads nothing but its arguments: a matplotlibrc beside the user
+    (usetex would run LaTeX, not installed here; a red face changes every pixel) changes
+    nothing, and the image is the one drawn from the same spectra in the test process."""
+    argv = ["probe", "tinyfactory:make", "--steps", "4", "--json", "s.json", "--plot", "s.png"]
+    plain, hostile = tmp_path / "plain", tmp_path / "hostile"
+    plain.mkdir(), hostile.mkdir()
+    (hostile / "matplotlibrc").write_text("text.usetex: True\nfigure.facecolor: red\n")
+    for folder in (plain, hostile):
+        run = run_cli(argv, factory_dir, folder)
+        assert run.returncode == 0, run.stderr
+    image = (hostile / "s.png").read_bytes()
+    assert image == (plain / "s.png").read_bytes()
+    spectra = blockopt.Spectra.from_dict(json.loads((hostile / "s.json").read_text()))
+    from blockopt.logging import figures
+    from blockopt.logging.tensorboard import density_arguments
+
+    arguments = density_arguments(spectra, blockopt.heterogeneity(spectra))
+    assert image == figures.render("densities", arguments, "png", 150)
+
+
+def test_the_plot_formats_are_ones_matplotlib_writes():
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from blockopt.cli.main import PLOT_FORMATS
+
+    assert set(PLOT_FORMATS) <= set(FigureCanvasBase.get_supported_filetypes())
 
 
 # -- probe and tune against the API ---------------------------------------------------------------
@@ -670,6 +705,34 @@ def _run_forked(cases: dict[str, tuple[list[str], Path]], factory_dir: Path, io:
     }
 
 
+def bad_case_paths(case: str, base: Path, factory_dir: Path, ro: Path | None, a_file: Path):
+    """The substitutions of a case's argv template: its own folder, created under ``base``."""
+    folder = base / case
+    folder.mkdir()
+    return {"dir": str(folder), "ro": str(ro), "file": str(a_file), "factories": str(factory_dir)}
+
+
+def run_bad_cases(
+    base: Path, factory_dir: Path, ro: Path | None, a_file: Path, io: Path, fresh: bool = True
+):
+    """Run every case of BAD (those needing ``{ro}`` only with one) each in its own folder
+    under ``base``; returns the CompletedProcess of each and each one's ``(argv, folder)``.
+    ``fresh=False``: no case runs in a new interpreter where all can be forked."""
+    cases = {}
+    for case, (argv, _) in BAD.items():
+        if ro is None and any("{ro}" in a for a in argv):
+            continue
+        subs = bad_case_paths(case, base, factory_dir, ro, a_file)
+        cases[case] = ([a.format(**subs) for a in argv], Path(subs["dir"]))
+    forked = hasattr(os, "fork") and sys.platform == "linux"
+    new = {k: v for k, v in cases.items() if (fresh and k in FRESH) or not forked}
+    runs = _run_forked({k: v for k, v in cases.items() if k not in new}, factory_dir, io)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = pool.map(lambda kv: run_cli(kv[1][0], factory_dir, kv[1][1]), new.items())
+        runs.update(zip(new, done))
+    return runs, cases
+
+
 @pytest.fixture(scope="module")
 def bad_runs(factory_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Every bad-input case's CompletedProcess and the files left in its folder, and whether
@@ -681,31 +744,19 @@ def bad_runs(factory_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     io = base / "io"
     io.mkdir()
     ro_before = sorted(os.listdir(ro)) if ro is not None else []
-    cases = {}
-    for case, (argv, _) in BAD.items():
-        if ro is None and any("{ro}" in a for a in argv):
-            continue
-        folder = base / case
-        folder.mkdir()
-        subs = {"dir": str(folder), "ro": str(ro), "file": str(a_file)}
-        subs["factories"] = str(factory_dir)
-        cases[case] = ([a.format(**subs) for a in argv], folder)
-    forked = hasattr(os, "fork") and sys.platform == "linux"
-    fresh = {k: v for k, v in cases.items() if k in FRESH or not forked}
-    runs = _run_forked({k: v for k, v in cases.items() if k not in fresh}, factory_dir, io)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        done = pool.map(lambda kv: run_cli(kv[1][0], factory_dir, kv[1][1]), fresh.items())
-        runs.update(zip(fresh, done))
+    runs, cases = run_bad_cases(base, factory_dir, ro, a_file, io)
     results = {k: (runs[k], _files(folder)) for k, (_, folder) in cases.items()}
     ro_after = sorted(os.listdir(ro)) if ro is not None else []
-    yield results, ro_before == ro_after
+    shared = {"ro": str(ro), "file": str(a_file), "factories": str(factory_dir)}
+    paths = {case: {"dir": str(folder), **shared} for case, (_, folder) in cases.items()}
+    yield results, ro_before == ro_after, paths
     if ro is not None and ro.is_relative_to(base):
         ro.chmod(0o755)
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line_and_exit_2(case, bad_runs):
-    results, read_only_untouched = bad_runs
+    results, read_only_untouched, _ = bad_runs
     if case not in results:
         pytest.skip("no read-only directory available to this user")
     run, files = results[case]
@@ -719,6 +770,20 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_runs):
     assert re.search(pattern, error), error
     assert files == [], "an output or temporary file was left behind"
     assert read_only_untouched
+
+
+def test_the_bad_input_doc_has_these_cases_as_they_ran(bad_runs):
+    """docs/BAD_INPUT.md's command-line table is the rows scripts/bad_input_doc.py makes of
+    these runs (tests/test_bad_input_doc.py checks the rest of the document)."""
+    from test_bad_input_doc import ROOT, doc_generator
+
+    results, _, paths = bad_runs
+    if len(results) < len(BAD):
+        pytest.skip("no read-only directory available to this user")
+    generator = doc_generator()
+    rows = [generator.cli_row(argv, results[c][0], paths[c]) for c, (argv, _) in BAD.items()]
+    committed = generator.cli_table((ROOT / "docs" / "BAD_INPUT.md").read_text())
+    assert committed == [*generator.CLI_HEADER, *rows], "run python scripts/bad_input_doc.py"
 
 
 # -- in this process ------------------------------------------------------------------------------
@@ -847,3 +912,144 @@ def test_the_factorys_folder_is_not_on_sys_path_while_probing(kind, tmp_path, mo
         for suffix in ("", "_eager", "_lazy", "_shadow"):
             sys.modules.pop(name + suffix, None)
         sys.modules.pop(module, None)
+
+
+# -- outputs are written to what their path names ---------------------------------------------
+
+
+def _read_fifo(fifo: Path) -> tuple[threading.Thread, dict[str, bytes]]:
+    """A reader of ``fifo`` in a thread (a FIFO's writer waits for one)."""
+    got: dict[str, bytes] = {}
+
+    def read() -> None:
+        with open(fifo, "rb") as f:
+            got["data"] = f.read()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader, got
+
+
+def _release(reader: threading.Thread, fifo: Path) -> None:
+    """Let a reader that no writer opened for finish, so that a failing test does not hang."""
+    reader.join(timeout=60)
+    if reader.is_alive():  # nothing was written to the FIFO: open it for a moment to end it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=10)
+
+
+def _probe_argv(option: str, path: str) -> list[str]:
+    command = ["tune", "tinyfactory:make", "--base-lr", "0.1"] if option == "--out" else [
+        "probe", "tinyfactory:make"
+    ]  # fmt: skip
+    return [*command, "--steps", "3", option, path]
+
+
+def _check_written(option: str, data: bytes) -> None:
+    if option == "--plot":
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    else:
+        parsed = json.loads(data)
+        assert ("steps" in parsed) if option == "--json" else all(v > 0 for v in parsed.values())
+
+
+OUTPUT_SUFFIX = {"--json": "json", "--plot": "png", "--out": "json"}
+LINKS = ["symlink-to-file", "symlink-to-missing-file", "symlink-chain"]
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot", "--out"])
+@pytest.mark.parametrize("kind", LINKS)
+def test_an_output_through_a_symlink_writes_its_target_and_keeps_the_link(
+    kind, option, tinyfactory, tmp_path, capsys
+):
+    suffix = OUTPUT_SUFFIX[option]
+    target = tmp_path / "real" / f"out.{suffix}"
+    target.parent.mkdir()
+    if kind != "symlink-to-missing-file":
+        target.write_text("old\n")
+        target.chmod(0o640)
+    link = tmp_path / f"link.{suffix}"
+    link.symlink_to(target)
+    if kind == "symlink-chain":
+        first, link = link, tmp_path / f"first.{suffix}"
+        link.symlink_to(first)
+    assert _main_in_process(_probe_argv(option, str(link))) == 0, capsys.readouterr().err
+    assert link.is_symlink() and os.path.realpath(link) == str(target)
+    _check_written(option, target.read_bytes())
+    if kind != "symlink-to-missing-file":  # an existing file keeps its permissions
+        assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert _files(target.parent) == [target.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot", "--out"])
+@pytest.mark.parametrize("via_link", [False, True], ids=["fifo", "symlink-to-fifo"])
+def test_an_output_that_is_a_fifo_is_written_into_not_replaced(
+    via_link, option, tinyfactory, tmp_path, capsys
+):
+    fifo = tmp_path / f"pipe.{OUTPUT_SUFFIX[option]}"
+    os.mkfifo(fifo)
+    path = fifo
+    if via_link:
+        path = tmp_path / f"link.{OUTPUT_SUFFIX[option]}"
+        path.symlink_to(fifo)
+    reader, got = _read_fifo(fifo)
+    try:
+        code = _main_in_process(_probe_argv(option, str(path)))
+    finally:
+        _release(reader, fifo)
+    assert code == 0, capsys.readouterr().err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and path.is_symlink() == via_link
+    _check_written(option, got["data"])
+    assert _files(tmp_path) == sorted([fifo.name] + ([path.name] if via_link else []))
+
+
+def test_a_link_to_an_open_descriptor_is_written_into(tinyfactory, tmp_path, capsys):
+    """A link to /proc/self/fd/N (what /dev/stdout is) writes into that descriptor's pipe."""
+    read_end, write_end = os.pipe()
+    link = tmp_path / "out.json"
+    link.symlink_to(f"/proc/self/fd/{write_end}")
+    got: dict[str, bytes] = {}
+
+    def read() -> None:
+        with os.fdopen(read_end, "rb") as f:
+            got["data"] = f.read()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        code = _main_in_process(_probe_argv("--json", str(link)))
+    finally:
+        os.close(write_end)
+        reader.join(timeout=60)
+    assert code == 0, capsys.readouterr().err
+    assert link.is_symlink() and os.readlink(link) == f"/proc/self/fd/{write_end}"
+    _check_written("--json", got["data"])
+
+
+@pytest.mark.parametrize("path", ["/dev/stdout", "/dev/null", "/proc/self/fd/1", "-"])
+def test_paths_under_dev_and_proc_are_written_in_place(path):
+    """Decided without writing anything there (tests never write under /dev)."""
+    from blockopt.cli.main import _target
+
+    assert _target(Path(path)) == (Path(path), False)  # not replaced by an atomic rename
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot", "--out"])
+def test_dash_writes_the_output_to_stdout_and_the_report_to_stderr(
+    option, tinyfactory, tmp_path, monkeypatch, capsysbinary
+):
+    monkeypatch.chdir(tmp_path)
+    assert _main_in_process(_probe_argv(option, "-")) == 0
+    out, err = capsysbinary.readouterr()
+    _check_written(option, out)
+    assert b"recommended mode:" in err and b"to standard output" in err
+    assert _files(tmp_path) == []  # no file named '-'
+
+
+def test_json_and_plot_both_to_stdout_is_refused(tinyfactory, tmp_path, capsys):
+    argv = ["probe", "tinyfactory:make", "--json", "-", "--plot", "-"]
+    assert _main_in_process(argv) == 2
+    assert capsys.readouterr().err == (
+        "blockopt: error: --json - and --plot - would both write to standard output; give one "
+        "a file\n"
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import CASES
@@ -132,10 +134,18 @@ def test_op_without_second_derivative_names_cause_and_fix():
 
     # Autograd gives such an op's gradient no graph at all, so nothing raises: the blocks are
     # flagged and a warning names the likely cause instead of reporting a silent zero.
-    with pytest.warns(UserWarning, match="once_differentiable"):
-        spectra = blockopt.block_spectra(model, probe, steps=2)
+    with pytest.warns(UserWarning, match="once_differentiable.*backend='fd'"):
+        spectra = blockopt.block_spectra(model, probe, steps=2, backend="autograd")
     assert [s.status for s in spectra.values()] == ["no_graph", "no_graph"]
     assert spectra["weight"].lambda_max == 0.0
+    # The default backend takes finite differences there: loss 2 (w . 1 + b)^2, so the weight's
+    # Hessian is 4 * ones(3, 3) (eigenvalue 12) and the bias's 4.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spectra = blockopt.block_spectra(model, probe, steps=3)
+    assert spectra.backend == "fd"
+    assert spectra["weight"].lambda_max == pytest.approx(12.0, rel=1e-4)
+    assert spectra["bias"].lambda_max == pytest.approx(4.0, rel=1e-4)
 
 
 def test_op_with_unimplemented_double_backward_names_cause_and_fix():
@@ -145,7 +155,9 @@ def test_op_with_unimplemented_double_backward_names_cause_and_fix():
         return NoDoubleBackward.apply(model(torch.ones(2, 3))).sum()
 
     with pytest.raises(DoubleBackwardError, match=r"second derivative.*eager"):
-        blockopt.block_spectra(model, probe, steps=2)
+        blockopt.block_spectra(model, probe, steps=2, backend="autograd")
+    spectra = blockopt.block_spectra(model, probe, steps=3)  # auto: finite differences
+    assert spectra.backend == "fd" and spectra["weight"].lambda_max > 0
 
 
 def test_default_cpu_attention_kernel_has_no_double_backward_but_probes_work():

@@ -68,8 +68,7 @@ def gpt_float32():
 @pytest.mark.parametrize("dtype", HALF)
 def test_a_half_precision_probe_in_float32_is_the_float32_probe_of_its_weights(dtype, gpt_float32):
     work = _gpt(dtype)
-    with upcast(work.model):
-        half = blockopt.block_spectra(work.model, work.probe, steps=8)
+    half = blockopt.block_spectra(work.model, work.probe, steps=8)  # upcast=True, the default
     widened = _gpt(dtype)
     widened.model.float()  # the same rounded weights, for good
     exact = blockopt.block_spectra(widened.model, widened.probe, steps=8)
@@ -88,12 +87,25 @@ def test_a_bfloat16_probe_in_bfloat16_runs_every_lanczos_step(gpt_float32):
     """Without upcasting, the products carry bfloat16 round-off but the basis is float32: the
     runs take their steps (a bfloat16 basis broke down after one) and the score holds."""
     work = _gpt(torch.bfloat16)
-    half = blockopt.block_spectra(work.model, work.probe, steps=8)
+    half = blockopt.block_spectra(work.model, work.probe, steps=8, upcast=False)
     assert half.dtype == "bfloat16"
     assert all(half[n].steps == 8 for n in half if half[n].numel >= 8)
     ours, reference = blockopt.heterogeneity(half), blockopt.heterogeneity(gpt_float32)
     assert abs(ours.spread - reference.spread) < 0.1
     assert set(ours.blocks) == set(reference.blocks)
+
+
+def test_float16_products_of_attention_overflow_unless_upcast():
+    work = _gpt(torch.float16)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"block '.*' produced a non-finite value .*"
+        r"in float16, the double backward .* overflows; probe in float32",
+    ):
+        blockopt.block_spectra(work.model, work.probe, steps=4, upcast=False)
+    spectra = blockopt.block_spectra(work.model, work.probe, steps=4)
+    assert all(np.isfinite(spectra[n].lambda_max) for n in spectra)
+    assert all(p.dtype == torch.float16 for p in work.model.parameters())
 
 
 def _counting(sizes: list[int]):

@@ -1,9 +1,11 @@
-"""Bad probes and bad arguments to block_spectra fail with messages that name the fix."""
+"""Bad probes and bad arguments to block_spectra fail with messages that name the fix (the
+cases of PROBE_ERROR_CASES, in tests/bad_input_cases.py, and a few more)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from bad_input_cases import PROBE_ERROR_CASES, Case
 from torch import nn
 
 import blockopt
@@ -12,27 +14,11 @@ _model = nn.Linear(3, 2)
 _x = torch.randn(4, 3)
 
 
-@pytest.mark.parametrize(
-    ("probe", "kwargs", "error", "message"),
-    [
-        (lambda: _model(_x), {}, ValueError, r"shape \(4, 2\).*scalar"),
-        (lambda: _model(_x).sum().item(), {}, TypeError, r"not a tensor.*loss\.item"),
-        (lambda: _model(_x).sum().detach(), {}, ValueError, "does not depend on any trainable"),
-        (lambda: torch.tensor(1.0, requires_grad=True), {}, ValueError, "does not depend"),
-        (lambda: _model(_x).sum() * float("nan"), {}, FloatingPointError, "NaN/Inf"),
-        ("loss", {}, TypeError, "zero-argument callable"),
-        (lambda: _model(_x).sum(), {"steps": 0}, ValueError, "steps must be a positive"),
-        (lambda: _model(_x).sum(), {"probes": -1}, ValueError, "probes must be a positive"),
-        (lambda: _model(_x).sum(), {"steps": True}, ValueError, "steps must be a positive"),
-        (lambda: _model(_x).sum(), {"seed": 1.5}, TypeError, "seed must be an int"),
-        (lambda: _model(_x).sum(), {"blocks": []}, ValueError, "no blocks to probe"),
-        (lambda: _model(_x).sum(), {"blocks": ["weight"]}, TypeError, "Block objects"),
-        (lambda: _model(_x).sum(), {"blocks": "rows"}, ValueError, "unknown partition strategy"),
-    ],
-)
-def test_bad_probe_or_arguments(probe, kwargs, error, message):
-    with pytest.raises(error, match=message):
-        blockopt.block_spectra(_model, probe, **kwargs)
+@pytest.mark.parametrize("case", PROBE_ERROR_CASES, ids=lambda c: c.id)
+def test_bad_probe_or_arguments(case: Case) -> None:
+    assert case.error is not None
+    with pytest.raises(case.error, match=case.message):
+        case.call()
 
 
 def test_probe_result_that_depends_only_on_another_model_is_refused():

@@ -15,6 +15,7 @@ from torch import nn
 import blockopt
 from blockopt.curvature.hvp import DoubleBackwardError
 from blockopt.distributed.reductions import fault_kind
+from blockopt.optimizer.faults import probe_fault_kind
 from blockopt.optimizer.policy import ProbeFault, ProbeFaultWarning, ProbeSchedule
 
 FORCE_SWITCH = blockopt.Thresholds(0.0, 0.0, 0.0, 0)  # any successful probe leaves "sgd"
@@ -56,6 +57,25 @@ def _out_of_memory(model, loss):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+def _cpu_out_of_memory(model, loss):
+    # what torch's CPU allocator raises: a RuntimeError, not an OutOfMemoryError
+    raise RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"
+    )
+
+
+def _freezes(model, loss):
+    model.fc2.weight.requires_grad_(False)
+    return loss
+
+
+def _edits_weights(model, loss):
+    with torch.no_grad():
+        model.fc1.weight.mul_(2.0)
+    return loss
+
+
 @dataclass(frozen=True)
 class Fault:
     """A way to break the probe, the fault kind it must be recorded as, and text to expect."""
@@ -94,6 +114,30 @@ FAULTS = [
         "ran out of memory",
         "smaller batch",
         "Tried to allocate 2.00 GiB",
+    ),
+    Fault(
+        "cpu_out_of_memory",
+        _cpu_out_of_memory,
+        "out_of_memory",
+        "ran out of memory",
+        "probe a smaller batch",
+        "DefaultCPUAllocator: can't allocate memory",
+    ),
+    Fault(
+        "freezes_a_parameter",
+        _freezes,
+        "probe_error",
+        "the probe raised an error",
+        "fix the probe closure",
+        "set fc2.weight.requires_grad to False (put back)",
+    ),
+    Fault(
+        "edits_weights",
+        _edits_weights,
+        "probe_error",
+        "the probe raised an error",
+        "fix the probe closure",
+        "changed the values of 'fc1.weight' (put back)",
     ),
 ]
 
@@ -154,6 +198,7 @@ def test_failed_probe_is_discarded_warned_logged_and_training_unchanged(fault):
             probe_every=1,
             steps=4,
             thresholds=FORCE_SWITCH,
+            backend="autograd",  # the default "auto" takes finite differences where this fails
             writer=writer,
             log_figures=False,
         )
@@ -196,7 +241,7 @@ def test_failing_probe_backs_off_and_the_schedule_resumes_after_recovery(fault):
     attempts: list[int] = []
     model, x, y, probe = _task(fault, broken, attempts)
     opt = blockopt.BlockOptimizer(
-        model, probe, lr=0.05, probe_every=1, steps=4, thresholds=FORCE_SWITCH
+        model, probe, lr=0.05, probe_every=1, steps=4, thresholds=FORCE_SWITCH, backend="autograd"
     )
     steps_of_attempts = []
     opt.probe = lambda: (steps_of_attempts.append(opt.step_count), probe())[1]
@@ -217,10 +262,19 @@ def test_failing_probe_backs_off_and_the_schedule_resumes_after_recovery(fault):
 
 def test_probe_now_called_directly_raises_the_error():
     model, *_, probe = _task(FAULTS[2], {"on": True}, [])
-    opt = blockopt.BlockOptimizer(model, probe, steps=3)
+    opt = blockopt.BlockOptimizer(model, probe, steps=3, backend="autograd")
     with pytest.raises(DoubleBackwardError, match="second derivative"):
         opt.probe_now()
     assert not opt.faults and not opt.spectra_history
+
+
+def test_by_default_an_op_without_double_backward_is_probed_by_finite_differences():
+    model, *_, probe = _task(FAULTS[2], {"on": True}, [])
+    opt = blockopt.BlockOptimizer(model, probe, steps=3)
+    opt.probe_now()
+    ((_, spectra),) = opt.spectra_history
+    assert not opt.faults and spectra.backend == "fd"
+    assert all(spectra[n].lambda_max > 0 for n in spectra)
 
 
 def test_faults_survive_state_dict_round_trip():
@@ -264,6 +318,24 @@ def test_schedule_backoff_doubles_up_to_max_interval_and_ignores_spikes():
 )
 def test_fault_kinds(error, kind):
     assert fault_kind(error) == kind
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"),
+         "out_of_memory"),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out_of_memory"),
+        (RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"), "out_of_memory"),
+        (RuntimeError("Error code 12 (Cannot allocate memory)"), "out_of_memory"),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), "probe_error"),
+        (ValueError("out of memory"), "probe_error"),  # not an allocator's error
+        (torch.OutOfMemoryError("x"), "out_of_memory"),
+        (FloatingPointError("x"), "non_finite"),
+    ],
+)  # fmt: skip
+def test_probe_fault_kinds_read_allocator_errors(error, kind):
+    assert probe_fault_kind(error) == kind
 
 
 def _trace(opt) -> tuple:

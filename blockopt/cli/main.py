@@ -1,9 +1,13 @@
 """The ``blockopt`` command line (also ``python -m blockopt``): ``demo``, ``probe`` and ``tune``.
 
 Exit codes: 0 on success, 2 on bad usage or bad input (one line on stderr naming the cause and the
-fix), 130 when interrupted. Output files are written atomically (a temporary file in the same
-directory, then renamed), after their directories were checked, before any probing; each output
-is whole or absent, though a command's several outputs are not replaced in one atomic step.
+fix), 130 when interrupted. Output files are written to what their path names: a regular file
+(or a symbolic link to one, which stays a link) atomically (a temporary file in the target's
+directory, then renamed, keeping an existing file's permissions), after their directories were
+checked, before any probing, so that each is whole or absent, though a command's several outputs
+are not replaced in one atomic step; a FIFO, a device or another special file (or a link to one)
+is opened and written as it is, never replaced; ``-`` is standard output (the table then goes to
+standard error).
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import argparse
 import contextlib
 import importlib.util
 import inspect
+import io
 import json
 import math
 import os
 import random
+import stat
 import sys
 import tempfile
 import time
@@ -95,11 +101,61 @@ def _factory_spec(text: str):
 # -- output files ---------------------------------------------------------------------------------
 
 
+STDOUT = Path("-")  # an output path that means standard output
+
+
+def _target(path: Path) -> tuple[Path, bool]:
+    """Where writing ``path`` goes and whether by atomic rename: a regular file or a path that
+    does not exist yet (through any symbolic links to them) is replaced atomically in its own
+    directory; anything else (a FIFO, a socket, a device, whatever lies under ``/dev`` or
+    ``/proc`` such as ``/dev/stdout``) is opened and written where it is, so that it is never
+    replaced by a regular file."""
+    if path == STDOUT or _through_descriptors(path):
+        return path, False
+    try:
+        mode = os.stat(path).st_mode  # follows links
+    except (FileNotFoundError, NotADirectoryError):  # nothing there yet: create it (the checks
+        return Path(os.path.realpath(path)), True  # say when its directory is missing)
+    except OSError:  # cannot tell: write to it as it is, and let that say why not
+        return path, False
+    if stat.S_ISREG(mode):
+        return Path(os.path.realpath(path)), True
+    return path, False
+
+
+_DESCRIPTOR_DIRS = ("/dev/", "/proc/")
+
+
+def _through_descriptors(path: Path) -> bool:
+    """Whether ``path`` or a link on the way to what it names is under ``/dev`` or ``/proc``
+    (``/dev/stdout`` is a link to ``/proc/self/fd/1``): such a path names an open file of the
+    process or a device, written where it is, never replaced."""
+    current = os.path.abspath(path)
+    for _ in range(40):  # the kernel's limit on links followed
+        if current.startswith(_DESCRIPTOR_DIRS):
+            return True
+        if not os.path.islink(current):
+            return False
+        current = os.path.join(os.path.dirname(current), os.readlink(current))
+        current = os.path.abspath(current)
+    return True  # a loop of links: let open() say so
+
+
 def _check_output(option: str, path: Path) -> None:
     """Fail now, before any probing, if ``path`` cannot be written."""
-    parent = path.parent
+    if path == STDOUT:
+        return
     if path.is_dir():
         raise UsageError(f"{option} {path} is a directory; give a file name, e.g. {path}/out.json")
+    target, atomic = _target(path)
+    if not atomic:
+        if not path.exists() and not path.is_symlink():
+            return
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"cannot write {option} {path}: it is not writable")
+        return
+    path = target
+    parent = path.parent
     if not parent.exists():
         raise UsageError(
             f"cannot write {option} {path}: directory {parent} does not exist; create it "
@@ -117,16 +173,24 @@ def _check_output(option: str, path: Path) -> None:
         ) from None
 
 
-def _check_plot(path: Path) -> str:
-    """The image format for ``--plot``, from the file's extension."""
-    from matplotlib.backend_bases import FigureCanvasBase
+# The formats matplotlib's Agg canvas writes (FigureCanvasBase.get_supported_filetypes()), listed
+# here so that checking the option does not import matplotlib, which reads a matplotlibrc in the
+# working directory; the figure is drawn in blockopt's figure worker (blockopt.logging.renderer).
+PLOT_FORMATS = (
+    "eps", "jpeg", "jpg", "pdf", "pgf", "png", "ps", "raw", "rgba", "svg", "svgz", "tif",
+    "tiff", "webp",
+)  # fmt: skip
 
-    formats = FigureCanvasBase.get_supported_filetypes()
+
+def _check_plot(path: Path) -> str:
+    """The image format for ``--plot``, from the file's extension (PNG for ``-``)."""
+    if path == STDOUT:
+        return "png"
     fmt = path.suffix.lstrip(".").lower()
-    if fmt not in formats:
+    if fmt not in PLOT_FORMATS:
         raise UsageError(
             f"--plot {path}: unknown image format {path.suffix or '(none)'!r}; use one of "
-            f"{', '.join('.' + f for f in sorted(formats))}, e.g. spectra.png"
+            f"{', '.join('.' + f for f in PLOT_FORMATS)}, e.g. spectra.png"
         )
     return fmt
 
@@ -141,14 +205,21 @@ def _atomic_outputs() -> Iterator[Callable[[Path, Callable[[IO[bytes]], None]], 
     together are not: if renaming the second fails, the first has already been replaced, which
     the message says."""
     staged: list[tuple[str, Path]] = []
+    direct: list[tuple[bytes, Path]] = []  # written in place: stdout, FIFOs, devices
 
     def stage(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+        target, atomic = _target(path)
+        if not atomic:
+            buffer = io.BytesIO()
+            write(buffer)
+            direct.append((buffer.getvalue(), path))
+            return
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            staged.append((tmp, path))
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            staged.append((tmp, target))
             with os.fdopen(fd, "wb") as f:
                 write(f)
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, _mode_of(target))
         except OSError as err:
             raise UsageError(f"could not write {path}: {err.strerror or err}") from None
 
@@ -164,10 +235,37 @@ def _atomic_outputs() -> Iterator[Callable[[Path, Callable[[IO[bytes]], None]], 
                     f"could not write {path}: {err.strerror or err}{written}"
                 ) from None
             done.append(str(path))
+        for data, path in direct:
+            _write_in_place(path, data, done)
+            done.append(str(path))
     finally:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):  # renamed already, or cannot be removed
                 os.unlink(tmp)
+
+
+def _write_in_place(path: Path, data: bytes, done: list[str]) -> None:
+    """Write ``data`` to standard output (``-``) or into the file ``path`` names as it is."""
+    try:
+        if path == STDOUT:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            return
+        with open(path, "wb") as f:  # follows links; a FIFO waits for its reader
+            f.write(data)
+    except OSError as err:
+        written = f"; {', '.join(done)} already written" if done else ""
+        name = "standard output" if path == STDOUT else str(path)
+        raise UsageError(f"could not write {name}: {err.strerror or err}{written}") from None
+
+
+def _mode_of(target: Path) -> int:
+    """The permissions an output gets: an existing file's own, else what ``open`` gives."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 def _umask() -> int:
@@ -391,26 +489,45 @@ def _json_writer(obj: Any) -> Callable[[IO[bytes]], None]:
 def _cmd_probe(args: argparse.Namespace) -> int:
     """``blockopt probe``: check the outputs, probe, print the table, then write the files."""
     outputs = [("--json", args.json), ("--plot", args.plot)]
+    if args.json == STDOUT and args.plot == STDOUT:
+        raise UsageError(
+            "--json - and --plot - would both write to standard output; give one a file"
+        )
     for option, path in outputs:
         if path is not None:
             _check_output(option, path)
     fmt = _check_plot(args.plot) if args.plot is not None else None
     model, spectra = _measure(args)
-    extra = _report(args, model, spectra)
+    with _report_stream(args.json, args.plot):
+        extra = _report(args, model, spectra)
     with _atomic_outputs() as stage:
         if args.json is not None:
             stage(args.json, _json_writer({**spectra.to_dict(), **extra}))
         if args.plot is not None:
-            from blockopt.logging.tensorboard import density_figure
+            from blockopt.analysis.heterogeneity import heterogeneity
+            from blockopt.logging.renderer import draw
+            from blockopt.logging.tensorboard import density_arguments
 
-            figure = density_figure(spectra)
-            stage(args.plot, lambda f: figure.savefig(f, format=fmt, dpi=150))
-    if args.json is not None:
-        lrs = "suggested lrs" if args.base_lr is not None else "lr factors"
-        print(f"wrote the spectra, score, mode and {lrs} to {args.json}")
-    if args.plot is not None:
-        print(f"wrote the block densities to {args.plot}")
+            image = draw("densities", density_arguments(spectra, heterogeneity(spectra)), fmt, 150)
+            stage(args.plot, lambda f: f.write(image))
+    with _report_stream(args.json, args.plot):
+        if args.json is not None:
+            lrs = "suggested lrs" if args.base_lr is not None else "lr factors"
+            print(f"wrote the spectra, score, mode and {lrs} to {_named(args.json)}")
+        if args.plot is not None:
+            print(f"wrote the block densities to {_named(args.plot)}")
     return 0
+
+
+def _named(path: Path) -> str:
+    return "standard output" if path == STDOUT else str(path)
+
+
+def _report_stream(*outputs: Path | None) -> contextlib.AbstractContextManager[Any]:
+    """Print the report to standard error when an output goes to standard output (``-``)."""
+    if STDOUT in outputs:
+        return contextlib.redirect_stdout(sys.stderr)
+    return contextlib.nullcontext()
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -418,16 +535,19 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.out is not None:
         _check_output("--out", args.out)
     model, spectra = _measure(args)
-    lrs = _report(args, model, spectra)["suggested_lrs"]
+    with _report_stream(args.out):
+        lrs = _report(args, model, spectra)["suggested_lrs"]
     if args.out is None:
         return 0
     with _atomic_outputs() as stage:
         stage(args.out, _json_writer(lrs))
-    print(f"wrote {len(lrs)} block learning rates to {args.out}; use them with")
-    print(
-        f"  torch.optim.SGD(blockopt.param_groups(model, json.load(open({str(args.out)!r}))), "
-        f"lr={args.base_lr:g}, momentum=0.9)"
-    )
+    with _report_stream(args.out):
+        print(f"wrote {len(lrs)} block learning rates to {_named(args.out)}; use them with")
+        source = "FILE" if args.out == STDOUT else repr(str(args.out))
+        print(
+            f"  torch.optim.SGD(blockopt.param_groups(model, json.load(open({source}))), "
+            f"lr={args.base_lr:g}, momentum=0.9)"
+        )
     return 0
 
 
@@ -740,10 +860,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="also write Spectra.to_dict() with the score, recommended mode, the blocks' lr "
         "factors and shares of negative curvature and, with --base-lr, the suggested lrs to FILE "
-        "(blockopt.Spectra.from_dict reads it back)",
+        "(blockopt.Spectra.from_dict reads it back; - for standard output)",
     )
     probe.add_argument(
-        "--plot", type=Path, metavar="FILE.png", help="also draw every block's density to FILE"
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="also draw every block's density to FILE (- for a PNG on standard output)",
     )
     probe.set_defaults(run=_cmd_probe)
 
@@ -762,7 +885,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the learning rate for the stiffest block, e.g. your tuned SGD lr",
     )
-    tune.add_argument("--out", type=Path, metavar="FILE", help="write the {block: lr} JSON here")
+    tune.add_argument(
+        "--out", type=Path, metavar="FILE", help="write the {block: lr} JSON here (- for stdout)"
+    )
     tune.set_defaults(run=_cmd_tune)
     return parser
 

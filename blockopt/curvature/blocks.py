@@ -161,6 +161,7 @@ def partition(
                 "train (the whole model, not a parameter-free layer or an empty container)"
             )
         )
+    _refuse_unsupported(model, params)
     if isinstance(strategy, Partition):
         if layouts is not None:
             raise TypeError(
@@ -203,6 +204,38 @@ def partition(
     if not blocks:
         raise ValueError("the partition strategy left out every parameter; no blocks to probe")
     return blocks
+
+
+def _refuse_unsupported(model: nn.Module, params: list[tuple[str, torch.Tensor]]) -> None:
+    """Refuse trainable parameters that Hessian-vector products and blockopt's modes cannot
+    handle, naming the first: complex or integer ones, and sparse embeddings' weights."""
+    for name, p in params:
+        if not p.dtype.is_floating_point:
+            raise TypeError(
+                f"parameter {name!r} is {str(p.dtype).removeprefix('torch.')}: blockopt probes "
+                "the spectra of real Hessians and needs real floating-point parameters; keep "
+                "a complex weight as a real one (torch.view_as_real) and build the complex "
+                "tensor in forward() with torch.view_as_complex, or freeze it "
+                "(requires_grad_(False))"
+            )
+        if p.layout != torch.strided:
+            raise TypeError(
+                f"parameter {name!r} is a {p.layout} tensor; blockopt needs dense (strided) "
+                "parameters: convert it with .to_dense(), or freeze it (requires_grad_(False))"
+            )
+    sparse = {
+        id(m.weight): path
+        for path, m in model.named_modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+    }
+    for name, p in params:
+        if id(p) in sparse:
+            raise ValueError(
+                f"parameter {name!r} belongs to {sparse[id(p)] or 'the model'}, an embedding "
+                "with sparse=True: its sparse gradients have no Hessian-vector products, and "
+                "Adam and block SGD do not take them; build it with sparse=False (the default), "
+                "or freeze it (requires_grad_(False))"
+            )
 
 
 def _layout_pairs(

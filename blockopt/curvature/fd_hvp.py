@@ -105,6 +105,7 @@ import torch
 from torch import nn
 
 from blockopt.curvature.blocks import Block
+from blockopt.curvature.hvp import BlockProducts
 
 __all__ = ["KINK_RATIO", "SCHEMES", "SHRINK", "FiniteDifferenceHessian"]
 
@@ -129,7 +130,7 @@ def _check_eps(eps: object) -> float | None:
     return value
 
 
-class FiniteDifferenceHessian:
+class FiniteDifferenceHessian(BlockProducts):
     """Products ``H_bb v`` for the diagonal Hessian blocks of ``probe()``'s loss over ``blocks``,
     by finite differences of gradients (see the module doc for the step and what is restored).
 
@@ -208,15 +209,6 @@ class FiniteDifferenceHessian:
         params = self.blocks[index].params
         return "ok" if any(id(p) in self._used for p in params) else "unused"
 
-    def dtype(self, index: int) -> torch.dtype:
-        dtype = self.blocks[index].parts[0].param.dtype
-        for part in self.blocks[index].parts[1:]:
-            dtype = torch.promote_types(dtype, part.param.dtype)
-        return dtype
-
-    def device(self, index: int) -> torch.device:
-        return self.blocks[index].parts[0].param.device
-
     def step(self, index: int, direction: torch.Tensor | None = None) -> float:
         """The step length ``h`` of block ``blocks[index]`` at the current parameters: ``eps``
         if given, else ``cbrt(eps)`` (central) or ``sqrt(eps)`` (forward) times ``max(1, L)``
@@ -244,10 +236,6 @@ class FiniteDifferenceHessian:
     def _eps(self, index: int) -> float:
         """The machine epsilon of the block's least precise part."""
         return max(torch.finfo(part.param.dtype).eps for part in self.blocks[index].parts)
-
-    def matvec(self, index: int, vector: torch.Tensor) -> torch.Tensor:
-        """``H_bb v`` for block ``blocks[index]``."""
-        return self.matvec_many([index], [vector])[0]
 
     def matvec_many(
         self, indices: Sequence[int], vectors: Sequence[torch.Tensor]

@@ -24,7 +24,7 @@ import torch
 
 from blockopt.curvature.blocks import Block
 
-__all__ = ["BlockHessian", "DoubleBackwardError"]
+__all__ = ["BlockHessian", "BlockProducts", "DoubleBackwardError"]
 
 
 # Fragments of PyTorch's messages for operations that cannot be differentiated twice.
@@ -93,7 +93,33 @@ def worker_pool(workers: int) -> ThreadPoolExecutor:
         return _POOLS[workers]
 
 
-class BlockHessian:
+class BlockProducts:
+    """What every block-product operator shares: ``blocks``, each block's dtype (the widest of
+    its parts') and device, and ``matvec`` for one product; an operator implements
+    ``matvec_many(indices, vectors)`` and ``status(index)``."""
+
+    blocks: list[Block]
+
+    def dtype(self, index: int) -> torch.dtype:
+        dtype = self.blocks[index].parts[0].param.dtype
+        for part in self.blocks[index].parts[1:]:
+            dtype = torch.promote_types(dtype, part.param.dtype)
+        return dtype
+
+    def device(self, index: int) -> torch.device:
+        return self.blocks[index].parts[0].param.device
+
+    def matvec(self, index: int, vector: torch.Tensor) -> torch.Tensor:
+        """``H_bb v`` for block ``blocks[index]``."""
+        return self.matvec_many([index], [vector])[0]
+
+    def matvec_many(
+        self, indices: Sequence[int], vectors: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class BlockHessian(BlockProducts):
     """Products ``H_bb v`` for the diagonal Hessian blocks of ``loss`` over ``blocks``.
 
     Vectors are flat, of length ``blocks[i].numel``, laid out part by part, each part in the
@@ -170,19 +196,6 @@ class BlockHessian:
         if all(id(p) in self._unused for p in params):
             return "unused"
         return "no_graph"
-
-    def dtype(self, index: int) -> torch.dtype:
-        dtype = self.blocks[index].parts[0].param.dtype
-        for part in self.blocks[index].parts[1:]:
-            dtype = torch.promote_types(dtype, part.param.dtype)
-        return dtype
-
-    def device(self, index: int) -> torch.device:
-        return self.blocks[index].parts[0].param.device
-
-    def matvec(self, index: int, vector: torch.Tensor) -> torch.Tensor:
-        """``H_bb v`` for block ``blocks[index]``."""
-        return self.matvec_many([index], [vector])[0]
 
     def matvec_many(
         self, indices: Sequence[int], vectors: Sequence[torch.Tensor]

@@ -28,6 +28,8 @@ import contextlib
 import copy
 import dataclasses
 import math
+import signal
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -42,7 +44,8 @@ from torch.optim import Optimizer
 from blockopt.analysis.tuning import DEFAULT_MAX_FACTOR
 from blockopt.curvature.blocks import Block, Partition, Strategy, partition
 from blockopt.curvature.layouts import LayoutWarning
-from blockopt.distributed.reductions import Reduce, fault_kind
+from blockopt.curvature.spectra import BACKENDS
+from blockopt.distributed.reductions import Reduce
 from blockopt.distributed.wrappers import ddp_of, probe_reduce, refuse_sharded, unwrap
 from blockopt.logging.tensorboard import ProbeCost, TensorBoardLogger
 from blockopt.optimizer import checkpoint as ckpt
@@ -53,7 +56,7 @@ from blockopt.optimizer.controller import (
     decide,
     measure,
 )
-from blockopt.optimizer.faults import fault_text
+from blockopt.optimizer.faults import fault_text, probe_fault_kind
 from blockopt.optimizer.guard import GUARD_WINDOW, Watch, judge, median_after
 from blockopt.optimizer.modes import BlockSGD
 from blockopt.optimizer.modeset import ActiveMode, ModeSet, loss_sign, mode_classes
@@ -72,7 +75,9 @@ from blockopt.optimizer.validation import (
     check_constructor,
     check_params_in_model,
     check_switching,
+    is_int,
     is_real,
+    plain,
 )
 
 __all__ = ["DEFAULT_PROBE_BUDGET", "DEFAULT_TOL", "BlockOptimizer"]
@@ -88,6 +93,30 @@ _NO_COPY = (
     "then build BlockOptimizer(model, probe, ...) (or wrap(...)) the same way and call "
     "load_state_dict(torch.load(path))"
 )
+
+
+# Signals whose Python handlers wait while a probe's outcome is committed (a handler that saves
+# a checkpoint then sees the state before the probe or after it, never half of it).
+_DEFERRED_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM")
+    if hasattr(signal, name)
+)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold the signals above (in the main thread, where Python runs handlers) until the body
+    is done; a no-op where ``signal.pthread_sigmask`` does not exist (Windows)."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 @contextlib.contextmanager
@@ -126,6 +155,10 @@ class BlockOptimizer(Optimizer):
             a row that moved its extreme Ritz values by at most this share of their scale, since
             decisions need only each block's curvature scale (see
             :func:`blockopt.block_spectra`); ``None``: every block runs ``steps`` steps.
+        backend: how probes take Hessian-vector products: ``"auto"`` (default: autograd's
+            double backward, and finite differences for a probe where that fails), ``"autograd"``
+            or ``"fd"`` (finite differences of gradients, the model run as in training); see
+            :func:`blockopt.block_spectra`. Half-precision models are probed in float32.
         probe_every: probe every this many steps; default: an adaptive schedule
             (:class:`blockopt.optimizer.policy.ProbeSchedule`).
         probe_budget: the share of training wall time that probes, learning-rate searches and
@@ -212,6 +245,7 @@ class BlockOptimizer(Optimizer):
         tol: float | None = DEFAULT_TOL,
         probes: int = 1,
         seed: int = 0,
+        backend: str = "auto",
         probe_every: int | None = None,
         probe_budget: float | None = DEFAULT_PROBE_BUDGET,
         thresholds: Thresholds | None = None,
@@ -231,6 +265,18 @@ class BlockOptimizer(Optimizer):
         distributed: Any = None,
         distributed_share: bool = True,
     ) -> None:
+        # numpy scalars (np.int64(5), np.float32(0.1)) stand for the Python numbers they hold
+        lr, momentum, dampening, weight_decay, eps, adam_weight_decay, max_factor = map(
+            plain, (lr, momentum, dampening, weight_decay, eps, adam_weight_decay, max_factor)
+        )
+        steps, probes, seed, history, search_steps, probe_every, guard_steps = map(
+            plain, (steps, probes, seed, history, search_steps, probe_every, guard_steps)
+        )
+        tol, probe_budget = plain(tol), plain(probe_budget)
+        if isinstance(betas, (tuple, list)):
+            betas = tuple(map(plain, betas))
+        if isinstance(lrs, Mapping):
+            lrs = {m: plain(v) for m, v in lrs.items()}
         check_constructor(
             model=model,
             probe=probe,
@@ -270,7 +316,15 @@ class BlockOptimizer(Optimizer):
         self.probe_model = unwrap(model)
         self.probe = probe
         self._reduce = _probe_reduce(model, probe, distributed)
-        self.probe_settings = ProbeSettings(steps, probes, seed, tol, max_factor, distributed_share)
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"backend must be one of {BACKENDS} (autograd's double backward, finite "
+                f"differences, or autograd with finite differences where it fails), got "
+                f"{backend!r}"
+            )
+        self.probe_settings = ProbeSettings(
+            steps, probes, seed, tol, max_factor, distributed_share, backend
+        )
         self.search_settings = SearchSettings(lr_search, search_steps, frozenset(fixed))
         allowed = check_switching(
             holdout=holdout, modes=modes, start=pin_mode or mode, guard_steps=guard_steps
@@ -339,11 +393,17 @@ class BlockOptimizer(Optimizer):
         missing hyperparameters take the defaults, and its parameters that belong to the model
         join the probe's blocks at the next probe."""
         index = len(self.param_groups)
+        if isinstance(param_group, Mapping):  # numpy scalars as the Python numbers they hold
+            param_group = {
+                k: v if k == "params" else _plain_value(v) for k, v in param_group.items()
+            }
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
             self.modes.fill_defaults(group)
             self.modes.check_group(group, index)
+            if "_active" in self.__dict__:  # a group added to an optimizer in use
+                _check_group_in_model(group, index, self.probe_model)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -362,9 +422,27 @@ class BlockOptimizer(Optimizer):
         self._partitioned = True
         return [b for b in blocks if all(id(p) in ids for p in b.params)]
 
+    def _check_model(self) -> None:
+        """Refuse to probe a model whose layers were replaced or deleted since the optimizer was
+        built: the optimizer would go on training parameters the model no longer uses."""
+        owned = {id(p) for p in self.probe_model.parameters()}
+        gone = [p for g in self.param_groups for p in g["params"] if id(p) not in owned]
+        if gone:
+            shapes = ", ".join(str(tuple(p.shape)) for p in gone[:3])
+            raise RuntimeError(
+                f"the model changed after the optimizer was built: {len(gone)} of the "
+                f"optimizer's parameters (shapes {shapes}{', ...' if len(gone) > 3 else ''}) are "
+                f"no longer parameters of the {type(self.probe_model).__name__} (a layer was "
+                "replaced or deleted), so the optimizer trains tensors the model no longer uses "
+                "and probes cannot measure them; build the optimizer again over the model as it "
+                "is now (BlockOptimizer(model, probe, ...) or wrap(...)). Parameters frozen, "
+                "unfrozen or added (add_param_group) since need no rebuild: probes re-partition"
+            )
+
     def _blocks_now(self) -> list[Block]:
         """The blocks to probe: the current ones, or a new partition when parameters were
         added, unfrozen or frozen since (committed only with a probe that succeeds)."""
+        self._check_model()
         blocks = self._partition()
         same = [(b.name, [id(p) for p in b.params]) for b in blocks] == [
             (b.name, [id(p) for p in b.params]) for b in self.blocks
@@ -435,6 +513,11 @@ class BlockOptimizer(Optimizer):
         return self.probe_settings.tol
 
     @property
+    def backend(self) -> str:
+        """How probes take their products: "auto", "autograd" or "fd"."""
+        return self.probe_settings.backend
+
+    @property
     def max_factor(self) -> float:
         return self.probe_settings.max_factor
 
@@ -449,6 +532,9 @@ class BlockOptimizer(Optimizer):
 
     @seed.setter
     def seed(self, value: int) -> None:
+        value = plain(value)
+        if not is_int(value):
+            raise TypeError(f"seed must be an int, got {type(value).__name__} {value!r}")
         self.probe_settings = dataclasses.replace(self.probe_settings, seed=value)
 
     @property
@@ -549,6 +635,7 @@ class BlockOptimizer(Optimizer):
             self.step_count += 1
             return loss
         if self.probe is not None and self._probe_due():
+            self._check_model()
             with torch.enable_grad():
                 self._probe_or_fault()
         self.modes.sync(self._active, self.param_groups)
@@ -611,8 +698,12 @@ class BlockOptimizer(Optimizer):
         try:
             self.probe_now()
             return
+        except ckpt.CheckpointDuringProbeError:
+            raise  # the caller's checkpoint, not the probe, failed: it must hear of it
         except Exception as err:  # a failed probe must never stop training
-            fault = ProbeFault(self.step_count, fault_kind(err), f"{type(err).__name__}: {err}")
+            fault = ProbeFault(
+                self.step_count, probe_fault_kind(err), f"{type(err).__name__}: {err}"
+            )
         cost = time.perf_counter() - start
         self.recorder.probe_seconds += cost
         self.recorder.faults.append(fault)
@@ -633,17 +724,28 @@ class BlockOptimizer(Optimizer):
             raise RuntimeError("this optimizer has no probe; pass probe=... to probe")
         blocks = self._blocks_now()
         spiked = self.schedule.spiked and bool(self.spectra_history)
-        outcome = measure(
-            self.probe_model,
-            self.probe,
-            blocks,
-            self.probe_settings,
-            self.step_count,
-            self._reduce,
-            self.model,
-            dict(self.block_factors) if spiked else None,
-        )
+        with self._probing():
+            outcome = measure(
+                self.probe_model,
+                self.probe,
+                blocks,
+                self.probe_settings,
+                self.step_count,
+                self._reduce,
+                self.model,
+                dict(self.block_factors) if spiked else None,
+            )
         return self._act(outcome)
+
+    @contextlib.contextmanager
+    def _probing(self) -> Iterator[None]:
+        """Mark the time the probe closure and learning-rate trials run, when the model holds
+        a probe's or a trial's values: :meth:`state_dict` refuses to run then."""
+        self._probe_running = True
+        try:
+            yield
+        finally:
+            self._probe_running = False
 
     def _act(self, outcome: ProbeOutcome) -> Decision:
         """Decide on a probe's outcome (:func:`decide`, built aside), then commit it whole,
@@ -658,29 +760,32 @@ class BlockOptimizer(Optimizer):
             self.model,
             self.holdout,
         )
-        verdict = decide(
-            outcome,
-            self._active,
-            self.policy,
-            modes=self.modes,
-            groups=self.param_groups,
-            search=self.search_settings,
-            setup=setup,
-            hold=self._hold(),
-        )
-        # Commit: nothing below can fail.
+        with self._probing():
+            verdict = decide(
+                outcome,
+                self._active,
+                self.policy,
+                modes=self.modes,
+                groups=self.param_groups,
+                search=self.search_settings,
+                setup=setup,
+                hold=self._hold(),
+            )
+        # Commit: nothing below can fail, and no signal handler sees half of it.
         active, decision, seconds = verdict.active, verdict.decision, verdict.seconds
-        self._watch = None  # a new decision ends the watch of the last
+        watch = None  # a new decision ends the watch of the last
         if decision.switched and self.guard_steps is not None:
-            self._watch = self._watch_of(outcome.step, decision.new_mode)
-        if isinstance(active.optimizer, BlockSGD):
-            active.optimizer.set_blocks(outcome.blocks, outcome.factors)
-        self.blocks = list(outcome.blocks)
-        self._active, self.policy = active, verdict.policy
-        self.modes.sync(active, self.param_groups)
-        self.block_factors = dict(outcome.factors)
-        self.recorder.probe_seconds += seconds
-        self.recorder.record_probe(outcome.step, outcome.spectra, outcome.score, decision)
+            watch = self._watch_of(outcome.step, decision.new_mode)
+        with _signals_deferred():
+            self._watch = watch
+            if isinstance(active.optimizer, BlockSGD):
+                active.optimizer.set_blocks(outcome.blocks, outcome.factors)
+            self.blocks = list(outcome.blocks)
+            self._active, self.policy = active, verdict.policy
+            self.modes.sync(active, self.param_groups)
+            self.block_factors = dict(outcome.factors)
+            self.recorder.probe_seconds += seconds
+            self.recorder.record_probe(outcome.step, outcome.spectra, outcome.score, decision)
         if self.logger is not None:
             start = time.perf_counter()
             cost = ProbeCost(seconds, outcome.spectra.hvps, self.probe_share)
@@ -857,7 +962,13 @@ class BlockOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs, in types ``torch.load(..., weights_only=True)`` reads
         (dicts, lists, str, int, float, bool, None, tensors). State-dict hooks see (and may
-        edit) the whole of it, blockopt's part included."""
+        edit) the whole of it, blockopt's part included. Refused (with
+        :class:`~blockopt.optimizer.checkpoint.CheckpointDuringProbeError`) while the probe
+        closure or a learning-rate trial runs, e.g. from a signal handler or from inside the
+        probe: the model then holds a trial's weights and statistics, which a checkpoint taken
+        with it would keep."""
+        if self.__dict__.get("_probe_running"):
+            raise ckpt.CheckpointDuringProbeError()
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         with _hooks_off(
@@ -881,6 +992,7 @@ class BlockOptimizer(Optimizer):
             "probe_seconds": float(self.probe_seconds),
             "train_seconds": float(self.training_seconds()),
             "lr_searched": active.searched,
+            "active_state": ckpt.active_state_size(active.optimizer),
             "blocks": [b.name for b in self.blocks],
             "shapes": ckpt.group_shapes(self.param_groups),
         }
@@ -973,6 +1085,29 @@ class BlockOptimizer(Optimizer):
         return (
             f"BlockOptimizer(mode={self.mode!r}, lr={self.param_groups[0]['lr']:g}, "
             f"blocks={len(self.blocks)}, step={self.step_count})"
+        )
+
+
+def _plain_value(value: Any) -> Any:
+    """A param group's value with numpy scalars (also in a tuple such as betas) as Python
+    numbers."""
+    if isinstance(value, tuple):
+        return tuple(map(plain, value))
+    return plain(value)
+
+
+def _check_group_in_model(group: Mapping[str, Any], index: int, model: nn.Module) -> None:
+    """Refuse a group added with ``add_param_group`` whose parameters ``model`` does not own:
+    probes and blocks are the model's, and the next probe would refuse the optimizer."""
+    owned = {id(p) for p in model.parameters()}
+    foreign = [p for p in group["params"] if id(p) not in owned]
+    if foreign:
+        shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
+        raise ValueError(
+            f"param group {index}: {len(foreign)} of its parameters (shapes {shapes}"
+            f"{', ...' if len(foreign) > 3 else ''}) are not parameters of the "
+            f"{type(model).__name__} this optimizer probes; add the layer to the model first, "
+            "then add_param_group({'params': layer.parameters()})"
         )
 
 

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from blockopt.analysis.heterogeneity import Heterogeneity, heterogeneity
 from blockopt.curvature.blocks import Block
 from blockopt.curvature.spectra import Spectra
+from blockopt.distributed.reductions import FAULT_KINDS
 from blockopt.optimizer.modeset import ActiveMode, ModeSet
 from blockopt.optimizer.policy import MODES, Decision, ProbeFault, ProbeSchedule, is_share
 from blockopt.optimizer.validation import is_int, is_real
@@ -24,8 +25,11 @@ __all__ = [
     "SCHEDULE_SETTINGS",
     "STATE_KEYS",
     "STATE_VERSION",
+    "CheckpointDuringProbeError",
     "Restored",
+    "active_state_size",
     "bad_state",
+    "check_active_state",
     "check_shapes",
     "count",
     "group_shapes",
@@ -76,6 +80,19 @@ class _Scratch(Optimizer):
 
     def step(self, closure: Any = None) -> None:  # pragma: no cover - never stepped
         raise RuntimeError("a scratch optimizer does not step")
+
+
+class CheckpointDuringProbeError(RuntimeError):
+    """``state_dict()`` was called while a probe or a learning-rate trial ran."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "state_dict() was called while a probe or a learning-rate trial runs (from a signal "
+            "handler, or from inside the probe closure): the model holds the trial's weights and "
+            "BatchNorm statistics until the probe returns, and a checkpoint taken now would keep "
+            "them. Take checkpoints between steps: in a signal handler, set a flag and save "
+            "after opt.step() returns"
+        )
 
 
 def bad_state(problem: str) -> ValueError:
@@ -174,13 +191,25 @@ def records(value: Any, label: str, cls: type) -> list:
             raise bad_state(f"{label}[{i}] is not a record with the fields {', '.join(types)}")
         for key, v in item.items():
             if not _kind_ok(key, v, types[key]):
-                kind = f"mode {MODES}" if key in ("old_mode", "new_mode") else types[key]
+                kind = (
+                    f"mode {MODES}"
+                    if key in ("old_mode", "new_mode")
+                    else f"fault kind {FAULT_KINDS}"
+                    if key == "kind"
+                    else "step >= 0"
+                    if key == "step"
+                    else types[key]
+                )
                 raise bad_state(f"{label}[{i}][{key!r}] is {v!r}, not a valid {kind}")
         out.append(cls(**{k: tuple(v) if "tuple" in types[k] else v for k, v in item.items()}))
     return out
 
 
 def _kind_ok(key: str, v: Any, t: str) -> bool:
+    if key == "kind":
+        return v in FAULT_KINDS
+    if key == "step" and is_int(v) and v < 0:
+        return False
     if "tuple" in t:
         return isinstance(v, (list, tuple)) and all(isinstance(e, str) for e in v)
     if "str" in t:
@@ -382,6 +411,7 @@ def plan_restore(
             f"'inner' has no state for its active mode {mode!r} (its moments would "
             "silently restart)"
         )
+    check_active_state(inner[mode], extra.get("active_state"), mode)
     restored = {
         m: _restored_mode(modes, groups, m, sd, scales.get(m, 1.0), blocks, factors)
         for m, sd in inner.items()
@@ -401,6 +431,30 @@ def plan_restore(
         probe_seconds=float(probe_seconds),
         train_seconds=float(train_seconds),
     )
+
+
+def active_state_size(opt: Optimizer) -> int:
+    """How many parameters the active mode holds state for (saved, to catch removed state)."""
+    return sum(1 for state in opt.state.values() if state)
+
+
+def check_active_state(sd: Any, saved: Any, mode: str) -> None:
+    """Refuse an active mode's state that holds state for fewer parameters than it was saved
+    with: its moments were removed, and would silently restart (states saved before the count
+    was recorded are not checked)."""
+    if saved is None:
+        return
+    if not (is_int(saved) and saved >= 0):
+        raise bad_state(f"'active_state' is {saved!r}, not a count >= 0")
+    state = sd.get("state") if isinstance(sd, Mapping) else None
+    held = sum(1 for s in state.values() if s) if isinstance(state, Mapping) else 0
+    if held < saved:
+        raise bad_state(
+            f"the state of its active mode {mode!r} holds state for {held} parameter(s), but it "
+            f"was saved with state for {saved}: state was removed from it, and its moments "
+            "would silently restart. To restart them on purpose, load the whole state, then "
+            "call opt.active_optimizer.state.clear()"
+        )
 
 
 def _restored_mode(

@@ -48,7 +48,7 @@ DEFAULT_TOL = 0.02
 class ProbeSettings:
     """How a probe measures: Lanczos steps (at most), start vectors per block, the seed the
     probe at step ``t`` offsets by ``t``, the stopping tolerance, the bound on block factors,
-    and whether ranks share the blocks under data parallelism."""
+    whether ranks share the blocks under data parallelism, and how products are taken."""
 
     steps: int = 10
     probes: int = 1
@@ -56,6 +56,7 @@ class ProbeSettings:
     tol: float | None = DEFAULT_TOL
     max_factor: float = DEFAULT_MAX_FACTOR
     share: bool = True
+    backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def measure(
             tol=settings.tol,
             reduce=reduce,
             share=settings.share and isinstance(reduce, RankMean),
+            backend=settings.backend,
         )
     score = heterogeneity(spectra)
     factors = block_lr_factors(spectra, max_factor=settings.max_factor)

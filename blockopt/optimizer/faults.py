@@ -3,9 +3,14 @@ TensorBoard text."""
 
 from __future__ import annotations
 
+from blockopt.distributed.reductions import fault_kind
 from blockopt.optimizer.policy import ProbeFault
 
-__all__ = ["fault_text"]
+__all__ = ["fault_text", "probe_fault_kind"]
+
+# What an allocator's RuntimeError says when memory ran out: torch's CPU allocator ("can't
+# allocate memory"), CUDA, MPS and XPU ("out of memory") and the C library ("Cannot allocate").
+_OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
 _FAULT_FIXES = {
     "non_finite": (
@@ -19,8 +24,9 @@ _FAULT_FIXES = {
     ),
     "out_of_memory": (
         "the probe ran out of memory",
-        "probe a smaller batch, take fewer Lanczos steps (steps=) or start vectors (probes=), "
-        "or probe less often (probe_every=)",
+        "probe a smaller batch (in the probe closure), cut the largest blocks smaller "
+        "(strategy='head', or a partition of your own), take fewer Lanczos steps (steps=) or "
+        "start vectors (probes=), or probe less often (probe_every=)",
     ),
     "probe_error": (
         "the probe raised an error",
@@ -28,6 +34,18 @@ _FAULT_FIXES = {
         "probe=None",
     ),
 }
+
+
+def probe_fault_kind(err: BaseException) -> str:
+    """The fault kind of an error raised while probing: as :func:`fault_kind`, and a
+    ``RuntimeError`` that says memory ran out (torch's CPU allocator raises no
+    ``OutOfMemoryError``) is ``"out_of_memory"`` too, not an error of the probe closure."""
+    kind = fault_kind(err)
+    if kind == "probe_error" and isinstance(err, RuntimeError):
+        text = str(err).lower()
+        if any(words in text for words in _OUT_OF_MEMORY_WORDS):
+            return "out_of_memory"
+    return kind
 
 
 def fault_text(fault: ProbeFault, mode: str, next_step: int, failures: int) -> str:

@@ -48,6 +48,10 @@ _REFUSED = {
         "given, and a blockopt mode steps without one; use torch.optim.LBFGS directly, or "
         "pick a first-order class for this mode"
     ),
+    "SparseAdam": (
+        "SparseAdam takes only sparse gradients, and blockopt's parameters are dense (an "
+        "embedding with sparse=True is refused); use AdamW (the default) or Adam for this mode"
+    ),
 }
 
 

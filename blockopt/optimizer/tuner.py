@@ -25,6 +25,7 @@ from blockopt.analysis.tuning import UNSTABLE_FACTOR, sgd_lr_cap, sgd_stability_
 from blockopt.curvature.blocks import Block
 from blockopt.distributed.reductions import Reduce
 from blockopt.distributed.wrappers import no_sync
+from blockopt.optimizer.checkpoint import CheckpointDuringProbeError
 from blockopt.optimizer.lr_search import (
     LrSearch,
     grid_start,
@@ -163,6 +164,8 @@ def search_lr(
     start = time.perf_counter()
     try:
         found = _run_search(modes, active, groups, settings, setup, recheck)
+    except CheckpointDuringProbeError:
+        raise  # the caller's checkpoint failed, not the search
     except Exception as err:  # the probe itself succeeded; keep its result and the lr
         note = (
             f"{active.mode} learning-rate search failed ({type(err).__name__}: {err}); kept "
@@ -214,6 +217,8 @@ def judge_switch(
                     after, seconds=after.seconds + time.perf_counter() - start
                 )
             stay = trial(1.0)
+    except CheckpointDuringProbeError:
+        raise
     except Exception:  # the search's trials ran; an error here keeps the switch
         return after
     seconds = after.seconds + time.perf_counter() - start

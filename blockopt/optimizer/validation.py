@@ -11,10 +11,20 @@ from typing import Any
 from torch import nn
 
 from blockopt.curvature.lanczos import check_tol
+from blockopt.curvature.scalars import plain
 from blockopt.curvature.spectra import check_lanczos_settings
 from blockopt.optimizer.policy import MODES, Thresholds, is_share
 
-__all__ = ["check_constructor", "check_params_in_model", "check_switching", "is_int", "is_real"]
+__all__ = [
+    "check_constructor",
+    "check_params_in_model",
+    "check_switching",
+    "finite",
+    "is_int",
+    "is_real",
+    "plain",
+    "shown",
+]
 
 
 def is_real(value: Any) -> bool:
@@ -24,6 +34,21 @@ def is_real(value: Any) -> bool:
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def finite(value: Any) -> bool:
+    """Whether a real number is finite; an int too large for a float (``10**400``) is not."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def shown(value: Any) -> str:
+    """``value`` for a message: its repr, or for a huge int its size."""
+    if is_int(value) and abs(value) >= 10**20:
+        return f"an int of {len(str(abs(value)))} digits, too large for a float"
+    return repr(value)
 
 
 def check_params_in_model(groups: list[dict[str, Any]], model: nn.Module) -> None:
@@ -74,11 +99,13 @@ def check_constructor(
             raise ValueError(f"unknown {name} {value!r}; modes are {MODES}")
     if not is_real(lr):
         raise TypeError(f"lr must be a number, got {type(lr).__name__} {lr!r}; e.g. lr=0.1")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if not (finite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {shown(lr)}")
     if isinstance(history, bool) or not isinstance(history, int) or history < 1:
         raise ValueError(f"history must be a positive int, got {history!r}")
     check_lanczos_settings(steps, probes)
+    if is_real(tol) and not finite(tol):
+        raise ValueError(f"tol must be None or a number in (0, 1), e.g. 0.03, got {shown(tol)}")
     check_tol(tol)
     if not isinstance(flags.get("distributed_share", True), bool):
         raise TypeError(
@@ -109,11 +136,11 @@ def check_constructor(
             )
     if not is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-    if not (is_real(max_factor) and math.isfinite(max_factor) and max_factor >= 1):
-        raise ValueError(f"max_factor must be a finite number >= 1, got {max_factor!r}")
+    if not (is_real(max_factor) and finite(max_factor) and max_factor >= 1):
+        raise ValueError(f"max_factor must be a finite number >= 1, got {shown(max_factor)}")
     for name, value in hyper.items():
-        if not (is_real(value) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        if not (is_real(value) and finite(value) and value >= 0):
+            raise ValueError(f"{name} must be a non-negative finite number, got {shown(value)}")
     if not (
         isinstance(betas, (tuple, list))
         and len(betas) == 2
@@ -124,8 +151,8 @@ def check_constructor(
     for m, value in fixed.items():
         if m not in MODES:
             raise ValueError(f"lrs names unknown mode {m!r}; modes are {MODES}")
-        if not (is_real(value) and math.isfinite(value) and value > 0):
-            raise ValueError(f"lrs[{m!r}] must be a positive finite number, got {value!r}")
+        if not (is_real(value) and finite(value) and value > 0):
+            raise ValueError(f"lrs[{m!r}] must be a positive finite number, got {shown(value)}")
 
 
 def check_switching(*, holdout: Any, modes: Any, start: str, guard_steps: Any) -> tuple[str, ...]:
