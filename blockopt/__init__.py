@@ -10,11 +10,14 @@ switch between SGD, blockwise-lr SGD and Adam on the score while training.
 from blockopt.analysis.heterogeneity import Heterogeneity, heterogeneity
 from blockopt.analysis.tuning import param_groups, tune_block_lrs
 from blockopt.curvature.blocks import Block, BlockPart, Partition, partition
+from blockopt.curvature.fd_hvp import FiniteDifferenceHessian
 from blockopt.curvature.hvp import BlockHessian, DoubleBackwardError
+from blockopt.curvature.isolation import ProbeContractError
 from blockopt.curvature.lanczos import LanczosResult, gaussian_density, lanczos, lanczos_many
 from blockopt.curvature.layouts import AttentionLayout, LayoutWarning
 from blockopt.curvature.spectra import BlockSpectrum, Spectra, block_spectra, model_spectrum
 from blockopt.optimizer.block_optimizer import BlockOptimizer
+from blockopt.optimizer.checkpoint import CheckpointDuringProbeError
 from blockopt.optimizer.policy import Decision, ProbeFault, ProbeFaultWarning, Thresholds
 from blockopt.optimizer.wrap import wrap
 
@@ -27,12 +30,15 @@ __all__ = [
     "BlockOptimizer",
     "BlockPart",
     "BlockSpectrum",
+    "CheckpointDuringProbeError",
     "Decision",
     "DoubleBackwardError",
+    "FiniteDifferenceHessian",
     "Heterogeneity",
     "LanczosResult",
     "LayoutWarning",
     "Partition",
+    "ProbeContractError",
     "ProbeFault",
     "ProbeFaultWarning",
     "Spectra",

@@ -1110,7 +1110,71 @@ def _is(expected: Any, read: Callable[[Any], Any]) -> Callable[[Any], None]:
 
 
 BIG = 10**400
+
+
+def _logger(logdir: Any) -> Any:
+    from blockopt.logging.tensorboard import TensorBoardLogger
+
+    return TensorBoardLogger(logdir)
+
+
 NUMBER_CASES: list[Case] = [
+    Case(
+        "numpy/thresholds-min-interval-int64",
+        "`Thresholds(min_interval=np.int64(3))`",
+        lambda: blockopt.Thresholds(min_interval=np.int64(3)),
+        None,
+        "works: taken as `min_interval=3`",
+        check=_is(3, lambda t: t.min_interval),
+    ),
+    Case(
+        "numpy/thresholds-margin-float32",
+        "`Thresholds(margin=np.float32(0.5))`",
+        lambda: blockopt.Thresholds(margin=np.float32(0.5)),
+        None,
+        "works: taken as `margin=0.5`",
+        check=_is(0.5, lambda t: t.margin),
+    ),
+    Case(
+        "bool/thresholds-margin",
+        "`Thresholds(margin=True)`",
+        lambda: blockopt.Thresholds(margin=True),
+        TypeError,
+        r"margin must be a number, got bool True",
+        "a number of decades, e.g. `margin=0.25`",
+    ),
+    Case(
+        "numpy/tune-base-lr-float32",
+        "`tune_block_lrs(spectra, np.float32(0.5))`",
+        lambda: blockopt.tune_block_lrs(_spectra(), np.float32(0.5)),
+        None,
+        "works: taken as `base_lr=0.5`; the rates are Python floats",
+        check=lambda lrs: [type(v) for v in lrs.values()] == [float] * len(lrs) or 1 / 0,
+    ),
+    Case(
+        "huge/tune-base-lr",
+        "`tune_block_lrs(spectra, 10**400)`",
+        lambda: blockopt.tune_block_lrs(_spectra(), BIG),
+        ValueError,
+        r"base_lr must be a positive finite number, got an int of 401 digits, too large for",
+        "a learning rate that fits a float",
+    ),
+    Case(
+        "bool/tune-base-lr",
+        "`tune_block_lrs(spectra, True)`",
+        lambda: blockopt.tune_block_lrs(_spectra(), True),
+        ValueError,
+        r"base_lr must be a positive finite number, got True",
+        "a number",
+    ),
+    Case(
+        "TensorBoardLogger/logdir-int",
+        "`TensorBoardLogger(logdir=5)` (also `BlockOptimizer(..., logdir=5)`)",
+        lambda: _logger(5),
+        TypeError,
+        r"logdir must be a directory path \(a str or pathlib\.Path\), got int 5",
+        "a path, e.g. `logdir='runs/exp1'`",
+    ),
     Case(
         "numpy/probe-every-int64",
         "`probe_every=np.int64(5)`",

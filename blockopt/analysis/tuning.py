@@ -161,8 +161,9 @@ def tune_block_lrs(
     max_factor: float = DEFAULT_MAX_FACTOR,
 ) -> dict[str, float]:
     """Block name -> learning rate: ``base_lr`` times :func:`block_lr_factors`."""
-    if not (isinstance(base_lr, (int, float)) and math.isfinite(base_lr) and base_lr > 0):
+    if isinstance(base_lr, bool) or not isinstance(base_lr, numbers.Real):
         raise ValueError(f"base_lr must be a positive finite number, got {base_lr!r}")
+    base_lr = _checked_lr("base_lr", base_lr)  # numpy scalars as floats; huge ints refused
     return {
         name: base_lr * f for name, f in block_lr_factors(spectra, max_factor=max_factor).items()
     }
@@ -307,7 +308,13 @@ def _checked_lr(label: str, value: Any) -> float:
     """``value`` as a float, if it is a positive finite real number (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{label} must be a positive finite number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{label} must be a positive finite number, got an int of {len(str(value))} digits, "
+            "too large for a float"
+        ) from None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{label} must be a positive finite number, got {value!r}")
     return value

@@ -51,6 +51,8 @@ FAULT_KINDS = ("non_finite", "double_backward", "out_of_memory", "probe_error")
 T = TypeVar("T")
 
 _OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+# torch's CPU allocator raises a plain RuntimeError when memory runs out
+_OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
 
 def fault_kind(err: BaseException) -> str:
@@ -63,6 +65,8 @@ def fault_kind(err: BaseException) -> str:
     if isinstance(err, DoubleBackwardError):
         return "double_backward"
     if isinstance(err, _OUT_OF_MEMORY):
+        return "out_of_memory"
+    if isinstance(err, RuntimeError) and any(w in str(err).lower() for w in _OUT_OF_MEMORY_WORDS):
         return "out_of_memory"
     return "probe_error"
 

@@ -51,6 +51,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -158,6 +159,11 @@ class TensorBoardLogger:
         if (logdir is None) == (writer is None):
             raise ValueError(
                 "give exactly one of logdir= (a directory) or writer= (a SummaryWriter)"
+            )
+        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+            raise TypeError(
+                f"logdir must be a directory path (a str or pathlib.Path), got "
+                f"{type(logdir).__name__} {logdir!r}"
             )
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
             raise TypeError(

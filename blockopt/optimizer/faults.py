@@ -10,8 +10,6 @@ __all__ = ["fault_text", "probe_fault_kind"]
 
 # What an allocator's RuntimeError says when memory ran out: torch's CPU allocator ("can't
 # allocate memory"), CUDA, MPS and XPU ("out of memory") and the C library ("Cannot allocate").
-_OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
-
 _FAULT_FIXES = {
     "non_finite": (
         "the probe's loss or a Hessian-vector product is NaN or Inf",
@@ -37,15 +35,9 @@ _FAULT_FIXES = {
 
 
 def probe_fault_kind(err: BaseException) -> str:
-    """The fault kind of an error raised while probing: as :func:`fault_kind`, and a
-    ``RuntimeError`` that says memory ran out (torch's CPU allocator raises no
-    ``OutOfMemoryError``) is ``"out_of_memory"`` too, not an error of the probe closure."""
-    kind = fault_kind(err)
-    if kind == "probe_error" and isinstance(err, RuntimeError):
-        text = str(err).lower()
-        if any(words in text for words in _OUT_OF_MEMORY_WORDS):
-            return "out_of_memory"
-    return kind
+    """The fault kind of an error raised while probing (:func:`fault_kind`, which also classes
+    the CPU allocator's plain ``RuntimeError`` as ``"out_of_memory"``, on every rank alike)."""
+    return fault_kind(err)
 
 
 def fault_text(fault: ProbeFault, mode: str, next_step: int, failures: int) -> str:

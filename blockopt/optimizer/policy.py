@@ -17,6 +17,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockopt.curvature.scalars import plain
+
 __all__ = [
     "Decision",
     "ProbeFault",
@@ -55,9 +57,13 @@ class Thresholds:
     block_ratio: float = 2.0
 
     def __post_init__(self) -> None:
+        for name in ("sgd_below", "adam_above", "margin", "block_ratio", "min_interval"):
+            object.__setattr__(self, name, plain(getattr(self, name)))  # numpy scalars pass
         for name in ("sgd_below", "adam_above", "margin", "block_ratio"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
         if self.sgd_below > self.adam_above:
             raise ValueError(
