@@ -242,15 +242,8 @@ class FiniteDifferenceHessian(BlockProducts):
     ) -> list[torch.Tensor]:
         """``H_bb v`` for each pair (block index, vector), one after another; indices may
         repeat. Each product is in the vector's dtype and on its device."""
-        if len(indices) != len(vectors):
-            raise ValueError(f"{len(indices)} block indices but {len(vectors)} vectors")
-        for i, v in zip(indices, vectors):
-            n = self.blocks[i].numel
-            if v.shape != (n,):
-                raise ValueError(
-                    f"block {self.blocks[i].name!r} has {n} coordinates, got a vector of shape "
-                    f"{tuple(v.shape)}"
-                )
+        self.check_vectors(indices, vectors)
+        for v in vectors:
             if not v.is_floating_point():
                 raise TypeError(f"vectors must be floating point, got {v.dtype}")
         caller = self._rng_state()

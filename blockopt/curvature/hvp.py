@@ -118,6 +118,18 @@ class BlockProducts:
     ) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def check_vectors(self, indices: Sequence[int], vectors: Sequence[torch.Tensor]) -> None:
+        """Refuse vectors that do not pair with ``indices`` or do not fit their block."""
+        if len(indices) != len(vectors):
+            raise ValueError(f"{len(indices)} block indices but {len(vectors)} vectors")
+        for i, v in zip(indices, vectors):
+            n = self.blocks[i].numel
+            if v.shape != (n,):
+                raise ValueError(
+                    f"block {self.blocks[i].name!r} has {n} coordinates, got a vector of shape "
+                    f"{tuple(v.shape)}"
+                )
+
 
 class BlockHessian(BlockProducts):
     """Products ``H_bb v`` for the diagonal Hessian blocks of ``loss`` over ``blocks``.
@@ -201,15 +213,7 @@ class BlockHessian(BlockProducts):
         self, indices: Sequence[int], vectors: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         """``H_bb v`` for each pair (block index, vector); indices may repeat."""
-        if len(indices) != len(vectors):
-            raise ValueError(f"{len(indices)} block indices but {len(vectors)} vectors")
-        for i, v in zip(indices, vectors):
-            n = self.blocks[i].numel
-            if v.shape != (n,):
-                raise ValueError(
-                    f"block {self.blocks[i].name!r} has {n} coordinates, got a vector of shape "
-                    f"{tuple(v.shape)}"
-                )
+        self.check_vectors(indices, vectors)
         out: list[torch.Tensor] = []
         if not self._batched and self.workers > 1 and len(indices) > 1:
             out = list(worker_pool(self.workers).map(self._single, zip(indices, vectors)))
