@@ -6,6 +6,7 @@ The two-rank test runs this file as a script, once per rank, on the gloo backend
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -351,8 +352,24 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     sharded = _model()
+    unsharded = copy.deepcopy(sharded)
     fully_shard(sharded)
     sharded_probe = lambda: _probe_loss(sharded, px, py)  # noqa: E731
+    # Sharded finite differences: each rank its shard of every Lanczos vector, FSDP's own
+    # forward and backward for the products; against autograd on an unsharded copy, of the
+    # mean of the ranks' losses (RankMean), as FSDP's reduce-scattered gradients are.
+    shards = [p.to_local().clone() for p in sharded.parameters()]
+    fd = blockopt.block_spectra(sharded, sharded_probe, steps=5, probes=2)
+    result["fsdp_spectra"] = {n: (s.lambda_max, s.lambda_min, s.numel) for n, s in fd.items()}
+    result["fsdp_backend"] = fd.backend
+    result["fsdp_untouched"] = all(
+        torch.equal(a, p.to_local()) for a, p in zip(shards, sharded.parameters())
+    )
+    reference = blockopt.block_spectra(
+        unsharded, lambda: _probe_loss(unsharded, px, py), steps=5, probes=2, reduce=RankMean(),
+        backend="autograd",
+    )  # fmt: skip
+    result["fsdp_reference"] = {n: (s.lambda_max, s.lambda_min) for n, s in reference.items()}
     try:  # the sharded parameters, the ones an optimizer updates, are not in the loss's graph
         params = list(sharded.parameters())
         torch.autograd.grad(sharded_probe(), params, create_graph=True)
@@ -362,7 +379,10 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     result["fsdp_detected"] = sharded_by_fsdp(sharded)
     for what, build in (
         ("optimizer", lambda: blockopt.BlockOptimizer(sharded, sharded_probe)),
-        ("block_spectra", lambda: blockopt.block_spectra(sharded, sharded_probe)),
+        (
+            "block_spectra",
+            lambda: blockopt.block_spectra(sharded, sharded_probe, backend="autograd"),
+        ),
     ):
         try:
             build()
@@ -597,14 +617,29 @@ def test_a_loss_spike_on_one_rank_moves_the_probe_on_every_rank(ranks):
     assert ranks[0]["spiked_with_fixed_interval"] and ranks[1]["spiked_with_fixed_interval"]
 
 
-def test_fsdp_is_refused_with_the_cause_and_the_fix(ranks):
+def test_fsdp_autograd_probes_and_the_optimizer_are_refused_with_the_cause_and_the_fix(ranks):
     for r in ranks:
         assert "not have been used in the graph" in r["fsdp_grad"]
         assert r["fsdp_detected"]
-        for what in ("optimizer", "block_spectra"):
-            assert "FSDP" in r[f"fsdp_{what}"] and "DistributedDataParallel" in r[f"fsdp_{what}"]
-            assert "probe=None" in r[f"fsdp_{what}"]
+        optimizer = r["fsdp_optimizer"]
+        assert "FSDP" in optimizer and "DistributedDataParallel" in optimizer
+        assert "probe=None" in optimizer and "block_spectra" in optimizer
+        assert "backend='fd'" in r["fsdp_block_spectra"]
         assert r["fsdp_without_probe"] == "BlockOptimizer"
+
+
+def test_fsdp_models_are_probed_by_sharded_finite_differences(ranks):
+    """The same spectra on both ranks, within finite differences' error of autograd's on an
+    unsharded copy (the mean of the ranks' losses), and the shards left as they were."""
+    assert ranks[0]["fsdp_spectra"] == ranks[1]["fsdp_spectra"]
+    for r in ranks:
+        assert r["fsdp_backend"] == "fd" and r["fsdp_untouched"]
+        assert set(r["fsdp_spectra"]) == set(r["fsdp_reference"])
+        for name, (top, bottom, _) in r["fsdp_spectra"].items():
+            ref_top, ref_bottom = r["fsdp_reference"][name]
+            scale = max(abs(ref_top), abs(ref_bottom))
+            assert abs(top - ref_top) <= 1e-3 * scale, name
+            assert abs(bottom - ref_bottom) <= 1e-3 * scale, name
 
 
 def test_unwrap_sees_through_a_real_ddp_wrapper(ranks):

@@ -104,7 +104,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from blockopt.curvature.blocks import Block
+from blockopt.curvature.blocks import Block, BlockPart
 from blockopt.curvature.hvp import BlockProducts
 
 __all__ = ["KINK_RATIO", "SCHEMES", "SHRINK", "FiniteDifferenceHessian"]
@@ -152,6 +152,7 @@ class FiniteDifferenceHessian(BlockProducts):
         *,
         scheme: str = "central",
         eps: float | None = None,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -168,6 +169,21 @@ class FiniteDifferenceHessian(BlockProducts):
                     f"{type(block).__name__}"
                 )
         self.model, self.probe, self.scheme = model, probe, scheme
+        # Sharded parameters (FSDP's DTensors): vectors hold this rank's shard of each block,
+        # and every norm and dot product is a partial sum that ``reduce_sum`` adds over ranks.
+        self._sum = reduce_sum if reduce_sum is not None else (lambda t: t)
+        self._fsdp = [
+            m
+            for m in model.modules()
+            if any(c.__name__ == "FSDPModule" for c in type(m).__mro__)
+            and callable(getattr(m, "reshard", None))
+        ]
+        for block in self.blocks:
+            if any(_is_sharded(part.param) and part.dim is not None for part in block.parts):
+                raise ValueError(
+                    f"block {block.name!r} is a slice of a sharded parameter; probe sharded "
+                    "models with whole-tensor blocks (strategy='tensor')"
+                )
         self.products = 0
         self.evaluations = 0
         params: dict[int, torch.Tensor] = {}
@@ -209,6 +225,11 @@ class FiniteDifferenceHessian(BlockProducts):
         params = self.blocks[index].params
         return "ok" if any(id(p) in self._used for p in params) else "unused"
 
+    def local_numel(self, index: int) -> int:
+        """The block's coordinates on this rank: all of them, unless its parameters are
+        sharded (FSDP), then this rank's shard."""
+        return sum(_local_numel(part) for part in self.blocks[index].parts)
+
     def step(self, index: int, direction: torch.Tensor | None = None) -> float:
         """The step length ``h`` of block ``blocks[index]`` at the current parameters: ``eps``
         if given, else ``cbrt(eps)`` (central) or ``sqrt(eps)`` (forward) times ``max(1, L)``
@@ -220,15 +241,16 @@ class FiniteDifferenceHessian(BlockProducts):
         with torch.no_grad():
             theta = torch.cat(
                 [
-                    part.view(part.param.detach()).reshape(-1).double()
+                    _view(part, part.param.detach()).reshape(-1).double()
                     for part in self.blocks[index].parts
                 ]
             )
             if direction is None:
-                length = float(torch.linalg.vector_norm(theta))
+                length = math.sqrt(float(self._sum(torch.sum(theta**2))))
             else:
                 u2 = direction.detach().double().to(theta.device) ** 2
-                length = math.sqrt(float(torch.sum(u2 * theta**2)) / float(torch.sum(u2**2)))
+                sums = self._sum(torch.stack([torch.sum(u2 * theta**2), torch.sum(u2**2)]))
+                length = math.sqrt(float(sums[0]) / float(sums[1]))
         eps = self._eps(index)
         root = eps ** (1.0 / 3.0) if self.scheme == "central" else math.sqrt(eps)
         return self._factor[index] * root * max(1.0, length)
@@ -242,7 +264,15 @@ class FiniteDifferenceHessian(BlockProducts):
     ) -> list[torch.Tensor]:
         """``H_bb v`` for each pair (block index, vector), one after another; indices may
         repeat. Each product is in the vector's dtype and on its device."""
-        self.check_vectors(indices, vectors)
+        if len(indices) != len(vectors):
+            raise ValueError(f"{len(indices)} block indices but {len(vectors)} vectors")
+        for i, v in zip(indices, vectors):
+            n = self.local_numel(i)
+            if v.shape != (n,):
+                raise ValueError(
+                    f"block {self.blocks[i].name!r} has {n} coordinates here, got a vector of "
+                    f"shape {tuple(v.shape)}"
+                )
         for v in vectors:
             if not v.is_floating_point():
                 raise TypeError(f"vectors must be floating point, got {v.dtype}")
@@ -259,13 +289,13 @@ class FiniteDifferenceHessian(BlockProducts):
 
     def _product(self, index: int, v: torch.Tensor, buffers: list) -> torch.Tensor:
         block = self.blocks[index]
-        norm = float(torch.linalg.vector_norm(v.detach().double()))
+        norm = math.sqrt(float(self._sum(torch.sum(v.detach().double() ** 2))))
         if self.status(index) == "unused" or norm == 0.0:
             return torch.zeros_like(v)
         if not math.isfinite(norm):
             raise FloatingPointError(f"the vector for block {block.name!r} is not finite")
         direction = v.detach() / norm
-        saved = [part.view(part.param.detach()).clone() for part in block.parts]
+        saved = [_view(part, part.param.detach()).clone() for part in block.parts]
         h = self.step(index, direction)
         if self.scheme == "forward":
             plus = self._moved(block, saved, direction, h, buffers)
@@ -316,9 +346,9 @@ class FiniteDifferenceHessian(BlockProducts):
         """Each part's gradient, flat, in ``dtype``; zeros where the gradient is None (the loss
         does not reach the parameter at that point)."""
         return [
-            part.view(grads[id(part.param)]).to(dtype).reshape(-1)
+            _view(part, grads[id(part.param)]).to(dtype).reshape(-1)
             if id(part.param) in grads
-            else torch.zeros(part.numel, dtype=dtype, device=part.param.device)
+            else torch.zeros(_local_numel(part), dtype=dtype, device=part.param.device)
             for part in block.parts
         ]
 
@@ -338,6 +368,8 @@ class FiniteDifferenceHessian(BlockProducts):
         for a, b, z in parts:
             second += float(torch.sum((a + b - 2 * z) ** 2))
             first += float(torch.sum((a - b) ** 2))
+        sums = self._sum(torch.tensor([second, first], dtype=wide, device=self.device(0)))
+        second, first = float(sums[0]), float(sums[1])
         return math.sqrt(second / first) if first > 0 else 0.0
 
     def _moved(
@@ -353,21 +385,21 @@ class FiniteDifferenceHessian(BlockProducts):
             with torch.no_grad():
                 offset = 0
                 for part, base in zip(block.parts, saved):
-                    n = part.numel
-                    piece = direction[offset : offset + n].reshape(part.shape)
+                    n = base.numel()
+                    piece = direction[offset : offset + n].reshape(base.shape)
                     offset += n
                     # theta + h u in float64 (float32 on MPS), rounded once to the parameter.
                     wide = torch.promote_types(base.dtype, torch.float32)
                     if base.device.type != "mps":
                         wide = torch.promote_types(wide, torch.float64)
                     moved = base.to(wide) + h * piece.to(device=base.device, dtype=wide)
-                    part.view(part.param.detach()).copy_(moved)
+                    _view(part, part.param.detach()).copy_(moved)
             self._set_rng(self._rng)
             return self._gradient(buffers, block.params)[1]
         finally:
             with torch.no_grad():
                 for part, base in zip(block.parts, saved):
-                    part.view(part.param.detach()).copy_(base)
+                    _view(part, part.param.detach()).copy_(base)
 
     # One evaluation: forward, backward, gradients read; .grad and buffers put back.
 
@@ -383,6 +415,7 @@ class FiniteDifferenceHessian(BlockProducts):
         try:
             for p in self._all:
                 p.grad = None
+            self._reshard()
             with torch.enable_grad():
                 loss = evaluate_probe(self.probe)
                 early = next((p for p in self._all if p.grad is not None), None)
@@ -404,12 +437,18 @@ class FiniteDifferenceHessian(BlockProducts):
                     raise
             self.evaluations += 1
             wanted = [p for b in self.blocks for p in b.params] if params is None else params
-            grads = {id(p): p.grad for p in wanted if p.grad is not None}
+            grads = {id(p): _local(p.grad) for p in wanted if p.grad is not None}
         finally:
             for p, g in zip(self._all, previous):
                 p.grad = g
             _restore(buffers)
         return loss.detach(), grads
+
+    def _reshard(self) -> None:
+        """Drop FSDP's gathered copies of the parameters (a root ``fully_shard`` module keeps
+        its own after a backward), so that the next forward gathers the moved shards."""
+        for module in self._fsdp:
+            module.reshard()
 
     def _buffers(self) -> list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]:
         return [
@@ -438,3 +477,21 @@ def _restore(buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]) -
             if module._buffers.get(name) is not buf:
                 module._buffers[name] = buf
             buf.copy_(saved)
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and callable(getattr(tensor, "to_local", None))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) tensor, in place; any other tensor itself."""
+    return tensor.to_local() if _is_sharded(tensor) else tensor
+
+
+def _view(part: BlockPart, tensor: torch.Tensor) -> torch.Tensor:
+    """The part's coordinates in ``tensor`` that this rank holds, as a view."""
+    return part.view(_local(tensor))
+
+
+def _local_numel(part: BlockPart) -> int:
+    return _local(part.param).numel() if part.dim is None else part.numel

@@ -134,7 +134,11 @@ def _contract_error(changed: list[str]) -> ProbeContractError:
 
 @contextlib.contextmanager
 def isolated(
-    model: nn.Module, *, second_order: bool = True, pin_kernels: bool | None = None
+    model: nn.Module,
+    *,
+    second_order: bool = True,
+    pin_kernels: bool | None = None,
+    check_parameters: bool = True,
 ) -> Iterator[None]:
     """Restore ``.grad``, buffers, train/eval modes and global RNG states of ``model`` on exit,
     and the parameters (see the module doc: raises :class:`ProbeContractError` when they had
@@ -142,10 +146,12 @@ def isolated(
     model's gradient hooks are set aside (:func:`blockopt.curvature.hooks.
     without_gradient_hooks`: the probe measures the loss's Hessian, and a hook with state sees
     training's gradients only); ``pin_kernels`` (default: ``second_order``) runs the body under
-    :func:`second_order_kernels`, which finite-difference probes do without."""
+    :func:`second_order_kernels`, which finite-difference probes do without.
+    ``check_parameters=False`` leaves the parameters to their owner: FSDP registers its
+    unsharded parameters in place of the sharded ones during a forward and backward."""
     if pin_kernels is None:
         pin_kernels = second_order
-    registered = _Parameters.of(model, values=second_order)
+    registered = _Parameters.of(model, values=second_order) if check_parameters else None
     dtype = torch.get_default_dtype()
     params = list(model.parameters())
     grads = [p.grad for p in params]
@@ -172,7 +178,7 @@ def isolated(
         failure = err
         raise
     finally:
-        changed = registered.restore(model)
+        changed = registered.restore(model) if registered is not None else []
         if torch.get_default_dtype() != dtype:
             changed.append(
                 f"set the default dtype to {torch.get_default_dtype()} (put back to {dtype})"

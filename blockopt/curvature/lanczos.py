@@ -251,6 +251,8 @@ def lanczos_many(
     *,
     reorthogonalize: bool = True,
     tol: float | None = None,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> list[LanczosResult]:
     """Lanczos on several symmetric operators in lockstep.
 
@@ -278,11 +280,27 @@ def lanczos_many(
     Each run's ``roundoff`` (see the module docstring) costs two dot products per step and no
     stored vector: ``v_j . (A v_{j-1})`` once ``v_j`` is formed, ``v_{j-1} . (A v_j)`` when the
     next product comes.
+
+    Sharded vectors (each process holds a slice of every operator's coordinates, as FSDP shards
+    parameters): ``reduce_sum`` adds a tensor of partial sums over the processes (an
+    ``all_reduce``), and is applied to every dot product, norm and reorthogonalisation
+    coefficient, so all processes build the same tridiagonal; ``sizes`` are the operators' whole
+    sizes (default: the vectors' lengths).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     check_tol(tol)
+    total = reduce_sum if reduce_sum is not None else (lambda t: t)
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+        if reduce_sum is None:
+            return accurate_dot(a, b)
+        kind = torch.float32 if a.device.type == "mps" else torch.float64
+        return float(total(torch.sum(a * b, dtype=kind)))
+
     k = len(starts)
+    if sizes is not None and len(sizes) != k:
+        raise ValueError(f"{len(sizes)} sizes for {k} start vectors")
     if k == 0:
         return []
     check_lanczos_size([v0.numel() for v0 in starts], steps, starts, reorthogonalize)
@@ -301,11 +319,16 @@ def lanczos_many(
             )
         if not v0.is_floating_point():
             raise TypeError(f"start vectors must be floating point, got {v0.dtype}")
-        norm = torch.linalg.vector_norm(v0)
+        norm = (
+            torch.linalg.vector_norm(v0)
+            if reduce_sum is None
+            else torch.sqrt(total(torch.sum(v0 * v0)))
+        )
         if not torch.isfinite(norm) or norm == 0:
             raise ValueError("a start vector is zero or not finite")
         v = v0 / norm
-        limit = min(steps, v0.numel())
+        n = v0.numel() if sizes is None else int(sizes[len(limits)])
+        limit = min(steps, n)
         rows = limit if reorthogonalize else 1
         basis.append(torch.empty((rows, v.numel()), dtype=v.dtype, device=v.device))
         basis[-1][0] = v
@@ -314,7 +337,7 @@ def lanczos_many(
         previous.append(None)
         limits.append(limit)
         eps = torch.finfo(v0.dtype).eps
-        tols.append(100.0 * eps * math.sqrt(v0.numel()))
+        tols.append(100.0 * eps * math.sqrt(n))
     alphas: list[list[float]] = [[] for _ in range(k)]
     betas: list[list[float]] = [[] for _ in range(k)]
     scale = [0.0] * k  # running estimate of |T| for the breakdown test
@@ -335,7 +358,9 @@ def lanczos_many(
         for i, w in zip(active, products):
             v = current[i]
             w = product = w.reshape(-1).to(v.dtype)
-            alpha = float(torch.dot(w, v))
+            alpha = (
+                float(total(torch.dot(w, v))) if reduce_sum is not None else float(torch.dot(w, v))
+            )
             if not math.isfinite(alpha):
                 raise FloatingPointError(
                     f"operator {i} produced a non-finite value at Lanczos step {len(alphas[i]) + 1}"
@@ -344,13 +369,17 @@ def lanczos_many(
             w = w - alpha * v
             if previous[i] is not None:
                 w = w - betas[i][-1] * previous[i]
-                defect = abs(accurate_dot(previous[i], product) - lower[i])
+                defect = abs(dot(previous[i], product) - lower[i])
                 roundoff[i] = defect if roundoff[i] is None else max(roundoff[i], defect)
             if reorthogonalize:
                 stack = basis[i][: filled[i]]  # a view
                 for _ in range(2):
-                    w = w - stack.T @ (stack @ w)
-            beta = float(torch.linalg.vector_norm(w))
+                    w = w - stack.T @ total(stack @ w)
+            beta = (
+                math.sqrt(float(total(torch.sum(w * w))))
+                if reduce_sum is not None
+                else float(torch.linalg.vector_norm(w))
+            )
             scale[i] = max(scale[i], abs(alpha) + beta + (betas[i][-1] if betas[i] else 0.0))
             if len(alphas[i]) >= limits[i]:
                 done[i] = True
@@ -373,7 +402,7 @@ def lanczos_many(
                 filled[i] += 1
             else:
                 v_next = w / beta
-            lower[i] = accurate_dot(v_next, product)
+            lower[i] = dot(v_next, product)
             previous[i] = v
             current[i] = v_next
             still.append(i)

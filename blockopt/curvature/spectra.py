@@ -41,7 +41,7 @@ from blockopt.curvature.precision import upcast as precision_upcast
 from blockopt.curvature.scalars import plain
 from blockopt.distributed.reductions import Reduce, agree, agree_status, reduced_matvec
 from blockopt.distributed.sharing import assign_blocks, gather_rows
-from blockopt.distributed.wrappers import refuse_sharded
+from blockopt.distributed.wrappers import refuse_sharded, sharded_by_fsdp
 
 __all__ = [
     "BlockSpectrum",
@@ -469,6 +469,10 @@ def block_spectra(
     gives the float32 result of the model's own weights; ``upcast=False`` probes in the
     parameters' dtype, with its round-off.
 
+    A model sharded by ``fully_shard`` (FSDP2) is probed on all its ranks at once by finite
+    differences on Lanczos vectors sharded like its parameters (:mod:`blockopt.distributed.
+    sharded`; whole-tensor blocks, no ``reduce``/``share``), the same spectra on every rank.
+
     The probe leaves ``.grad``, buffers, train/eval modes, global RNG states, the parameters and
     their gradient hooks as it found them; the hooks do not run during the probe.
     """
@@ -485,7 +489,12 @@ def block_spectra(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     _check_share(share, reduce)
-    refuse_sharded(model, "block_spectra")
+    sharded = sharded_by_fsdp(model)
+    if sharded:
+        if not _fully_sharded(model):
+            refuse_sharded(model, "block_spectra")  # FSDP1's flat parameters: not probeable
+        _check_sharded(backend, reduce, share)
+        backend = "fd"
     if blocks is None or isinstance(blocks, (str, Mapping)) or callable(blocks):
         blocks = partition(model, "tensor" if blocks is None else blocks)
     blocks = list(blocks)
@@ -496,6 +505,18 @@ def block_spectra(
     used = "fd" if backend == "fd" else "autograd"
 
     def measure(kind: str) -> tuple[list[LanczosResult], list[str], int, torch.dtype]:
+        if sharded:
+            from blockopt.distributed.sharded import sharded_runs
+
+            return sharded_runs(
+                model,
+                probe,
+                blocks,
+                steps=steps,
+                probes=probes,
+                tol=tol,
+                seed_of=lambda name: _block_seed(seed, name),
+            )
         return _probe_blocks(
             _operator(kind, model, probe, blocks, vectorize, workers),
             blocks,
@@ -507,7 +528,8 @@ def block_spectra(
             tol=tol,
         )
 
-    with isolated(model, pin_kernels=used == "autograd"), widen:
+    checked = not sharded  # FSDP swaps its registered parameters during a forward
+    with isolated(model, pin_kernels=used == "autograd", check_parameters=checked), widen:
         try:
             runs, status, local_hvps, dtype = measure(used)
         except DoubleBackwardError:
@@ -549,6 +571,33 @@ def block_spectra(
         local_hvps=local_hvps,
         backend=used,
     )
+
+
+def _fully_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded by ``fully_shard`` (FSDP2, whose parameters are DTensors),
+    not by ``FullyShardedDataParallel`` (FSDP1, flat parameters)."""
+    return any(
+        any(c.__name__ == "FSDPModule" for c in type(m).__mro__) for m in model.modules()
+    ) and not any(
+        any(c.__name__ == "FullyShardedDataParallel" for c in type(m).__mro__)
+        for m in model.modules()
+    )
+
+
+def _check_sharded(backend: str, reduce: Any, share: bool) -> None:
+    """An FSDP model is probed by sharded finite differences: refuse what cannot apply."""
+    if backend == "autograd":
+        raise TypeError(
+            "block_spectra cannot take autograd products of a model sharded by FSDP: FSDP "
+            "all-gathers its parameters outside autograd, so the loss has no second derivative "
+            "with respect to them. Use backend='fd' (or the default 'auto'), which takes finite "
+            "differences of FSDP's own gradients, rank by rank"
+        )
+    if reduce is not None or share:
+        raise ValueError(
+            "an FSDP model's probe already runs on all its ranks (each product is one FSDP "
+            "forward and backward): drop reduce= and share="
+        )
 
 
 def _operator(

@@ -166,7 +166,8 @@ def refuse_sharded(model: nn.Module, what: str) -> None:
             "fully_shard): FSDP all-gathers the sharded parameters outside autograd, so the loss "
             "has no derivative with respect to the parameters autograd sees, and no second "
             "derivative for a Hessian-vector product. Either pass probe=None (the optimizer then "
-            "trains in its mode without switching), probe an unsharded copy of the model with "
-            "blockopt.block_spectra, or train with DistributedDataParallel, which blockopt "
-            "probes across ranks (docs/DISTRIBUTED.md)"
+            "trains in its mode without switching), measure the sharded model with "
+            "blockopt.block_spectra(model, probe) (finite differences on sharded Lanczos "
+            "vectors) and train with blockopt.param_groups, or train with "
+            "DistributedDataParallel, which blockopt probes across ranks (docs/DISTRIBUTED.md)"
         )
