@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CASES
 from reference import NoDoubleBackward, block_index, dense_block, dense_hessian
 
@@ -214,3 +215,30 @@ def test_workers_must_be_a_positive_integer(workers):
     blocks = blockopt.partition(model)
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         BlockHessian(model(torch.ones(1, 2)).pow(2).sum(), blocks, workers=workers)
+
+
+def test_flash_attention_in_the_probe_is_probed_by_finite_differences():
+    """A probe that asks for the flash kernel itself (as a training loop would) has no double
+    backward; the default backend then takes finite differences through that very kernel, and
+    agrees with autograd's products through the math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(8, 24)
+    x = torch.randn(2, 5, 8)
+
+    def attend() -> torch.Tensor:
+        q, k, v = proj(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).pow(2).sum()
+
+    def flash() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return attend()
+
+    with pytest.raises(DoubleBackwardError):
+        blockopt.block_spectra(proj, flash, steps=4, backend="autograd")
+    fd = blockopt.block_spectra(proj, flash, steps=4)
+    reference = blockopt.block_spectra(proj, attend, steps=4, backend="autograd")
+    assert fd.backend == "fd" and reference.backend == "autograd"
+    for name in reference:
+        assert fd[name].lambda_max == pytest.approx(reference[name].lambda_max, rel=1e-3)

@@ -41,7 +41,7 @@ from blockopt.curvature.precision import upcast as precision_upcast
 from blockopt.curvature.scalars import plain
 from blockopt.distributed.reductions import Reduce, agree, agree_status, reduced_matvec
 from blockopt.distributed.sharing import assign_blocks, gather_rows
-from blockopt.distributed.wrappers import refuse_sharded, sharded_by_fsdp
+from blockopt.distributed.wrappers import fully_sharded, refuse_sharded, sharded_by_fsdp
 
 __all__ = [
     "BlockSpectrum",
@@ -491,7 +491,7 @@ def block_spectra(
     _check_share(share, reduce)
     sharded = sharded_by_fsdp(model)
     if sharded:
-        if not _fully_sharded(model):
+        if not fully_sharded(model):
             refuse_sharded(model, "block_spectra")  # FSDP1's flat parameters: not probeable
         _check_sharded(backend, reduce, share)
         backend = "fd"
@@ -570,17 +570,6 @@ def block_spectra(
         tol=tol,
         local_hvps=local_hvps,
         backend=used,
-    )
-
-
-def _fully_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` is sharded by ``fully_shard`` (FSDP2, whose parameters are DTensors),
-    not by ``FullyShardedDataParallel`` (FSDP1, flat parameters)."""
-    return any(
-        any(c.__name__ == "FSDPModule" for c in type(m).__mro__) for m in model.modules()
-    ) and not any(
-        any(c.__name__ == "FullyShardedDataParallel" for c in type(m).__mro__)
-        for m in model.modules()
     )
 
 

@@ -25,6 +25,7 @@ from blockopt.distributed.reductions import RankMean, Reduce
 
 __all__ = [
     "ddp_of",
+    "fully_sharded",
     "no_sync",
     "probe_reduce",
     "refuse_sharded",
@@ -93,7 +94,8 @@ def _initialized() -> bool:
 def probe_reduce(model: nn.Module, option: Any = None) -> Reduce | None:
     """The reduction a :class:`blockopt.BlockOptimizer` probes with. ``option`` ``None``: the
     mean over the DDP wrapper's process group when ``model`` is DDP and torch.distributed is
-    initialised, else none; ``True``: the mean over the DDP group or the default group;
+    initialised, over the mesh's group when it is sharded by ``fully_shard``, else none;
+    ``True``: the mean over the DDP group or the default group;
     ``False``: none (each rank probes alone); a ``ProcessGroup``: the mean over it."""
     if option is False:
         return None
@@ -101,6 +103,8 @@ def probe_reduce(model: nn.Module, option: Any = None) -> Reduce | None:
     if option is None:
         if not _initialized():
             return None
+        if ddp is None and fully_sharded(model):
+            return RankMean(_mesh_group(model))  # the ranks FSDP shards over agree on losses
         if ddp is None:
             _warn_if_unreduced()
             return None
@@ -158,16 +162,36 @@ def sharded_by_fsdp(model: nn.Module) -> bool:
     return False
 
 
+def fully_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded by ``fully_shard`` (FSDP2, whose parameters are DTensors,
+    which blockopt probes by sharded finite differences), and not by ``FullyShardedDataParallel``
+    (FSDP1, flat parameters, which it cannot probe)."""
+
+    def has(name: str) -> bool:
+        return any(any(c.__name__ == name for c in type(m).__mro__) for m in model.modules())
+
+    return has("FSDPModule") and not has("FullyShardedDataParallel")
+
+
+def _mesh_group(model: nn.Module):
+    """The process group of the first sharded parameter's (1-D) device mesh."""
+    for p in model.parameters():
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is not None:
+            return mesh.get_group()
+    return None
+
+
 def refuse_sharded(model: nn.Module, what: str) -> None:
-    """Raise a ``TypeError`` naming the cause and the fixes when ``model`` is sharded by FSDP."""
+    """Raise a ``TypeError`` naming the cause and the fixes for a model sharded by FSDP1 (a
+    ``fully_shard`` model is probed; callers check :func:`fully_sharded` first)."""
     if sharded_by_fsdp(model):
         raise TypeError(
-            f"{what} cannot probe a model sharded by FSDP (FullyShardedDataParallel or "
-            "fully_shard): FSDP all-gathers the sharded parameters outside autograd, so the loss "
-            "has no derivative with respect to the parameters autograd sees, and no second "
-            "derivative for a Hessian-vector product. Either pass probe=None (the optimizer then "
-            "trains in its mode without switching), measure the sharded model with "
-            "blockopt.block_spectra(model, probe) (finite differences on sharded Lanczos "
-            "vectors) and train with blockopt.param_groups, or train with "
-            "DistributedDataParallel, which blockopt probes across ranks (docs/DISTRIBUTED.md)"
+            f"{what} cannot probe a model sharded by FSDP (FullyShardedDataParallel, FSDP1): it "
+            "all-gathers its flat parameters outside autograd, and they are not DTensors whose "
+            "shards blockopt could move for finite differences. Either pass probe=None (the "
+            "optimizer then trains in its mode without switching), shard the model with "
+            "torch.distributed.fsdp.fully_shard (FSDP2), which blockopt probes by sharded finite "
+            "differences, or train with DistributedDataParallel, which blockopt probes across "
+            "ranks (docs/DISTRIBUTED.md)"
         )

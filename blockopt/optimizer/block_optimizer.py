@@ -46,7 +46,13 @@ from blockopt.curvature.blocks import Block, Partition, Strategy, partition
 from blockopt.curvature.layouts import LayoutWarning
 from blockopt.curvature.spectra import BACKENDS
 from blockopt.distributed.reductions import Reduce
-from blockopt.distributed.wrappers import ddp_of, probe_reduce, refuse_sharded, unwrap
+from blockopt.distributed.wrappers import (
+    ddp_of,
+    fully_sharded,
+    probe_reduce,
+    refuse_sharded,
+    unwrap,
+)
 from blockopt.logging.tensorboard import ProbeCost, TensorBoardLogger
 from blockopt.optimizer import checkpoint as ckpt
 from blockopt.optimizer.controller import (
@@ -1116,7 +1122,8 @@ def _probe_reduce(model: nn.Module, probe: Any, option: Any) -> Reduce | None:
     if probe is None:  # nothing to combine unless asked for (a probe may be set later)
         return None if option is None else probe_reduce(model, option)
     reduce = probe_reduce(model, option)
-    refuse_sharded(model, "BlockOptimizer")
+    if not fully_sharded(unwrap(model)):  # fully_shard models are probed by sharded FD
+        refuse_sharded(model, "BlockOptimizer")
     if reduce is None and option is False and ddp_of(model) is not None:
         warnings.warn(
             "distributed=False with a DistributedDataParallel model: every rank probes only its "

@@ -22,7 +22,7 @@ from blockopt.analysis.tuning import DEFAULT_MAX_FACTOR, block_lr_factors, held_
 from blockopt.curvature.blocks import Block
 from blockopt.curvature.spectra import Spectra, block_spectra
 from blockopt.distributed.reductions import RankMean, Reduce
-from blockopt.distributed.wrappers import no_sync
+from blockopt.distributed.wrappers import fully_sharded, no_sync
 from blockopt.optimizer.modeset import ActiveMode, ModeSet
 from blockopt.optimizer.policy import Decision, SwitchPolicy
 from blockopt.optimizer.tuner import (
@@ -89,6 +89,7 @@ def measure(
 ) -> ProbeOutcome:
     """Probe ``model``'s blocks at ``step``; ``previous`` (the factors in use, when a loss
     spiked since they were measured) caps the new factors from above."""
+    sharded = fully_sharded(model)
     with no_sync(ddp_model):  # a closure calling the DDP wrapper prepares no reduction
         spectra = block_spectra(
             model,
@@ -98,8 +99,9 @@ def measure(
             probes=settings.probes,
             seed=settings.seed + step,
             tol=settings.tol,
-            reduce=reduce,
-            share=settings.share and isinstance(reduce, RankMean),
+            # a fully_shard model's probe already spans its ranks (blockopt.distributed.sharded)
+            reduce=None if sharded else reduce,
+            share=settings.share and isinstance(reduce, RankMean) and not sharded,
             backend=settings.backend,
         )
     score = heterogeneity(spectra)

@@ -69,14 +69,20 @@ def _train_and_evaluate(
     clip: float | None,
 ) -> float:
     if steps:  # the loss where the parameters are (steps=0) needs no optimizer
+        sharded = any(type(p).__name__ == "DTensor" for p in params)
         opt = optimizer()
         for _ in range(steps):
             loss = probe()
             if not torch.isfinite(loss.detach()).all():
                 return math.inf
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for p, g in zip(params, grads):
-                p.grad = g  # isolated() puts the caller's .grad back afterwards
+            if sharded:  # FSDP's parameters are not in the graph: its backward fills .grad
+                for p in params:
+                    p.grad = None
+                loss.backward()
+            else:
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = g  # isolated() puts the caller's .grad back afterwards
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
             opt.step()

@@ -38,7 +38,10 @@ def step_norm(opt: Optimizer) -> float:
                 update = g / (g.abs() + group.get("eps", 1e-8))
             else:
                 update = g
-            total += float(update.pow(2).sum()) * group["lr"] ** 2
+            square = update.pow(2).sum()
+            if callable(getattr(square, "full_tensor", None)):  # a DTensor (FSDP): all shards
+                square = square.full_tensor()
+            total += float(square) * group["lr"] ** 2
     return math.sqrt(total)
 
 
