@@ -23,7 +23,7 @@ from reference import NoDoubleBackward
 from torch import nn
 
 import blockopt
-from blockopt.curvature.spectra import share_costs
+from blockopt.curvature.runs import share_costs
 from blockopt.distributed.reductions import (
     FAULT_KINDS,
     ProbeFailedElsewhere,

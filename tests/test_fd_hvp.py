@@ -358,7 +358,7 @@ def test_probe_errors_and_statuses():
 # 5. Quadratics: a zero third derivative leaves round-off alone.
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     n=st.integers(2, 12),
     cut=st.integers(1, 11),
@@ -382,5 +382,14 @@ def test_quadratic_products_are_exact_to_round_off(n, cut, seed, scale):
     for i, (lo, hi) in enumerate(((0, cut), (cut, n))):
         v = torch.randn(hi - lo, generator=gen, dtype=torch.float64)
         expected = a[lo:hi, lo:hi] @ v
+        # A quadratic's third derivative is zero: what is left is the gradients' round-off,
+        # eps |g| / h with h ~ cbrt(eps) (module doc), which dominates where the linear term's
+        # gradient dwarfs the curvature (a small scale): bounded by both, not by one.
+        eps = torch.finfo(torch.float64).eps
+        with torch.no_grad():
+            gradient = float((a @ x).norm() + b.norm())
+        error = float((op.matvec(i, v) - expected).norm())
         floor = 1e-6 * float(torch.linalg.matrix_norm(a, 2)) * float(v.norm())
-        assert _relative(op.matvec(i, v), expected, floor) < 1e-8
+        assert error <= 1e-8 * max(float(expected.norm()), floor) + 10 * eps ** (
+            2 / 3
+        ) * gradient * float(v.norm())

@@ -309,7 +309,7 @@ def test_from_runs_keeps_the_largest_measured_roundoff():
 
 def test_a_shared_probes_rows_carry_the_roundoff():
     from blockopt.curvature.lanczos import LanczosResult
-    from blockopt.curvature.spectra import _row_run, _run_row
+    from blockopt.curvature.runs import _row_run, _run_row
 
     for run in (
         LanczosResult.from_tridiagonal([1.0, 2.0, 0.5], [0.3, 0.1], roundoff=2.5e-17),
