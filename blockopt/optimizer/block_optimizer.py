@@ -81,6 +81,7 @@ from blockopt.optimizer.validation import (
     check_constructor,
     check_params_in_model,
     check_switching,
+    foreign_params,
     is_int,
     is_real,
     plain,
@@ -431,14 +432,13 @@ class BlockOptimizer(Optimizer):
     def _check_model(self) -> None:
         """Refuse to probe a model whose layers were replaced or deleted since the optimizer was
         built: the optimizer would go on training parameters the model no longer uses."""
-        owned = {id(p) for p in self.probe_model.parameters()}
-        gone = [p for g in self.param_groups for p in g["params"] if id(p) not in owned]
-        if gone:
-            shapes = ", ".join(str(tuple(p.shape)) for p in gone[:3])
+        params = (p for g in self.param_groups for p in g["params"])
+        count, shapes = foreign_params(params, self.probe_model)
+        if count:
             raise RuntimeError(
-                f"the model changed after the optimizer was built: {len(gone)} of the "
-                f"optimizer's parameters (shapes {shapes}{', ...' if len(gone) > 3 else ''}) are "
-                f"no longer parameters of the {type(self.probe_model).__name__} (a layer was "
+                f"the model changed after the optimizer was built: {count} of the "
+                f"optimizer's parameters (shapes {shapes}) are no longer parameters of the "
+                f"{type(self.probe_model).__name__} (a layer was "
                 "replaced or deleted), so the optimizer trains tensors the model no longer uses "
                 "and probes cannot measure them; build the optimizer again over the model as it "
                 "is now (BlockOptimizer(model, probe, ...) or wrap(...)). Parameters frozen, "
@@ -1105,14 +1105,12 @@ def _plain_value(value: Any) -> Any:
 def _check_group_in_model(group: Mapping[str, Any], index: int, model: nn.Module) -> None:
     """Refuse a group added with ``add_param_group`` whose parameters ``model`` does not own:
     probes and blocks are the model's, and the next probe would refuse the optimizer."""
-    owned = {id(p) for p in model.parameters()}
-    foreign = [p for p in group["params"] if id(p) not in owned]
-    if foreign:
-        shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
+    count, shapes = foreign_params(group["params"], model)
+    if count:
         raise ValueError(
-            f"param group {index}: {len(foreign)} of its parameters (shapes {shapes}"
-            f"{', ...' if len(foreign) > 3 else ''}) are not parameters of the "
-            f"{type(model).__name__} this optimizer probes; add the layer to the model first, "
+            f"param group {index}: {count} of its parameters (shapes {shapes}) are not "
+            f"parameters of the {type(model).__name__} this optimizer probes; add the layer to "
+            "the model first, "
             "then add_param_group({'params': layer.parameters()})"
         )
 

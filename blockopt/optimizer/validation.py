@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from blockopt.curvature.lanczos import check_tol
@@ -51,16 +52,22 @@ def shown(value: Any) -> str:
     return repr(value)
 
 
+def foreign_params(params: Iterable[torch.Tensor], model: nn.Module) -> tuple[int, str]:
+    """How many of ``params`` ``model`` does not own, and the shapes of the first three (with
+    ``, ...`` when there are more), for the messages that refuse them."""
+    owned = {id(p) for p in model.parameters()}
+    foreign = [p for p in params if id(p) not in owned]
+    shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
+    return len(foreign), shapes + (", ..." if len(foreign) > 3 else "")
+
+
 def check_params_in_model(groups: list[dict[str, Any]], model: nn.Module) -> None:
     """Refuse parameters ``model`` does not own: the blocks, probes and block learning rates
     are the model's, and would silently leave such parameters out."""
-    owned = {id(p) for p in model.parameters()}
-    foreign = [p for g in groups for p in g["params"] if id(p) not in owned]
-    if foreign:
-        shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
+    count, shapes = foreign_params((p for g in groups for p in g["params"]), model)
+    if count:
         raise ValueError(
-            f"{len(foreign)} of the optimizer's parameters (shapes {shapes}"
-            f"{', ...' if len(foreign) > 3 else ''}) are not parameters of the "
+            f"{count} of the optimizer's parameters (shapes {shapes}) are not parameters of the "
             f"{type(model).__name__} passed as model; build the optimizer (or params=) over "
             "model.parameters() of the model you pass, or pass the model they belong to"
         )
