@@ -148,8 +148,7 @@ def test_figures_done_during_training_are_written_without_waiting(tmp_path, prob
     logger = TensorBoardLogger(tmp_path)
     logger.log_probe(0, spectra, score, "sgd", {}, ProbeCost(0.1, 1, 0.0))
     for _, _, job in logger._pending:
-        shared = logger._renderer or renderer.shared_renderer()
-        shared.wait(job)
+        logger._drawer.wait(job)
     logger.log_training(10, {"blockopt/score": 1.0})
     assert logger._pending == []
     ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0})

@@ -179,7 +179,7 @@ class FiniteDifferenceHessian(BlockProducts):
             and callable(getattr(m, "reshard", None))
         ]
         for block in self.blocks:
-            if any(_is_sharded(part.param) and part.dim is not None for part in block.parts):
+            if any(is_sharded(part.param) and part.dim is not None for part in block.parts):
                 raise ValueError(
                     f"block {block.name!r} is a slice of a sharded parameter; probe sharded "
                     "models with whole-tensor blocks (strategy='tensor')"
@@ -264,15 +264,7 @@ class FiniteDifferenceHessian(BlockProducts):
     ) -> list[torch.Tensor]:
         """``H_bb v`` for each pair (block index, vector), one after another; indices may
         repeat. Each product is in the vector's dtype and on its device."""
-        if len(indices) != len(vectors):
-            raise ValueError(f"{len(indices)} block indices but {len(vectors)} vectors")
-        for i, v in zip(indices, vectors):
-            n = self.local_numel(i)
-            if v.shape != (n,):
-                raise ValueError(
-                    f"block {self.blocks[i].name!r} has {n} coordinates here, got a vector of "
-                    f"shape {tuple(v.shape)}"
-                )
+        self.check_vectors(indices, vectors)
         for v in vectors:
             if not v.is_floating_point():
                 raise TypeError(f"vectors must be floating point, got {v.dtype}")
@@ -479,13 +471,14 @@ def _restore(buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]) -
             buf.copy_(saved)
 
 
-def _is_sharded(tensor: torch.Tensor) -> bool:
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter sharded by ``fully_shard``)."""
     return type(tensor).__name__ == "DTensor" and callable(getattr(tensor, "to_local", None))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a sharded (DTensor) tensor, in place; any other tensor itself."""
-    return tensor.to_local() if _is_sharded(tensor) else tensor
+    return tensor.to_local() if is_sharded(tensor) else tensor
 
 
 def _view(part: BlockPart, tensor: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,11 @@ class BlockProducts:
     def device(self, index: int) -> torch.device:
         return self.blocks[index].parts[0].param.device
 
+    def local_numel(self, index: int) -> int:
+        """The length of block ``blocks[index]``'s vectors in this process: the block's size
+        (an operator on sharded parameters holds this rank's shard)."""
+        return self.blocks[index].numel
+
     def matvec(self, index: int, vector: torch.Tensor) -> torch.Tensor:
         """``H_bb v`` for block ``blocks[index]``."""
         return self.matvec_many([index], [vector])[0]
@@ -123,7 +128,7 @@ class BlockProducts:
         if len(indices) != len(vectors):
             raise ValueError(f"{len(indices)} block indices but {len(vectors)} vectors")
         for i, v in zip(indices, vectors):
-            n = self.blocks[i].numel
+            n = self.local_numel(i)
             if v.shape != (n,):
                 raise ValueError(
                     f"block {self.blocks[i].name!r} has {n} coordinates, got a vector of shape "

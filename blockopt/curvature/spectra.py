@@ -24,7 +24,7 @@ from torch import nn
 
 from blockopt.curvature.blocks import Block, Strategy, partition
 from blockopt.curvature.fd_hvp import FiniteDifferenceHessian
-from blockopt.curvature.hvp import BlockHessian, DoubleBackwardError
+from blockopt.curvature.hvp import BlockHessian, BlockProducts, DoubleBackwardError
 from blockopt.curvature.isolation import isolated
 from blockopt.curvature.lanczos import (
     DEFAULT_BANDWIDTH,
@@ -664,7 +664,9 @@ def _probe_blocks(
     return runs, status, local_hvps, dtype
 
 
-def _non_finite(err: FloatingPointError, blocks: Sequence[Block], probes: int, hessian) -> str:
+def _non_finite(
+    err: FloatingPointError, blocks: Sequence[Block], probes: int, hessian: BlockProducts
+) -> str:
     """The message for products that went non-finite: which block, and what to do."""
     text = str(err)
     words = text.split()

@@ -19,24 +19,17 @@ import torch.distributed as dist
 from torch import nn
 
 from blockopt.curvature.blocks import Block
-from blockopt.curvature.fd_hvp import FiniteDifferenceHessian, _is_sharded
+from blockopt.curvature.fd_hvp import FiniteDifferenceHessian, is_sharded
 from blockopt.curvature.lanczos import LanczosResult, lanczos_many, random_start
+from blockopt.distributed.wrappers import mesh_group
 
 __all__ = ["sharded_runs"]
-
-
-def _group(blocks: Sequence[Block]):
-    for block in blocks:
-        for part in block.parts:
-            if _is_sharded(part.param):
-                return part.param.device_mesh.get_group()
-    return None
 
 
 def _local_start(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a whole-parameter vector, as FSDP shards the parameter (rows split
     by ``torch.chunk`` over the ranks of its mesh)."""
-    if not _is_sharded(param):
+    if not is_sharded(param):
         return full
     mesh = param.device_mesh
     rank, world = mesh.get_local_rank(), mesh.size()
@@ -63,7 +56,7 @@ def sharded_runs(
 ) -> tuple[list[LanczosResult], list[str], int, torch.dtype]:
     """Lanczos on every block of a sharded model (see the module doc): the runs, each block's
     status, the products computed (each one involves every rank) and the widest dtype."""
-    group = _group(blocks)
+    group = mesh_group(model)
 
     def total(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()

@@ -104,7 +104,7 @@ def probe_reduce(model: nn.Module, option: Any = None) -> Reduce | None:
         if not _initialized():
             return None
         if ddp is None and fully_sharded(model):
-            return RankMean(_mesh_group(model))  # the ranks FSDP shards over agree on losses
+            return RankMean(mesh_group(model))  # the ranks FSDP shards over agree on losses
         if ddp is None:
             _warn_if_unreduced()
             return None
@@ -173,8 +173,9 @@ def fully_sharded(model: nn.Module) -> bool:
     return has("FSDPModule") and not has("FullyShardedDataParallel")
 
 
-def _mesh_group(model: nn.Module):
-    """The process group of the first sharded parameter's (1-D) device mesh."""
+def mesh_group(model: nn.Module):
+    """The process group of the (1-D) device mesh of ``model``'s first sharded parameter;
+    ``None`` (the default group) when none is sharded."""
     for p in model.parameters():
         mesh = getattr(p, "device_mesh", None)
         if mesh is not None:

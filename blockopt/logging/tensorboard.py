@@ -432,16 +432,19 @@ class TensorBoardLogger:
                 self.writer.add_figure(tag, figure, step, close=False)
             return
         _live.add(self)
-        renderer = self._renderer or shared_renderer()
-        self._pending += [(tag, step, renderer.submit(job)) for tag, job in jobs]
+        self._pending += [(tag, step, self._drawer.submit(job)) for tag, job in jobs]
+
+    @property
+    def _drawer(self) -> FigureRenderer:
+        """The renderer given, else the process's shared one (started at the first figure)."""
+        return self._renderer or shared_renderer()
 
     def _drain(self, *, wait: bool) -> None:
         """Write the figures that are drawn (with ``wait``, all of them, waiting as needed)."""
-        renderer = self._renderer or shared_renderer()
         pending, self._pending = self._pending, []
         for tag, step, job in pending:
             if wait or job.lost:
-                renderer.wait(job)
+                self._drawer.wait(job)
             if not job.done:
                 self._pending.append((tag, step, job))
                 continue

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from blockopt.curvature.fd_hvp import is_sharded
 from blockopt.curvature.isolation import isolated
 from blockopt.distributed.reductions import Reduce, agree_value
 
@@ -69,7 +70,7 @@ def _train_and_evaluate(
     clip: float | None,
 ) -> float:
     if steps:  # the loss where the parameters are (steps=0) needs no optimizer
-        sharded = any(type(p).__name__ == "DTensor" for p in params)
+        sharded = any(is_sharded(p) for p in params)
         opt = optimizer()
         for _ in range(steps):
             loss = probe()
