@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from bench_docs import write_section
 from bench_optimizer import _quadratic
+from probe_floor import MAX_STEPS, ORACLE_EPS, Floor, floor
 from torch import nn
 
 import blockopt
@@ -150,6 +151,7 @@ class Table:
     repeats: int
     reference: Row
     rows: list[Row] = field(default_factory=list)
+    floor: Floor | None = None  # how few products decide as the reference does (untimed)
 
     @property
     def short(self) -> str:
@@ -230,8 +232,9 @@ def step_times(case: Case, n: int, offset: int = 0) -> list[float]:
 # -- probes ---------------------------------------------------------------------------------------
 
 
-def probe(case: Case, blocks: Sequence[Block], s: Setting) -> tuple[float, Row]:
-    """One probe with setting ``s``: its wall time and what the optimizer would decide."""
+def probe(case: Case, blocks: Sequence[Block], s: Setting) -> tuple[float, Row, blockopt.Spectra]:
+    """One probe with setting ``s``: its wall time, what the optimizer would decide, and the
+    spectra."""
     closure = case.quarter_probe if s.quarter else case.probe
     assert closure is not None
     start = time.perf_counter()
@@ -242,7 +245,8 @@ def probe(case: Case, blocks: Sequence[Block], s: Setting) -> tuple[float, Row]:
     h = blockopt.heterogeneity(spectra)
     score, ratio = float(h), float(h.max_ratio)
     mode = blockopt.Thresholds().target(score, ratio)
-    return seconds, Row(s.label, [], spectra.hvps, score, ratio, mode, block_lr_factors(spectra))
+    row = Row(s.label, [], spectra.hvps, score, ratio, mode, block_lr_factors(spectra))
+    return seconds, row, spectra
 
 
 def measure(case: Case, settings: Sequence[Setting], repeats: int) -> Table:
@@ -254,14 +258,14 @@ def measure(case: Case, settings: Sequence[Setting], repeats: int) -> Table:
     step_times(case, 3)  # warm-up
     probe(case, blocks, usable[0])
     step_seconds = step_times(case, TIMED_STEPS)
-    seconds, ref = probe(case, blocks, REFERENCE)
+    seconds, ref, ref_spectra = probe(case, blocks, REFERENCE)
     ref.seconds.append(seconds)
     rows: dict[str, Row] = {}
     done = 0
     while done < repeats:
         start = time.perf_counter()
         for s in usable:
-            seconds, row = probe(case, blocks, s)
+            seconds, row, _ = probe(case, blocks, s)
             rows.setdefault(s.label, row).seconds.append(seconds)
         done += 1
         if done == 1 and repeats > 1:  # cheap probes: more repeats, an odd number of them
@@ -293,6 +297,15 @@ def measure(case: Case, settings: Sequence[Setting], repeats: int) -> Table:
         )
         row.equal = not row.failures()
         table.rows.append(row)
+    table.floor = floor(
+        case.model,
+        case.probe,
+        blocks,
+        ref_spectra,
+        seed=SEED,
+        score_tol=SCORE_TOL,
+        factor_tol=FACTOR_TOL,
+    )
     first = table.rows[0]
     for row in table.rows:
         row.cheaper = first.cost_steps / row.cost_steps if row.cost_steps > 0 else math.inf
@@ -348,7 +361,31 @@ def render_table(t: Table) -> list[str]:
             f"| {row.factor_error:.1%} | {'yes' if row.equal else 'no'} "
             f"| {row.cheaper:.1f}x / {row.hvp_cheaper:.1f}x | {_goal(row, s)} |"
         )
-    return [*lines, ""]
+    return [*lines, "", *render_floor(t.floor)]
+
+
+def render_floor(f: Floor | None) -> list[str]:
+    """What each fixed step count misses, and the oracle's floor, for one model state."""
+    if f is None:
+        return []
+    steps = " | ".join(str(k) for k in range(1, MAX_STEPS + 1))
+    misses = " | ".join(miss or "equal" for miss in f.fixed)
+    if f.oracle_products is None:
+        oracle = f"no oracle tolerance of {', '.join(f'{e:g}' for e in ORACLE_EPS)} decides alike"
+    else:
+        oracle = (
+            f"the oracle decides alike at eps {f.oracle_eps:g} with {f.oracle_products:.1f} "
+            f"products per block ({MAX_STEPS / f.oracle_products:.1f}x fewer than setting 1)"
+        )
+    return [
+        "Fewest products at equal decisions (untimed): every block the same fixed number of "
+        f"steps, what each misses; {oracle}.",
+        "",
+        f"| fixed steps | {steps} |",
+        "|---|" + "---|" * MAX_STEPS,
+        f"| misses | {misses} |",
+        "",
+    ]
 
 
 def _runs(n: int) -> str:
@@ -416,7 +453,30 @@ def findings(tables: Sequence[Table]) -> list[str]:
                 + ("results identical to setting 2's" if same else "results differ from 2's")
             )
         out.append(text + ".")
+    out += ["", floor_finding(tables)]
     return out
+
+
+def floor_finding(tables: Sequence[Table]) -> str:
+    """The floors over every model state: how far fewer products alone could go."""
+    floors = [(t, t.floor) for t in tables if t.floor is not None]
+    fewest = [f"{t.short} {f.fewest_steps or f'>{MAX_STEPS}'}" for t, f in floors]
+    oracle = [f.oracle_products for _, f in floors if f.oracle_products is not None]
+    text = (
+        "**Floors.** The fewest steps, the same for every block, at equal decisions: "
+        + ", ".join(fewest)
+        + f" (the {GOAL:g}x goal in products would need {BASELINE.steps / GOAL:g})."
+    )
+    if oracle:
+        text += (
+            " Even an oracle that stops each block as soon as its curvature scale stays within "
+            "a tolerance of its 40-step value (the loosest of "
+            f"{', '.join(f'{e:g}' for e in ORACLE_EPS)} at equal decisions) needs "
+            f"{_span(oracle, '')} products per block, so a stopping rule alone saves at most "
+            f"{BASELINE.steps / max(oracle):.1f}x to {BASELINE.steps / min(oracle):.1f}x in "
+            "products over setting 1 from these start vectors."
+        )
+    return text
 
 
 def render(tables: Sequence[Table], seconds: float, note: str) -> str:
