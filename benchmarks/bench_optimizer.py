@@ -381,6 +381,12 @@ def summarise(task: Task, out: dict[str, Any]) -> dict[str, Any]:
     s["auto_end_lr"] = [r.end_lr for r in auto]
     s["auto_notes"] = sorted({n for r in auto for n in r.notes})
     s["per_seed"] = {m: [floored(r.final) for r in runs[m]] for m in METHODS}
+    s["lowest"] = {  # the lowest evaluated loss along each run, and its step
+        m: [
+            min(((floored(v), step) for step, v in r.curve), default=(math.inf, 0)) for r in runs[m]
+        ]
+        for m in METHODS
+    }
     s["ratio"] = final["auto"] / best if best > 0 else math.inf
     s["within"] = final["auto"] <= best * (1 + TOLERANCE)
     s["worst"] = all(final["auto"] > final[m] for m in FIXED)
@@ -548,16 +554,20 @@ def render(
         + ", ".join(map(str, seeds))
         + "):",
         "",
-        "| task | best fixed | auto |",
-        "|---|---|---|",
+        "| task | best fixed | auto | lowest along the run (step), best fixed | auto |",
+        "|---|---|---|---|---|",
     ]
     for task in tasks:
         s = sums[task.key]
-        per = s["per_seed"]
+        per, low, b = s["per_seed"], s["lowest"], s["best_fixed"]
         lines.append(
-            f"| {task.label} | {s['best_fixed']}: "
-            f"{', '.join(_loss(x, task.floor) for x in per[s['best_fixed']])} | "
-            f"{', '.join(_loss(x, task.floor) for x in per['auto'])} |"
+            f"| {task.label} | {b}: {', '.join(_loss(x, task.floor) for x in per[b])} | "
+            f"{', '.join(_loss(x, task.floor) for x in per['auto'])} | "
+            + " | ".join(
+                ", ".join(f"{_loss(v, task.floor)} ({step})" for v, step in low[m])
+                for m in (b, "auto")
+            )
+            + " |"
         )
     if "spread" in outs.get(SPREAD_TASK, {}):
         task, out = BY_KEY[SPREAD_TASK], outs[SPREAD_TASK]
