@@ -7,8 +7,9 @@ what they cost over a long run: on the tiny GPT, the tiny ViT and the BatchNorm 
 default) and the task's best fixed mode at its tuned learning rate (from the "Optimizer"
 section of docs/BENCHMARKS.md) for 5000 steps, and the GPT also for 1500 steps, and reports the
 wall ratio (auto's training-loop seconds over the fixed mode's), auto's probe share and both
-final losses. Each auto / fixed pair runs back to back in one worker process with one torch
-thread, in alternating order over seeds, after a short untimed warm-up of both. It rewrites the
+final losses. Each auto / fixed pair runs back to back in one worker process, in alternating
+order over seeds, after a short untimed warm-up of both, with denormal floats flushed to zero
+(see :func:`_init`). It rewrites the
 "Long runs" section of docs/BENCHMARKS.md:
 
     python benchmarks/bench_long.py     # --quick: smoke run, printed only; --no-write
@@ -83,11 +84,17 @@ class Run:
         return self.cpu_seconds / self.seconds if self.seconds > 0 else 0.0
 
 
-def _init(threads: int) -> None:
+def _init(threads: int, flush_denormal: bool = True) -> None:
     """Set the worker's torch threads; 0 keeps torch's default (one per core), as a user's
-    training script does, so that probes run their block products on both cores too."""
+    training script does, so that probes run their block products on both cores too. With
+    ``flush_denormal``, denormal floats become zero (``torch.set_flush_denormal``): arithmetic on
+    them is slow on x86, and how many a run meets depends on its trajectory (on the tiny GPT,
+    AdamW at lr 0.0032 spent 9.6% longer per forward and backward than at 0.003), so that the
+    wall ratio then measures the probes and not which learning rate met more denormals."""
     if threads > 0:
         torch.set_num_threads(threads)
+    if flush_denormal:
+        torch.set_flush_denormal(True)
 
 
 def timed(key: str, seed: int, method: str, lr: float | None, steps: int) -> Run:
@@ -124,13 +131,16 @@ def run_all(
     threads: int,
     log: Callable[[str], None],
     warmup: int = WARMUP_STEPS,
+    flush_denormal: bool = True,
 ) -> dict[Setting, list[dict[str, Run]]]:
     """Every (setting, seed) pair in a pool of ``jobs`` worker processes, longest first; the
     runs of each setting in seed order."""
     ctx = multiprocessing.get_context("spawn")
     futures: dict[tuple[Setting, int], Future] = {}
     order = sorted(settings, key=lambda s: -s.steps)
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init, initargs=(threads,)) as ex:
+    with ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=_init, initargs=(threads, flush_denormal)
+    ) as ex:
         for setting in order:
             for seed in seeds:
                 futures[setting, seed] = ex.submit(run_pair, setting, seed, sgd, warmup)
@@ -206,8 +216,9 @@ def render(
     seconds: float,
     quick: bool,
     warmup: int = WARMUP_STEPS,
+    flushed: bool = True,
 ) -> str:
-    """The markdown section."""
+    """The markdown section; ``flushed``: the runs flushed denormal floats to zero."""
     fixed = "; ".join(
         f"{BY_KEY[k].label}: {m} at {lr:g}" for k, (m, lr) in BEST.items() if k in TASK_KEYS
     )
@@ -232,11 +243,21 @@ def render(
         "probe seconds, per step. CPU share: the worker's CPU seconds over the wall seconds of "
         "the run (build and evaluations included); well below 100% means the run waited for a "
         "core and its wall time is inflated. Each auto / fixed pair runs back to back in one "
-        "worker process with one torch thread, auto first on even seeds and the fixed mode "
-        "first on odd ones, "
+        "worker process, auto first on even seeds and the fixed mode first on odd ones, "
         f"after {warmup} untimed steps of each; the wall ratio is auto's training seconds "
         "over the fixed mode's in the same pair, a median over seeds "
-        f"{', '.join(map(str, seeds))}; every other number is a median over them.",
+        f"{', '.join(map(str, seeds))}; every other number is a median over them. "
+        + (
+            "Every run flushes denormal floats to zero (`torch.set_flush_denormal(True)`; "
+            "`--keep-denormals` keeps them): "
+            if flushed
+            else "These runs kept denormal floats (`--keep-denormals`; by default they are "
+            "flushed to zero): "
+        )
+        + "arithmetic on them is slow on x86, and how many a run meets depends on its "
+        "trajectory, so that with them the wall ratio also measures which learning rate met "
+        "more (on the tiny GPT, AdamW at 0.0032, auto's searched rate, spent 9.6% longer per "
+        "forward and backward than AdamW at 0.003).",
         "",
     ]
     for setting in settings:
@@ -336,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"steps of the short {SHORT_TASK} run (default {SHORT_STEPS}; 0: none)",
     )
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per setting (default 1)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
     parser.add_argument("--tasks", nargs="*", choices=TASK_KEYS, default=None)
     parser.add_argument(
         "--best",
@@ -365,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch threads per worker (default 0: torch's default, one per core)",
     )
+    parser.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="do not flush denormal floats to zero (by default every run does: "
+        "torch.set_flush_denormal(True))",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also save the raw results")
     args = parser.parse_args(argv)
     begin = time.perf_counter()
@@ -389,7 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - begin:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    outs = run_all(settings, seeds, not args.no_sgd, jobs, args.threads, log, args.warmup)
+    outs = run_all(
+        settings,
+        seeds,
+        not args.no_sgd,
+        jobs,
+        args.threads,
+        log,
+        args.warmup,
+        not args.keep_denormals,
+    )
     sums = {s: summarise(s, outs[s]) for s in settings}
 
     def count(n: int, one: str, many: str) -> str:
@@ -403,9 +439,12 @@ def main(argv: list[str] | None = None) -> int:
             else f"torch's default threads ({torch.get_num_threads()}) each, "
         )
         + count(len(seeds), "seed", "seeds")
+        + (", denormals kept: `--keep-denormals`" if args.keep_denormals else "")
     )
     elapsed = time.perf_counter() - begin
-    text = render(settings, sums, seeds, how, elapsed, args.quick, args.warmup)
+    text = render(
+        settings, sums, seeds, how, elapsed, args.quick, args.warmup, not args.keep_denormals
+    )
     print(text)
     if args.json is not None:
         raw = [

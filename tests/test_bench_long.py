@@ -35,6 +35,8 @@ def test_quick_run_prints_the_tables_and_targets(
     out = capsys.readouterr().out
     assert out.startswith("## Long runs\n")
     assert "`python benchmarks/bench_long.py`" in out
+    assert "each, 1 seed; a `--quick` smoke run" in out and "denormals kept" not in out
+    assert "Every run flushes denormal floats to zero" in out
     for heading in (
         "### Tiny GPT, pydoc_data text, 30 steps",
         "### BatchNorm CNN, digits, 30 steps",
