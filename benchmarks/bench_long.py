@@ -7,9 +7,9 @@ what they cost over a long run: on the tiny GPT, the tiny ViT and the BatchNorm 
 default) and the task's best fixed mode at its tuned learning rate (from the "Optimizer"
 section of docs/BENCHMARKS.md) for 5000 steps, and the GPT also for 1500 steps, and reports the
 wall ratio (auto's training-loop seconds over the fixed mode's), auto's probe share and both
-final losses. Each auto / fixed pair runs back to back in one worker process, in alternating
-order over seeds, after a short untimed warm-up of both, with denormal floats flushed to zero
-(see :func:`_init`). It rewrites the
+final losses. Each auto / fixed pair runs in one worker process, taking turns of one
+evaluation interval each (:func:`take_turns`), after a short untimed warm-up of both, with
+denormal floats flushed to zero (see :func:`_init`). It rewrites the
 "Long runs" section of docs/BENCHMARKS.md:
 
     python benchmarks/bench_long.py     # --quick: smoke run, printed only; --no-write
@@ -26,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from bench_docs import write_section
-from bench_optimizer import AUTO, BY_KEY, Result, _cpu_seconds, _loss, _path, train
+from bench_optimizer import AUTO, BY_KEY, Result, _cpu_seconds, _loss, _path, train, training
 
 from blockopt.workloads.tasks import TUNED_LRS
 
@@ -97,17 +97,12 @@ def _init(threads: int, flush_denormal: bool = True) -> None:
         torch.set_flush_denormal(True)
 
 
-def timed(key: str, seed: int, method: str, lr: float | None, steps: int) -> Run:
-    """``train`` with the wall and CPU seconds of the call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = train(key, seed, method, lr, steps)
-    return Run(result, time.perf_counter() - wall, time.process_time() - cpu)
-
-
 def run_pair(setting: Setting, seed: int, sgd: bool, warmup: int = WARMUP_STEPS) -> dict[str, Run]:
-    """Train auto and the fixed mode back to back (auto first on even seeds, the fixed mode
-    first on odd ones), then plain SGD if asked; first ``warmup`` untimed steps of each, so
-    that neither timed run pays for this process's first forward, backward and probe."""
+    """Train auto and the fixed mode (then plain SGD if asked) in turns: each run makes one
+    evaluation interval of steps, then hands over, and the order of the runs reverses at every
+    turn (auto first on even seeds), so that a slow spell of the machine falls on all runs
+    alike; first ``warmup`` untimed steps of each, so that no timed run pays for this process's
+    first forward, backward and probe."""
     s = setting
     methods: list[tuple[str, str, float | None]] = [
         ("auto", "auto", None),
@@ -120,7 +115,29 @@ def run_pair(setting: Setting, seed: int, sgd: bool, warmup: int = WARMUP_STEPS)
     if warmup > 0:
         for _, method, lr in methods:
             train(s.key, seed, method, lr, warmup)
-    return {name: timed(s.key, seed, method, lr, s.steps) for name, method, lr in methods}
+    return take_turns({name: training(s.key, seed, m, lr, s.steps) for name, m, lr in methods})
+
+
+def take_turns(runs: dict[str, Generator[int, None, Result]]) -> dict[str, Run]:
+    """Advance every run one pause at a time, in an order that reverses at each turn, until
+    all have finished; each run's wall and CPU seconds are those of its own turns."""
+    wall = dict.fromkeys(runs, 0.0)
+    cpu = dict.fromkeys(runs, 0.0)
+    done: dict[str, Result] = {}
+    order = list(runs)
+    while len(done) < len(runs):
+        for name in order:
+            if name in done:
+                continue
+            w, c = time.perf_counter(), time.process_time()
+            try:
+                next(runs[name])
+            except StopIteration as finished:
+                done[name] = finished.value
+            wall[name] += time.perf_counter() - w
+            cpu[name] += time.process_time() - c
+        order.reverse()
+    return {name: Run(done[name], wall[name], cpu[name]) for name in runs}
 
 
 def run_all(
@@ -242,8 +259,10 @@ def render(
         "probe seconds over training seconds, same run. ms per step: training seconds without "
         "probe seconds, per step. CPU share: the worker's CPU seconds over the wall seconds of "
         "the run (build and evaluations included); well below 100% means the run waited for a "
-        "core and its wall time is inflated. Each auto / fixed pair runs back to back in one "
-        "worker process, auto first on even seeds and the fixed mode first on odd ones, "
+        "core and its wall time is inflated. Each auto / fixed pair runs in one worker process, "
+        "in turns: each run makes one evaluation interval of steps and hands over, in an "
+        "order that reverses at every turn (auto first on even seeds), so that a slow spell "
+        "of the machine falls on both runs alike, "
         f"after {warmup} untimed steps of each; the wall ratio is auto's training seconds "
         "over the fixed mode's in the same pair, a median over seeds "
         f"{', '.join(map(str, seeds))}; every other number is a median over them. "

@@ -37,7 +37,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date
@@ -201,6 +201,19 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 def train(key: str, seed: int, method: str, lr: float | None, steps: int) -> Result:
     """Train task ``key`` for ``steps`` steps with ``method``; stop early if the loss diverges.
     Only the training steps (probes included) are timed, not the evaluations."""
+    run = training(key, seed, method, lr, steps)
+    while True:
+        try:
+            next(run)
+        except StopIteration as done:
+            return done.value
+
+
+def training(
+    key: str, seed: int, method: str, lr: float | None, steps: int
+) -> Generator[int, None, Result]:
+    """:func:`train` as a generator that pauses after each evaluation, yielding the steps made,
+    and returns the result: runs in one process can take turns (``bench_long.py``)."""
     task = BY_KEY[key]
     setup = task.build(seed)
     opt = make_optimizer(method, lr, setup)
@@ -227,6 +240,7 @@ def train(key: str, seed: int, method: str, lr: float | None, steps: int) -> Res
             break
         if (i + 1) % every == 0 or i + 1 == steps:
             curve.append((i + 1, setup.eval_loss()))
+            yield i + 1
     final = math.inf if diverged else curve[-1][1]
     if not math.isfinite(final):
         final, diverged = math.inf, True

@@ -60,3 +60,19 @@ def test_quick_run_prints_the_tables_and_targets(
         assert float(ratio) > 0
         assert verdict in ("holds", "**does not hold**")
     assert (tmp_path / "raw.json").exists()
+
+
+def test_runs_take_turns_in_an_order_that_reverses() -> None:
+    calls: list[str] = []
+
+    def run(name: str, pauses: int):
+        for i in range(pauses):
+            calls.append(name)
+            yield i
+        calls.append(f"{name} done")
+        return f"result {name}"
+
+    out = bench_long.take_turns({"a": run("a", 2), "b": run("b", 3)})
+    assert calls == ["a", "b", "b", "a", "a done", "b", "b done"]
+    assert {k: r.result for k, r in out.items()} == {"a": "result a", "b": "result b"}
+    assert all(r.seconds >= 0 and r.cpu_seconds >= 0 for r in out.values())
