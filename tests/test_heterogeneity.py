@@ -229,3 +229,50 @@ def test_the_optimizers_default_lanczos_steps_give_the_converged_score(name):
     long = float(heterogeneity(blockopt.block_spectra(model, probe, steps=40)))
     assert default == 10
     assert abs(short - long) < 0.05
+
+
+def _js_pair(p: np.ndarray, q: np.ndarray) -> float:
+    """The Jensen-Shannon distance in bits, pair by pair, 0 log 0 = 0, written out."""
+    m = 0.5 * (p + q)
+    total = 0.0
+    for a in (p, q):
+        for x, y in zip(a, m):
+            if x > 0 and y > 0:
+                total += 0.5 * x * math.log2(x / y)
+    return math.sqrt(min(max(total, 0.0), 1.0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(2, 6),
+    st.integers(3, 40),
+    st.integers(0, 2**32 - 1),
+)
+def test_js_matrix_is_every_pairs_distance_denormals_included(n: int, grid: int, seed: int) -> None:
+    from blockopt.analysis.heterogeneity import _js_matrix
+
+    rng = np.random.default_rng(seed)
+    p = rng.random((n, grid)) ** 6
+    p[rng.random((n, grid)) < 0.3] = 0.0
+    p[rng.random((n, grid)) < 0.2] = 5e-324  # the smallest denormal: half of two underflows
+    p[:, 0] += 1e-3  # no row is all zero
+    p /= p.sum(axis=1, keepdims=True)
+    m = _js_matrix(p)
+    assert np.array_equal(m, m.T) and np.all(np.diag(m) == 0)
+    assert np.all((m >= 0) & (m <= 1))
+    for i, j in itertools.combinations(range(n), 2):
+        assert m[i, j] == pytest.approx(_js_pair(p[i], p[j]), abs=1e-12)
+
+
+def test_factors_of_a_score_are_those_block_lr_factors_computes() -> None:
+    from blockopt.analysis.tuning import block_lr_factors, factors_of
+
+    torch.manual_seed(0)
+    model = models.SmallCNN(channels=4)
+    d = data.digits(seed=0)
+    x, y = d.x_train[:32], d.y_train[:32]
+    spectra = blockopt.block_spectra(model, lambda: F.cross_entropy(model(x), y), steps=5)
+    assert factors_of(heterogeneity(spectra), spectra, 100.0) == block_lr_factors(spectra)
+    assert factors_of(heterogeneity(spectra), spectra, 7.0) == block_lr_factors(
+        spectra, max_factor=7.0
+    )

@@ -91,7 +91,6 @@ block, on top of the round-off rule.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -234,10 +233,7 @@ def heterogeneity(
     # The axis' unit: floor times the largest scale, or the smallest included scale if lower
     # (a block of real curvature below the relative floor, kept by the round-off rule).
     tau = min(floor * top, min(scales))
-    densities = [_log_axis_density(s, tau, top) for s, _ in included]
-    matrix = np.zeros((len(included), len(included)))
-    for i, j in itertools.combinations(range(len(included)), 2):
-        matrix[i, j] = matrix[j, i] = _js_distance(densities[i], densities[j])
+    matrix = _js_matrix(np.stack([_log_axis_density(s, tau, top) for s, _ in included]))
     pairs = len(included) * (len(included) - 1) // 2
     js = float(matrix[np.triu_indices(len(included), 1)].sum() / pairs) if pairs else 0.0
     return Heterogeneity(
@@ -307,9 +303,21 @@ def _log_axis_density(s: BlockSpectrum, tau: float, top: float) -> np.ndarray:
 
 def _js_distance(p: np.ndarray, q: np.ndarray) -> float:
     """sqrt of the Jensen-Shannon divergence in bits, in [0, 1]."""
-    m = 0.5 * (p + q)
-    divergence = 0.0
-    for a in (p, q):
-        mask = (a > 0) & (m > 0)  # m underflows only where a does
-        divergence += 0.5 * float(np.sum(a[mask] * np.log2(a[mask] / m[mask])))
-    return math.sqrt(min(max(divergence, 0.0), 1.0))
+    return float(_js_matrix(np.stack([p, q]))[0, 1])
+
+
+def _js_matrix(densities: np.ndarray) -> np.ndarray:
+    """The symmetric matrix of :func:`_js_distance` between the rows of ``densities`` (one
+    density per row), one row against all later rows at a time: a probe of dozens of blocks
+    computes its hundreds of pairs in as many numpy calls as it has blocks, not pairs."""
+    n = densities.shape[0]
+    matrix = np.zeros((n, n))
+    for i in range(n - 1):
+        p, rest = densities[i], densities[i + 1 :]
+        m = 0.5 * (p + rest)  # may underflow to zero where both densities are denormal
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            kl_p = np.where((p > 0) & (m > 0), p * np.log2(p / m), 0.0).sum(axis=1)
+            kl_q = np.where((rest > 0) & (m > 0), rest * np.log2(rest / m), 0.0).sum(axis=1)
+        row = np.sqrt(np.clip(0.5 * (kl_p + kl_q), 0.0, 1.0))
+        matrix[i, i + 1 :] = matrix[i + 1 :, i] = row
+    return matrix

@@ -58,7 +58,7 @@ from typing import Any
 
 from torch import nn
 
-from blockopt.analysis.heterogeneity import heterogeneity
+from blockopt.analysis.heterogeneity import Heterogeneity, heterogeneity
 from blockopt.curvature.blocks import STRATEGIES, Block, Partition, Strategy, partition
 from blockopt.curvature.layouts import LayoutWarning
 from blockopt.curvature.spectra import BlockSpectrum
@@ -101,7 +101,14 @@ def block_lr_factors(
     those the heterogeneity score leaves out included (see the module docstring)."""
     if not (math.isfinite(max_factor) and max_factor >= 1):
         raise ValueError(f"max_factor must be a finite number >= 1, got {max_factor!r}")
-    h = heterogeneity(spectra)
+    return factors_of(heterogeneity(spectra), spectra, max_factor)
+
+
+def factors_of(
+    h: Heterogeneity, spectra: Mapping[str, BlockSpectrum], max_factor: float
+) -> dict[str, float]:
+    """:func:`block_lr_factors` from the score ``h`` already computed from ``spectra``: a probe
+    that has scored its spectra takes its factors without scoring them again."""
     if not h.scales:
         return dict.fromkeys(spectra, 1.0)
     top = max(h.scales)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from blockopt.analysis.heterogeneity import Heterogeneity, heterogeneity
-from blockopt.analysis.tuning import DEFAULT_MAX_FACTOR, block_lr_factors, held_factors
+from blockopt.analysis.tuning import DEFAULT_MAX_FACTOR, factors_of, held_factors
 from blockopt.curvature.blocks import Block
 from blockopt.curvature.spectra import Spectra, block_spectra
 from blockopt.distributed.reductions import RankMean, Reduce
@@ -105,7 +105,7 @@ def measure(
             backend=settings.backend,
         )
     score = heterogeneity(spectra)
-    factors = block_lr_factors(spectra, max_factor=settings.max_factor)
+    factors = factors_of(score, spectra, settings.max_factor)
     held = 0
     if previous is not None:
         kept = held_factors(factors, previous)
