@@ -1734,7 +1734,8 @@ def _unchanged(opt: blockopt.BlockOptimizer, model: nn.Module) -> Iterator[None]
 
 
 def assert_same(a: Any, b: Any, where: str = "") -> None:
-    """``a == b`` for nested dicts, lists and tensors (NaN equals NaN)."""
+    """``a == b`` for nested dicts, lists and tensors (NaN equals NaN); an optimizer must be
+    the very same object."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
     elif isinstance(a, dict):
@@ -1745,6 +1746,8 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
         assert type(a) is type(b) and len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.optim.Optimizer):
+        assert a is b, where
     else:
         assert a == b or (a != a and b != b), where
 
@@ -1850,6 +1853,41 @@ def _faults_are(kind: str) -> Callable[[blockopt.BlockOptimizer], None]:
     return check
 
 
+def _discarded(
+    key: str,
+    what: str,
+    act: Callable[[nn.Module, int], None],
+    message: str,
+    fix: str,
+    kind: str = "probe_error",
+    also: Callable[[], None] | None = None,
+) -> Case:
+    """A probe closure that calls ``act`` inside ``step()``: every probe is discarded with a
+    ``ProbeFaultWarning`` matching ``message`` and recorded as a fault of ``kind``, training
+    goes on as without a probe (:func:`_misbehaving`), and ``also()`` passes."""
+    faults = _faults_are(kind)
+
+    def check(opt: blockopt.BlockOptimizer) -> None:
+        faults(opt)
+        if also is not None:
+            also()
+
+    return Case(
+        key,
+        what,
+        lambda: _misbehaving(act),
+        None,
+        message,
+        fix,
+        check=check,
+        warns=ProbeFaultWarning,
+    )
+
+
+def _default_dtype_restored() -> None:
+    assert torch.get_default_dtype() == torch.float32
+
+
 def _spectra_with(act: Callable[[nn.Module, int], None]) -> Any:
     model = _BNNet()
 
@@ -1927,65 +1965,48 @@ CHECKPOINT_MESSAGE = (
 )
 
 PROBE_CASES: list[Case] = [
-    Case(
+    _discarded(
         "contract/requires-grad-flipped",
         "a probe closure that calls `requires_grad_(False)` on a parameter",
-        lambda: _misbehaving(_freeze),
-        None,
+        _freeze,
         CONTRACT + r"set fc\.weight\.requires_grad to False \(put back\)",
         "compute only the loss in the probe; the flag is put back and the probe discarded",
-        check=_faults_are("probe_error"),
-        warns=ProbeFaultWarning,
     ),
-    Case(
+    _discarded(
         "contract/weight-edited",
         "a probe closure that edits a weight under `torch.no_grad()`",
-        lambda: _misbehaving(_edit),
-        None,
+        _edit,
         CONTRACT + r"changed the values of 'head\.bias' \(put back\)",
         "as above; the values are put back",
-        check=_faults_are("probe_error"),
-        warns=ProbeFaultWarning,
     ),
-    Case(
+    _discarded(
         "contract/parameter-added",
         "a probe closure that registers a new parameter",
-        lambda: _misbehaving(_add_parameter),
-        None,
+        _add_parameter,
         CONTRACT + r"added parameter 'head\.extra' \(removed again\)",
         "as above; the parameter is removed again",
-        check=_faults_are("probe_error"),
-        warns=ProbeFaultWarning,
     ),
-    Case(
+    _discarded(
         "contract/parameter-replaced",
         "a probe closure that replaces a parameter (`model.head.weight = nn.Parameter(...)`)",
-        lambda: _misbehaving(_replace_parameter),
-        None,
+        _replace_parameter,
         CONTRACT + r"replaced parameter 'head\.weight' \(the original put back\)",
         "as above; the original is put back",
-        check=_faults_are("probe_error"),
-        warns=ProbeFaultWarning,
     ),
-    Case(
+    _discarded(
         "contract/parameter-removed",
         "a probe closure that sets a bias to `None`",
-        lambda: _misbehaving(_drop_bias),
-        None,
+        _drop_bias,
         CONTRACT + r"replaced parameter 'fc\.bias' \(the original put back\)",
         "as above",
-        check=_faults_are("probe_error"),
-        warns=ProbeFaultWarning,
     ),
-    Case(
+    _discarded(
         "contract/default-dtype",
         "a probe closure that calls `torch.set_default_dtype(torch.float64)`",
-        lambda: _misbehaving(_default_dtype),
-        None,
+        _default_dtype,
         CONTRACT + r"set the default dtype to torch\.float64 \(put back to torch\.float32\)",
         "as above; the default dtype is put back",
-        check=lambda o: _faults_are("probe_error")(o) or torch.get_default_dtype() == torch.float32,
-        warns=ProbeFaultWarning,
+        also=_default_dtype_restored,
     ),
     Case(
         "faults/keyboard-interrupt",
@@ -2012,27 +2033,23 @@ PROBE_CASES: list[Case] = [
         CONTRACT + r"changed the values of 'head\.bias' \(put back\)",
         "as above",
     ),
-    Case(
+    _discarded(
         "faults/cpu-out-of-memory",
         "a probe that fails with torch's CPU allocator error (`DefaultCPUAllocator: can't "
         "allocate memory`, a `RuntimeError`)",
-        lambda: _misbehaving(_raise_oom(CPU_OOM)),
-        None,
+        _raise_oom(CPU_OOM),
         r"the probe ran out of memory .*can't allocate memory.*Fix: probe a smaller batch \(in "
         r"the probe closure\), cut the largest blocks smaller",
         "a smaller probe batch or smaller blocks; training goes on",
-        check=_faults_are("out_of_memory"),
-        warns=ProbeFaultWarning,
+        kind="out_of_memory",
     ),
-    Case(
+    _discarded(
         "faults/out-of-memory-runtime-error",
         'a probe that raises `RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")`',
-        lambda: _misbehaving(_raise_oom("CUDA out of memory. Tried to allocate 2.00 GiB")),
-        None,
+        _raise_oom("CUDA out of memory. Tried to allocate 2.00 GiB"),
         r"the probe ran out of memory \(RuntimeError: CUDA out of memory",
         "as above",
-        check=_faults_are("out_of_memory"),
-        warns=ProbeFaultWarning,
+        kind="out_of_memory",
     ),
     Case(
         "checkpoint/state-dict-in-probe",

@@ -18,6 +18,7 @@ from bad_input_cases import (
     MORE_LOAD_CASES,
     Case,
     LoadCase,
+    assert_same,
     mlp,
     probe_of,
     source_state,
@@ -74,23 +75,6 @@ def _snapshot(opt: blockopt.BlockOptimizer) -> dict[str, Any]:
     }
 
 
-def _assert_same(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.optim.Optimizer):
-        assert a is b, where  # the very same inner optimizer object
-    else:
-        assert a == b or (a != a and b != b), where  # NaN equals NaN here
-
-
 @pytest.mark.parametrize("case", LOAD_CASES + MORE_LOAD_CASES, ids=lambda c: c.id)
 def test_bad_state_dict_raises_and_changes_nothing(case: LoadCase) -> None:
     sd = source_state()
@@ -100,7 +84,7 @@ def test_bad_state_dict_raises_and_changes_nothing(case: LoadCase) -> None:
     before = _snapshot(opt)
     with pytest.raises(case.error, match=case.message):
         opt.load_state_dict(sd)
-    _assert_same(before, _snapshot(opt))
+    assert_same(before, _snapshot(opt))
     # And it trains on exactly as if nothing had happened.
     train(opt, model, 5, 9)
     train(twin, twin_model, 5, 9)
@@ -114,7 +98,7 @@ def test_state_dict_that_is_not_a_dict_is_a_type_error() -> None:
     before = _snapshot(opt)
     with pytest.raises(TypeError, match=r"load_state_dict\(\) needs the dict .* got list"):
         opt.load_state_dict([("blockopt", {})])
-    _assert_same(before, _snapshot(opt))
+    assert_same(before, _snapshot(opt))
 
 
 def test_a_valid_state_still_loads_after_a_failed_one() -> None:
@@ -126,7 +110,7 @@ def test_a_valid_state_still_loads_after_a_failed_one() -> None:
         opt.load_state_dict(bad)
     opt.load_state_dict(sd)
     assert opt.mode == "adam" and opt.step_count == 7
-    _assert_same(sd["blockopt"]["inner"], opt.state_dict()["blockopt"]["inner"])
+    assert_same(sd["blockopt"]["inner"], opt.state_dict()["blockopt"]["inner"])
 
 
 # -- checkpoints load with weights_only=True --------------------------------------------------
@@ -178,7 +162,7 @@ def test_state_dict_holds_only_weights_only_types_and_round_trips(inner: str) ->
     torch.save(sd, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-    _assert_same(sd, loaded)
+    assert_same(sd, loaded)
     fresh_model = mlp(seed=2)
     fresh_model.load_state_dict(model.state_dict())
     fresh = blockopt.wrap(
@@ -189,7 +173,7 @@ def test_state_dict_holds_only_weights_only_types_and_round_trips(inner: str) ->
         optimizers={"adam": torch_optimizer.Lamb} if inner == "lamb" else None,
     )
     fresh.load_state_dict(loaded)
-    _assert_same(sd, fresh.state_dict())
+    assert_same(sd, fresh.state_dict())
 
 
 def test_nothing_in_blockopt_unpickles_or_evaluates_file_contents() -> None:
