@@ -48,3 +48,34 @@ def test_unused_block_reported_as_unused_with_zero_spectrum():
     assert spectra["idle.weight"].status == "unused"
     assert spectra["idle.weight"].lambda_max == 0.0 and spectra["idle.weight"].trace == 0.0
     assert spectra["used.weight"].status == "ok" and spectra["used.weight"].lambda_max > 0
+
+
+def test_a_probe_that_calls_backward_itself_is_named_with_either_backend() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+
+    def probe() -> torch.Tensor:
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"loss graph was already freed: the probe closure"):
+        blockopt.block_spectra(model, probe, steps=3, backend="autograd")
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match=r"the probe closure called backward\(\) itself"):
+        blockopt.block_spectra(model, probe, steps=3, backend="fd")
+
+
+def test_a_probe_that_frees_its_graph_without_grads_is_named_by_finite_differences() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+
+    def probe() -> torch.Tensor:
+        loss = model(x).pow(2).mean()
+        torch.autograd.grad(loss, list(model.parameters()))  # frees the graph, sets no .grad
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"loss graph was already freed: the probe closure"):
+        blockopt.block_spectra(model, probe, steps=3, backend="fd")

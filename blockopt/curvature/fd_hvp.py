@@ -105,7 +105,7 @@ import torch
 from torch import nn
 
 from blockopt.curvature.blocks import Block, BlockPart
-from blockopt.curvature.hvp import BlockProducts
+from blockopt.curvature.hvp import BlockProducts, refuse_freed_graph
 
 __all__ = ["KINK_RATIO", "SCHEMES", "SHRINK", "FiniteDifferenceHessian"]
 
@@ -420,12 +420,7 @@ class FiniteDifferenceHessian(BlockProducts):
                 try:
                     loss.backward()
                 except RuntimeError as err:
-                    if "second time" in str(err) or "already been freed" in str(err):
-                        raise RuntimeError(
-                            "the probe's loss graph was already freed: the probe closure called "
-                            ".backward() on it. A probe must only compute and return the loss; "
-                            "blockopt differentiates it itself"
-                        ) from err
+                    refuse_freed_graph(err)
                     raise
             self.evaluations += 1
             wanted = [p for b in self.blocks for p in b.params] if params is None else params

@@ -49,6 +49,16 @@ DEFAULT_WORKERS = 2
 """At most this many concurrent products by default, each on one intra-op thread."""
 
 
+def refuse_freed_graph(err: RuntimeError) -> None:
+    """Raise the error that names the cause when differentiating the probe's loss failed
+    because its graph was already freed (the closure called ``.backward()`` on it)."""
+    if "second time" in str(err) or "already been freed" in str(err):
+        raise RuntimeError(
+            "the probe's loss graph was already freed: the probe closure called .backward() on "
+            "it. A probe must only compute and return the loss; blockopt differentiates it itself"
+        ) from err
+
+
 def default_workers() -> int:
     """``DEFAULT_WORKERS`` when the machine has that many cores and training uses at most that
     many intra-op threads: small kernels, which one thread serves as fast as several, then run
@@ -179,12 +189,7 @@ class BlockHessian(BlockProducts):
                 loss, self._params, create_graph=True, allow_unused=True, materialize_grads=False
             )
         except RuntimeError as err:
-            if "second time" in str(err) or "already been freed" in str(err):
-                raise RuntimeError(
-                    "the probe's loss graph was already freed: the probe closure called "
-                    ".backward() on it. A probe must only compute and return the loss; blockopt "
-                    "differentiates it itself"
-                ) from err
+            refuse_freed_graph(err)
             raise
         # A parameter the loss does not use, or whose gradient carries no graph, has a zero row
         # and column in the Hessian as autograd sees it: its products are exactly zero.
