@@ -301,15 +301,11 @@ def _log_axis_density(s: BlockSpectrum, tau: float, top: float) -> np.ndarray:
     return density / density.sum()
 
 
-def _js_distance(p: np.ndarray, q: np.ndarray) -> float:
-    """sqrt of the Jensen-Shannon divergence in bits, in [0, 1]."""
-    return float(_js_matrix(np.stack([p, q]))[0, 1])
-
-
 def _js_matrix(densities: np.ndarray) -> np.ndarray:
-    """The symmetric matrix of :func:`_js_distance` between the rows of ``densities`` (one
-    density per row), one row against all later rows at a time: a probe of dozens of blocks
-    computes its hundreds of pairs in as many numpy calls as it has blocks, not pairs."""
+    """The symmetric matrix of Jensen-Shannon distances (the square root of the divergence in
+    bits, in [0, 1]) between the rows of ``densities`` (one density per row), one row against
+    all later rows at a time: a probe of dozens of blocks computes its hundreds of pairs in as
+    many numpy calls as it has blocks, not pairs."""
     n = densities.shape[0]
     matrix = np.zeros((n, n))
     for i in range(n - 1):
