@@ -599,7 +599,14 @@ def test_ddp_probe_spectra_equal_a_single_process_probe_of_the_whole_batch(ranks
     first_step, first = r0["mean"]["spectra"][0]
     assert first_step == 0
     params, tol = r0["mean"]["first_params"], r0["mean"]["tol"]
-    _assert_close(first, _single_process(params, seed=0, tol=tol).to_dict())
+    whole = _single_process(params, seed=0, tol=tol).to_dict()
+    # The first probe switches to Adam, which its largest blocks settle: it left the
+    # smallest out, the same on both ranks, and measured the others as one process would.
+    probed = [b["name"] for b in first["blocks"]]
+    assert probed == [b["name"] for b in r1["mean"]["spectra"][0][1]["blocks"]]
+    assert 0 < len(probed) < len(whole["blocks"])
+    whole["blocks"] = [b for b in whole["blocks"] if b["name"] in probed]
+    _assert_close(first, whole)
     assert r0["api"] == r1["api"]
     _assert_close(r0["api"], _single_process(r0["api_params"], seed=7).to_dict())
     # Without the reduction each rank sees only its half: the ranks disagree.

@@ -525,7 +525,7 @@ def test_a_frozen_parameter_in_the_groups_does_not_block_the_search():
 
 
 def test_a_failing_search_keeps_the_probe_and_the_step_norm_match():
-    model, opt, x, y = _switching_mlp()
+    model, opt, x, y = _switching_mlp(staged=False)  # the spectra take one probe call
     calls = {"n": 0}
     probe = opt.probe
 
@@ -539,7 +539,7 @@ def test_a_failing_search_keeps_the_probe_and_the_step_norm_match():
     with pytest.warns(blockopt.ProbeFaultWarning, match="learning-rate search failed") as caught:
         _step(model, opt, x, y)
     assert caught[0].filename == __file__  # the warning points at the caller of step()
-    _m, plain, _x, _y = _switching_mlp(lr_search=False)
+    _m, plain, _x, _y = _switching_mlp(lr_search=False, staged=False)
     _step(_m, plain, _x, _y)
     assert opt.mode == plain.mode == "adam" and not opt.faults and len(opt.spectra_history) == 1
     assert opt.mode_lrs["adam"] == plain.mode_lrs["adam"]

@@ -109,6 +109,7 @@ __all__ = [
     "default_floor",
     "heterogeneity",
     "roundoff_margin",
+    "spread_lower_bound",
 ]
 
 DEFAULT_QUANTILES = (0.05, 0.95)
@@ -246,6 +247,45 @@ def heterogeneity(
         excluded=tuple(excluded),
         negligible=tuple(negligible),
     )
+
+
+def spread_lower_bound(
+    spectra: Mapping[str, BlockSpectrum],
+    unknown: int,
+    *,
+    score: Heterogeneity | None = None,
+    quantiles: tuple[float, float] = DEFAULT_QUANTILES,
+) -> float:
+    """The least ``spread`` that ``spectra`` can score once blocks holding ``unknown`` more
+    parameters join them, whatever those blocks' curvature and whether or not the score keeps
+    them; ``-inf`` when nothing can be said. ``score``: ``heterogeneity(spectra)``, when the
+    caller has it already.
+
+    Blocks that join only add weight: the lower quantile can move down and the upper one up by
+    at most what ``unknown`` parameters at either end shift, so the bound is the spread of
+    ``spectra`` with both quantile positions taken in their weight plus ``unknown``. It needs
+    each block's inclusion to be its own affair (its round-off level measured): a block judged
+    against the largest scale (the relative floor) could drop out when a stiffer block joins,
+    so spectra holding such a block get ``-inf``."""
+    if isinstance(unknown, bool) or not isinstance(unknown, int) or unknown < 0:
+        raise ValueError(f"unknown must be a parameter count >= 0, got {unknown!r}")
+    if any(s.status == "ok" and s.roundoff is None for s in spectra.values()):
+        return -math.inf
+    h = heterogeneity(spectra, quantiles=quantiles) if score is None else score
+    if not h.blocks:
+        return -math.inf
+    lo, hi = quantiles
+    values = np.log10(np.asarray(h.scales))
+    weights = np.asarray([spectra[name].numel for name in h.blocks], dtype=np.float64)
+    total = weights.sum() + unknown
+    order = np.argsort(values, kind="stable")
+    v, w = values[order], weights[order]
+    below, above = np.cumsum(w), np.cumsum(w[::-1])[::-1]
+    reach_lo = np.nonzero(below >= lo * total * (1 - 1e-12))[0]
+    reach_hi = np.nonzero(above >= (1.0 - hi) * total * (1 - 1e-12))[0]
+    if not (len(reach_lo) and len(reach_hi)):
+        return -math.inf  # the blocks that join could hold a whole tail
+    return float(max(v[reach_hi[-1]] - v[reach_lo[0]], 0.0))
 
 
 def default_floor(dtype: str) -> float:

@@ -47,6 +47,7 @@ __all__ = [
     "block_spectra",
     "check_lanczos_settings",
     "evaluate_probe",
+    "join_spectra",
     "model_spectrum",
 ]
 
@@ -301,6 +302,34 @@ class Spectra(Mapping[str, BlockSpectrum]):
             local_hvps=local_hvps,
             backend=_backend(data),
         )
+
+
+def join_spectra(first: Spectra, second: Spectra, order: Sequence[str]) -> Spectra:
+    """One :class:`Spectra` of the blocks of two probes of the same settings that measured
+    different blocks (a probe taken in two parts), in ``order``; products and seconds add
+    up, the dtype is the wider of the two, and the backend is ``"fd"`` if either part took
+    finite differences (a part falls back on its own)."""
+    both = {**first, **second}
+    if len(both) != len(first) + len(second):
+        raise ValueError("the two spectra share blocks; join spectra of different blocks")
+    if set(order) != set(both):
+        raise ValueError("order must name every block of the two spectra, once each")
+    for key in ("steps", "probes", "seed", "tol"):
+        if getattr(first, key) != getattr(second, key):
+            raise ValueError(f"spectra of different {key} cannot be joined")
+    wider = max((first.dtype, second.dtype), key=lambda d: torch.finfo(getattr(torch, d)).bits)
+    return Spectra(
+        [both[name] for name in order],
+        steps=first.steps,
+        probes=first.probes,
+        seed=first.seed,
+        hvps=first.hvps + second.hvps,
+        seconds=first.seconds + second.seconds,
+        dtype=wider,
+        tol=first.tol,
+        local_hvps=first.local_hvps + second.local_hvps,
+        backend="fd" if "fd" in (first.backend, second.backend) else "autograd",
+    )
 
 
 def _backend(data: Mapping[str, Any]) -> str:

@@ -271,6 +271,7 @@ class BlockOptimizer(Optimizer):
         log_all_blocks: bool = False,
         distributed: Any = None,
         distributed_share: bool = True,
+        staged: bool = True,
     ) -> None:
         # numpy scalars (np.int64(5), np.float32(0.1)) stand for the Python numbers they hold
         lr, momentum, dampening, weight_decay, eps, adam_weight_decay, max_factor = map(
@@ -301,6 +302,7 @@ class BlockOptimizer(Optimizer):
                 "monitor_only": monitor_only,
                 "log_all_blocks": log_all_blocks,
                 "distributed_share": distributed_share,
+                "staged": staged,
             },
             search_steps=search_steps,
             probe_budget=probe_budget,
@@ -330,7 +332,7 @@ class BlockOptimizer(Optimizer):
                 f"{backend!r}"
             )
         self.probe_settings = ProbeSettings(
-            steps, probes, seed, tol, max_factor, distributed_share, backend
+            steps, probes, seed, tol, max_factor, distributed_share, backend, staged
         )
         self.search_settings = SearchSettings(lr_search, search_steps, frozenset(fixed))
         allowed = check_switching(
@@ -740,8 +742,33 @@ class BlockOptimizer(Optimizer):
                 self._reduce,
                 self.model,
                 dict(self.block_factors) if spiked else None,
+                self._settles(blocks),
             )
         return self._act(outcome)
+
+    def _settles(self, blocks: list[Block]) -> Callable[[float], bool] | None:
+        """For a staged probe (``staged``): whether a lower bound on the score settles the
+        decision, which it does when every score at or above it, with any ``max_ratio``,
+        leads the policy to Adam. ``None`` (probe every block) when probes are not staged,
+        when the mode is held (a pinned or monitored run wants every block), or when the last
+        probe left a block of ``blocks`` out: then this one measures them all."""
+        if not self.probe_settings.staged or self._hold() is not None:
+            return None
+        if self.spectra_history:
+            last = self.spectra_history[-1][1]
+            if any(b.name not in last for b in blocks):
+                return None
+        step, mode = self.step_count, self._active.mode
+
+        def settles(bound: float) -> bool:
+            if not math.isfinite(bound):
+                return False
+            return all(
+                dataclasses.replace(self.policy).decide(step, bound, mode, ratio).new_mode == "adam"
+                for ratio in (0.0, 1e300)  # any max_ratio: the policy needs it finite
+            )
+
+        return settles
 
     @contextlib.contextmanager
     def _probing(self) -> Iterator[None]:
@@ -925,6 +952,7 @@ class BlockOptimizer(Optimizer):
             "modes": ",".join(self.policy.allowed),
             "holdout": self.holdout is not None,
             "guard_steps": self.guard_steps or 0,
+            "staged": self.probe_settings.staged,
         }
 
     def metrics(self) -> dict[str, float]:

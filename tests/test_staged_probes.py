@@ -1,0 +1,254 @@
+"""Staged probes: the bound on the score that blocks still unprobed allow, the join of two
+partial probes, and the optimizer that stops after its largest blocks only when that bound
+settles the decision, training exactly as an unstaged probe would."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from blockopt import BlockOptimizer, block_spectra, partition
+from blockopt.analysis.heterogeneity import heterogeneity, spread_lower_bound
+from blockopt.curvature.spectra import BlockSpectrum, Spectra, join_spectra
+from blockopt.optimizer.controller import STAGE_SHARE, split_by_size
+
+
+def _block(name: str, numel: int, rho: float, kind: str = "real") -> BlockSpectrum:
+    """A hand-made block of curvature scale ``rho``: ``real`` (round-off far below it),
+    ``negligible`` (round-off of its size), ``unused`` or ``nan``."""
+    if kind == "unused":
+        return BlockSpectrum(name, numel, (0.0,), (1.0,), 0.0, 0.0, 0.0, status="unused")
+    value = math.nan if kind == "nan" else rho
+    roundoff = rho if kind == "negligible" else rho * 1e-7
+    return BlockSpectrum(
+        name, numel, (value / 3, value), (0.5, 0.5), value, value / 3, value, steps=2,
+        roundoff=roundoff,
+    )  # fmt: skip
+
+
+def _spectra(blocks: list[BlockSpectrum]) -> Spectra:
+    return Spectra(blocks, steps=10, probes=1, seed=0, dtype="float32")
+
+
+_blocks = st.lists(
+    st.tuples(
+        st.integers(1, 5000),  # numel
+        st.floats(-6, 6),  # log10 of the curvature scale
+        st.sampled_from(["real", "real", "real", "negligible", "unused", "nan"]),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_blocks, _blocks)
+def test_the_bound_holds_whatever_the_blocks_that_join(probed, joining):
+    first = [_block(f"a{i}", n, 10.0**e, k) for i, (n, e, k) in enumerate(probed)]
+    second = [_block(f"b{i}", n, 10.0**e, k) for i, (n, e, k) in enumerate(joining)]
+    bound = spread_lower_bound(_spectra(first), sum(b.numel for b in second))
+    full = heterogeneity(_spectra(first + second)).spread
+    assert full >= bound - 1e-9
+
+
+@settings(max_examples=200, deadline=None)
+@given(_blocks)
+def test_with_nothing_to_join_the_bound_is_the_spread(probed):
+    spectra = _spectra([_block(f"a{i}", n, 10.0**e, k) for i, (n, e, k) in enumerate(probed)])
+    h = heterogeneity(spectra)
+    bound = spread_lower_bound(spectra, 0)
+    if h.blocks:
+        assert bound == pytest.approx(h.spread, abs=1e-12)
+    else:
+        assert bound == -math.inf
+
+
+def test_the_bound_is_tight_when_the_joining_blocks_sit_in_the_middle():
+    # Scales 1 and 1e4 at the ends, 90 parameters of them; 10 more of any scale can pull
+    # neither 5% quantile past the end blocks (5 parameters each at 5% of 100), so the bound
+    # is the full 4 decades and a joining block in the middle scores exactly that.
+    probed = [_block("lo", 45, 1.0), _block("hi", 45, 1e4)]
+    bound = spread_lower_bound(_spectra(probed), 10)
+    assert bound == pytest.approx(4.0)
+    full = heterogeneity(_spectra([*probed, _block("mid", 10, 1e2)])).spread
+    assert full == pytest.approx(4.0)
+
+
+def test_a_tail_the_unknown_blocks_could_hold_leaves_no_bound():
+    # 60 unknown parameters of 100 can hold both 5% tails: nothing can be said.
+    probed = [_block("lo", 20, 1.0), _block("hi", 20, 1e4)]
+    assert spread_lower_bound(_spectra(probed), 60) == pytest.approx(4.0)
+    probed = [_block("only", 4, 1.0)]
+    assert spread_lower_bound(_spectra(probed), 96) == -math.inf
+
+
+def test_blocks_judged_by_the_relative_floor_give_no_bound():
+    # Without a measured round-off level a block's inclusion depends on the largest scale,
+    # which a joining block can change.
+    hand = BlockSpectrum("w", 10, (1.0,), (1.0,), 1.0, 1.0, 1.0)
+    assert hand.roundoff is None
+    assert spread_lower_bound(_spectra([hand, _block("v", 10, 1e3)]), 1) == -math.inf
+
+
+@pytest.mark.parametrize("unknown", [-1, 1.5, True])
+def test_the_unknown_parameter_count_is_checked(unknown):
+    with pytest.raises(ValueError, match="parameter count"):
+        spread_lower_bound(_spectra([_block("w", 10, 1.0)]), unknown)
+
+
+# -- the partition split and the join ---------------------------------------------------------
+
+
+class Scaled(nn.Module):
+    """Three layers whose inputs are scaled apart, so that their weights' curvature differs by
+    decades; the biases are few parameters in many blocks, as in real models."""
+
+    def __init__(self, scale: float = 30.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.l1 = nn.Linear(16, 32)
+        self.l2 = nn.Linear(32, 32)
+        self.l3 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.l1(x * self.scale))
+        return self.l3(torch.tanh(self.l2(h)) / self.scale)
+
+
+def _task(scale: float = 30.0, seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    model = Scaled(scale).to(dtype)
+    x = torch.randn(64, 16, dtype=dtype)
+    y = torch.randint(0, 4, (64,))
+
+    def loss() -> torch.Tensor:
+        return nn.functional.cross_entropy(model(x), y)
+
+    return model, loss
+
+
+def test_the_split_takes_the_fewest_largest_blocks_that_hold_the_share():
+    model, _ = _task()
+    blocks = partition(model)
+    large, small = split_by_size(blocks)
+    assert [b.name for b in large] == ["l1.weight", "l2.weight", "l3.weight"]
+    assert [b.name for b in small] == ["l1.bias", "l2.bias", "l3.bias"]
+    total = sum(b.numel for b in blocks)
+    assert sum(b.numel for b in large) >= STAGE_SHARE * total
+    # without l3.weight the others hold less than the share
+    assert sum(b.numel for b in large[:2]) < STAGE_SHARE * total
+    assert split_by_size(blocks, 1.0) == (blocks, [])
+
+
+def test_two_partial_probes_join_into_the_probe_of_every_block():
+    model, loss = _task(dtype=torch.float64)
+    blocks = partition(model)
+    large, small = split_by_size(blocks)
+    kw = {"steps": 8, "seed": 3, "tol": 0.02}
+    whole = block_spectra(model, loss, blocks, **kw)
+    joined = join_spectra(
+        block_spectra(model, loss, large, **kw),
+        block_spectra(model, loss, small, **kw),
+        [b.name for b in blocks],
+    )
+    assert list(joined) == list(whole)
+    for name in whole:  # start vectors depend on the seed and the block's name alone
+        assert joined[name] == whole[name]
+    assert joined.hvps == whole.hvps and joined.local_hvps == whole.local_hvps
+    assert (joined.dtype, joined.tol, joined.backend) == (whole.dtype, whole.tol, whole.backend)
+
+
+def test_joining_refuses_overlapping_or_mismatched_spectra():
+    model, loss = _task()
+    blocks = partition(model)
+    a = block_spectra(model, loss, blocks[:2], steps=4)
+    b = block_spectra(model, loss, blocks[2:], steps=4)
+    with pytest.raises(ValueError, match="share blocks"):
+        join_spectra(a, a, [x.name for x in blocks[:2]])
+    with pytest.raises(ValueError, match="every block"):
+        join_spectra(a, b, [x.name for x in blocks[:3]])
+    other = block_spectra(model, loss, blocks[2:], steps=5)
+    with pytest.raises(ValueError, match="different steps"):
+        join_spectra(a, other, [x.name for x in blocks])
+
+
+# -- the optimizer ------------------------------------------------------------------------------
+
+
+def _step_all(opt: BlockOptimizer, loss, steps: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            opt.zero_grad()
+            value = loss()
+            value.backward()
+            opt.observe_loss(value)
+            opt.step()
+
+
+def _run(staged: bool, scale: float = 30.0, steps: int = 31, **kw):
+    model, loss = _task(scale)
+    opt = BlockOptimizer(model, loss, lr=0.05, probe_every=10, staged=staged, **kw)
+    _step_all(opt, loss, steps)
+    return model, opt
+
+
+def test_a_probe_that_adam_settles_stops_after_the_largest_blocks_and_trains_the_same():
+    model, opt = _run(True)
+    ref_model, ref = _run(False)
+    names = [b.name for b in opt.blocks]
+    first, second = opt.spectra_history[0][1], opt.spectra_history[1][1]
+    assert opt.history[0].new_mode == "adam"  # the scaled layers call for Adam
+    assert list(first) == ["l1.weight", "l2.weight", "l3.weight"]
+    assert list(second) == names  # the probe after a staged one measures every block
+    assert len(opt.spectra_history[2][1]) == 3  # and the one after that may stage again
+    assert "decided on the 3 largest of 6 blocks" in " ".join(opt.history[0].notes)
+    # the unstaged run measured the same blocks alike and took the same decisions
+    whole = ref.spectra_history[0][1]
+    assert list(whole) == names
+    for name in first:
+        assert first[name] == whole[name]
+    assert [d.new_mode for d in opt.history] == [d.new_mode for d in ref.history]
+    assert first.hvps < whole.hvps
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_bound_of_a_staged_probe_is_below_the_full_score():
+    _, opt = _run(True, steps=1)
+    _, ref = _run(False, steps=1)
+    note = " ".join(opt.history[0].notes)
+    bound = float(note.split("the score is at least ")[1].split(",")[0])
+    assert bound <= float(ref.history[0].score) + 0.005  # printed to two decimals
+    assert bound > opt.policy.thresholds.adam_above + opt.policy.thresholds.margin
+
+
+def test_a_probe_that_does_not_call_for_adam_measures_every_block():
+    # Without the input scaling the layers' curvatures sit close: no Adam, no staging.
+    _, opt = _run(True, scale=1.0, steps=1)
+    assert opt.history[0].new_mode != "adam"
+    assert list(opt.spectra_history[0][1]) == [b.name for b in opt.blocks]
+    assert not any("largest" in n for n in opt.history[0].notes)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"staged": False}, {"pin_mode": "adam"}, {"monitor_only": True}], ids=str
+)
+def test_unstaged_pinned_and_monitored_runs_measure_every_block(kw):
+    model, loss = _task()
+    opt = BlockOptimizer(model, loss, lr=0.05, probe_every=10, **{"staged": True, **kw})
+    _step_all(opt, loss, 1)
+    assert list(opt.spectra_history[0][1]) == [b.name for b in opt.blocks]
+
+
+def test_staged_is_a_flag():
+    model, loss = _task()
+    with pytest.raises(TypeError, match="staged"):
+        BlockOptimizer(model, loss, staged="yes")
+    assert BlockOptimizer(model, loss).hparams()["staged"] is True
