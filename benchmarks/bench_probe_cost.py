@@ -42,11 +42,9 @@ from probe_floor import MAX_STEPS, ORACLE_EPS, Floor, floor
 from torch import nn
 
 import blockopt
-from blockopt.analysis.heterogeneity import spread_lower_bound
 from blockopt.analysis.tuning import block_lr_factors
 from blockopt.curvature.blocks import Block
-from blockopt.curvature.spectra import join_spectra
-from blockopt.optimizer.controller import STAGE_SHARE, split_by_size
+from blockopt.optimizer.controller import STAGE_SHARES, staged_spectra
 from blockopt.optimizer.policy import SwitchPolicy
 from blockopt.workloads.tasks import DEMO_TASKS, TextTask
 
@@ -249,37 +247,35 @@ def probe(case: Case, blocks: Sequence[Block], s: Setting) -> tuple[float, Row, 
     closure = case.quarter_probe if s.quarter else case.probe
     assert closure is not None
 
-    def spectra_of(some: Sequence[Block]) -> blockopt.Spectra:
+    def spectra_of(
+        some: Sequence[Block], stages: Sequence[Sequence[int]], until: Callable[..., bool]
+    ) -> blockopt.Spectra:
         return blockopt.block_spectra(
-            case.model, closure, some, steps=s.steps, seed=SEED, tol=s.tol, workers=s.workers
+            case.model,
+            closure,
+            some,
+            steps=s.steps,
+            seed=SEED,
+            tol=s.tol,
+            workers=s.workers,
+            stages=stages,
+            until=until,
         )
 
     start = time.perf_counter()
-    large, small = split_by_size(blocks) if s.staged else (list(blocks), [])
-    spectra = spectra_of(large)
-    skipped = 0
-    if small:
-        h = blockopt.heterogeneity(spectra)
-        bound = spread_lower_bound(spectra, sum(b.numel for b in small), score=h)
-        if settles_adam(bound):
-            skipped = len(small)
-        else:
-            spectra = join_spectra(spectra, spectra_of(small), [b.name for b in blocks])
+    settles = settles_adam if s.staged else None
+    spectra, h, skipped, _bound = staged_spectra(blocks, spectra_of, settles)
     seconds = time.perf_counter() - start
-    h = blockopt.heterogeneity(spectra)
     score, ratio = float(h), float(h.max_ratio)
     mode = blockopt.Thresholds().target(score, ratio)
     row = Row(s.label, [], spectra.hvps, score, ratio, mode, block_lr_factors(spectra))
-    row.skipped = skipped
+    row.skipped = len(skipped)
     return seconds, row, spectra
 
 
 def settles_adam(bound: float) -> bool:
-    """What the optimizer's staged probe asks at step 0 from SGD: whether every score at or
-    above ``bound``, with any ``max_ratio``, takes the default policy to Adam."""
-    return math.isfinite(bound) and all(
-        SwitchPolicy().decide(0, bound, "sgd", ratio).new_mode == "adam" for ratio in (0.0, 1e300)
-    )
+    """What the optimizer's staged probe asks at step 0 from SGD (the default policy)."""
+    return SwitchPolicy().settles_adam(0, bound, "sgd")
 
 
 def measure(case: Case, settings: Sequence[Setting], repeats: int) -> Table:
@@ -545,10 +541,12 @@ def render(tables: Sequence[Table], seconds: float, note: str) -> str:
         "wall time of a training step (zero_grad, forward, backward, SGD step at lr 0), both on "
         "one thread (torch's, and numpy's BLAS for the Ritz values); settings 7 and 9 run the "
         "block products on two threads (two cores) against the same one-thread training step. "
-        "Settings 8 and 9 probe as the optimizer does by default (`staged=True`): first the "
-        f"largest blocks that hold {STAGE_SHARE:.0%} of the parameters, and the rest only when "
-        "the lower bound on the score that those allow, whatever the rest hold, does not take "
-        "the default policy from SGD to Adam at step 0; where they stop early, the blocks left "
+        "Settings 8 and 9 probe as the optimizer does by default (`staged=True`): the largest "
+        "blocks first, in stages (the fewest largest blocks that hold "
+        f"{', '.join(f'{x:.0%}' for x in STAGE_SHARES)} of the parameters, then the rest), "
+        "stopping after the first stage whose lower bound on the score, whatever the blocks "
+        "not yet measured hold, takes the default policy from SGD to Adam at step 0, all "
+        "through one gradient graph; where they stop early, the blocks left "
         "out have no factor, and their factors (which Adam does not read) are not compared. The "
         "demo tasks are probed at "
         f"initialisation and after {TRAIN_STEPS} steps of AdamW (lr {TRAIN_LR:g}, weight decay "

@@ -32,6 +32,7 @@ from blockopt.distributed.reductions import (
 )
 from blockopt.distributed.sharing import assign_blocks, gather_rows
 from blockopt.distributed.wrappers import ddp_of, probe_reduce, sharded_by_fsdp, unwrap
+from blockopt.optimizer.controller import stages_by_size
 
 WORLD = 2
 STEPS = 6  # Lanczos steps per probe
@@ -87,18 +88,23 @@ def _timeless(spectra: blockopt.Spectra) -> dict:
     return {k: v for k, v in spectra.to_dict().items() if k not in ("seconds", "local_hvps")}
 
 
-def _owners(model: nn.Module, steps: int = STEPS) -> dict[str, int]:
-    """Block name -> the rank that probes it in a shared probe of ``model``."""
+def _owners(model: nn.Module, steps: int = STEPS, staged: bool = False) -> dict[str, int]:
+    """Block name -> the rank that probes it in a shared probe of ``model``; ``staged``: in
+    the optimizer's staged probe, which deals out each stage's blocks on their own."""
     blocks = blockopt.partition(model)
-    return {
-        b.name: owner for b, owner in zip(blocks, assign_blocks(share_costs(blocks, steps), WORLD))
-    }
+    stages = stages_by_size(blocks) if staged else [list(range(len(blocks)))]
+    owners = {}
+    for stage in stages:
+        some = [blocks[i] for i in stage]
+        owners.update(zip((b.name for b in some), assign_blocks(share_costs(some, steps), WORLD)))
+    return owners
 
 
-def _param(model: nn.Module, rank: int, kind: str) -> torch.Tensor:
+def _param(model: nn.Module, rank: int, kind: str, staged: bool = False) -> torch.Tensor:
     """The first weight (``kind="weight"``) or bias of ``model`` that ``rank`` probes when the
-    ranks share the blocks: a fault planted there is in that rank's share."""
-    owners = _owners(model)
+    ranks share the blocks (``staged``: in the optimizer's staged probe): a fault planted there
+    is in that rank's share."""
+    owners = _owners(model, staged=staged)
     named = dict(model.named_parameters())
     return next(named[n] for n, r in owners.items() if r == rank and n.endswith(kind))
 
@@ -126,14 +132,15 @@ def _train(rank: int, share: bool) -> tuple[dict, nn.Module, nn.Module]:
     ddp.register_comm_hook(None, counting_hook)
     px, py = _probe_batch(rank, share)
     breakage = {"kind": None}
-    bias, weight = _param(model, 1, "bias"), _param(model, 1, "weight")
+    # rank 1's block in the first stage of a staged probe, which every probe measures
+    weight = _param(model, 1, "weight", staged=True)
 
     def probe():
         loss = _probe_loss(ddp.module, px, py)
         if rank == 1 and breakage["kind"] == "closure":
             raise ValueError("rank 1's probe batch is gone")
         if rank == 1 and breakage["kind"] == "double_backward":
-            return loss + NoDoubleBackward.apply(bias).sum()
+            return loss + NoDoubleBackward.apply(weight).sum()
         if rank == 1 and breakage["kind"] == "non_finite_hvp":
             u = weight - weight.detach()
             return loss + u.pow(1.5).sum()
@@ -494,15 +501,19 @@ def _assert_block_close(s: dict, t: dict) -> None:
     assert s["ritz_values"] == pytest.approx(t["ritz_values"], rel=1e-6, abs=1e-9 * scale)
 
 
-def _assert_owners_spectra(shared: dict, params, seed: int, tol: float | None) -> None:
-    """Each block of a shared probe is the single-process spectrum of its owner's own batch."""
-    owners = _owners(_model())
+def _assert_owners_spectra(
+    shared: dict, params, seed: int, tol: float | None, staged: bool = False
+) -> None:
+    """Each block of a shared probe is the single-process spectrum of its owner's own batch
+    (``staged``: a probe of the optimizer's, whose stages are dealt out one by one)."""
+    owners = _owners(_model(), staged=staged)
     per_rank = [
-        _single_process(params, seed, batch=_probe_batch(r, share=True), tol=tol).to_dict()
+        _single_process(params, seed, batch=_probe_batch(r, share=True), tol=tol)
         for r in range(WORLD)
     ]
-    for i, block in enumerate(shared["blocks"]):
-        _assert_block_close(block, per_rank[owners[block["name"]]]["blocks"][i])
+    for block in shared["blocks"]:
+        alone = per_rank[owners[block["name"]]][block["name"]]
+        _assert_block_close(block, alone.to_dict())
 
 
 @pytest.fixture(scope="module")
@@ -617,7 +628,7 @@ def test_shared_ddp_probe_spectra_are_each_blocks_owners_probe(ranks):
     first_step, first = ranks[0]["share"]["spectra"][0]
     assert first_step == 0
     run = ranks[0]["share"]
-    _assert_owners_spectra(first, run["first_params"], seed=0, tol=run["tol"])
+    _assert_owners_spectra(first, run["first_params"], seed=0, tol=run["tol"], staged=True)
 
 
 def test_the_optimizer_shares_probes_by_default_and_can_average_them(ranks):
@@ -635,7 +646,9 @@ def test_probes_leave_ddp_gradient_buckets_alone(ranks):
         assert r["alone_warning"] and r["unwrapped_warning"]
     r0, r1 = ranks[0]["share"], ranks[1]["share"]
     assert r0["wrapper_spectra"] == r1["wrapper_spectra"]
-    _assert_owners_spectra(r0["wrapper_spectra"], r0["wrapper_params"], seed=7, tol=r0["tol"])
+    _assert_owners_spectra(
+        r0["wrapper_spectra"], r0["wrapper_params"], seed=7, tol=r0["tol"], staged=True
+    )
 
 
 @pytest.mark.parametrize("how", ["share", "mean"])

@@ -1,6 +1,7 @@
-"""Staged probes: the bound on the score that blocks still unprobed allow, the join of two
-partial probes, and the optimizer that stops after its largest blocks only when that bound
-settles the decision, training exactly as an unstaged probe would."""
+"""Staged probes: the bound on the score that blocks still unprobed allow, the stages of
+largest blocks, ``block_spectra`` measuring stage by stage until told to stop, and the
+optimizer that stops after its largest blocks only when that bound settles the decision,
+training exactly as an unstaged probe would."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from torch import nn
 
 from blockopt import BlockOptimizer, block_spectra, partition
 from blockopt.analysis.heterogeneity import heterogeneity, spread_lower_bound
-from blockopt.curvature.spectra import BlockSpectrum, Spectra, join_spectra
-from blockopt.optimizer.controller import STAGE_SHARE, split_by_size
+from blockopt.curvature.spectra import BlockSpectrum, Spectra
+from blockopt.optimizer.controller import STAGE_SHARES, split_by_size, stages_by_size
 
 
 def _block(name: str, numel: int, rho: float, kind: str = "real") -> BlockSpectrum:
@@ -102,7 +103,7 @@ def test_the_unknown_parameter_count_is_checked(unknown):
         spread_lower_bound(_spectra([_block("w", 10, 1.0)]), unknown)
 
 
-# -- the partition split and the join ---------------------------------------------------------
+# -- the stages, and block_spectra taking them ----------------------------------------------------
 
 
 class Scaled(nn.Module):
@@ -135,47 +136,88 @@ def _task(scale: float = 30.0, seed: int = 0, dtype: torch.dtype = torch.float32
 
 def test_the_split_takes_the_fewest_largest_blocks_that_hold_the_share():
     model, _ = _task()
-    blocks = partition(model)
-    large, small = split_by_size(blocks)
+    blocks = partition(model)  # l1: 512 + 32, l2: 1024 + 32, l3: 128 + 4 parameters
+    large, small = split_by_size(blocks, 0.95)
     assert [b.name for b in large] == ["l1.weight", "l2.weight", "l3.weight"]
     assert [b.name for b in small] == ["l1.bias", "l2.bias", "l3.bias"]
     total = sum(b.numel for b in blocks)
-    assert sum(b.numel for b in large) >= STAGE_SHARE * total
+    assert sum(b.numel for b in large) >= 0.95 * total
     # without l3.weight the others hold less than the share
-    assert sum(b.numel for b in large[:2]) < STAGE_SHARE * total
+    assert sum(b.numel for b in large[:2]) < 0.95 * total
     assert split_by_size(blocks, 1.0) == (blocks, [])
 
 
-def test_two_partial_probes_join_into_the_probe_of_every_block():
+def test_the_stages_add_the_largest_blocks_share_by_share_then_the_rest():
+    model, _ = _task()
+    blocks = partition(model)
+    names = [b.name for b in blocks]
+    stages = stages_by_size(blocks)
+    # 50%: l2.weight (59%); 70%: l1.weight (89%); 80% adds nothing; 90%: l3.weight (96%)
+    assert [[names[i] for i in st] for st in stages] == [
+        ["l2.weight"],
+        ["l1.weight"],
+        ["l3.weight"],
+        ["l1.bias", "l2.bias", "l3.bias"],
+    ]
+    assert tuple(sorted(STAGE_SHARES)) == STAGE_SHARES and STAGE_SHARES[-1] < 1.0
+    assert stages_by_size(blocks, ()) == [list(range(len(blocks)))]
+
+
+def test_block_spectra_in_stages_measures_what_one_stage_does():
     model, loss = _task(dtype=torch.float64)
     blocks = partition(model)
-    large, small = split_by_size(blocks)
+    stages = stages_by_size(blocks)
     kw = {"steps": 8, "seed": 3, "tol": 0.02}
     whole = block_spectra(model, loss, blocks, **kw)
-    joined = join_spectra(
-        block_spectra(model, loss, large, **kw),
-        block_spectra(model, loss, small, **kw),
-        [b.name for b in blocks],
-    )
-    assert list(joined) == list(whole)
+    seen: list[list[str]] = []
+
+    def never(partial: Spectra) -> bool:
+        seen.append(list(partial))
+        return False
+
+    staged = block_spectra(model, loss, blocks, stages=stages, until=never, **kw)
+    assert list(staged) == list(whole)
     for name in whole:  # start vectors depend on the seed and the block's name alone
-        assert joined[name] == whole[name]
-    assert joined.hvps == whole.hvps and joined.local_hvps == whole.local_hvps
-    assert (joined.dtype, joined.tol, joined.backend) == (whole.dtype, whole.tol, whole.backend)
+        assert staged[name] == whole[name]
+    assert staged.hvps == whole.hvps and staged.local_hvps == whole.local_hvps
+    assert (staged.dtype, staged.tol, staged.backend) == (whole.dtype, whole.tol, whole.backend)
+    # asked after every stage but the last, with the blocks so far in partition order
+    assert seen == [
+        ["l2.weight"],
+        ["l1.weight", "l2.weight"],
+        ["l1.weight", "l2.weight", "l3.weight"],
+    ]
 
 
-def test_joining_refuses_overlapping_or_mismatched_spectra():
-    model, loss = _task()
+def test_block_spectra_stops_after_the_stage_until_accepts():
+    model, loss = _task(dtype=torch.float64)
     blocks = partition(model)
-    a = block_spectra(model, loss, blocks[:2], steps=4)
-    b = block_spectra(model, loss, blocks[2:], steps=4)
-    with pytest.raises(ValueError, match="share blocks"):
-        join_spectra(a, a, [x.name for x in blocks[:2]])
-    with pytest.raises(ValueError, match="every block"):
-        join_spectra(a, b, [x.name for x in blocks[:3]])
-    other = block_spectra(model, loss, blocks[2:], steps=5)
-    with pytest.raises(ValueError, match="different steps"):
-        join_spectra(a, other, [x.name for x in blocks])
+    kw = {"steps": 8, "seed": 3, "tol": 0.02}
+    whole = block_spectra(model, loss, blocks, **kw)
+    two = block_spectra(
+        model, loss, blocks, stages=stages_by_size(blocks), until=lambda p: len(p) >= 2, **kw
+    )
+    assert list(two) == ["l1.weight", "l2.weight"]
+    assert all(two[n] == whole[n] for n in two)
+    assert two.hvps == whole["l1.weight"].steps + whole["l2.weight"].steps < whole.hvps
+
+
+@pytest.mark.parametrize(
+    ("stages", "error", "match"),
+    [
+        ([[0, 1], [2, 3, 4]], ValueError, "exactly once"),
+        ([[0, 1, 2], [2, 3, 4, 5]], ValueError, "exactly once"),
+        ([[0, 1, 2, 3, 4, 5, 6]], ValueError, "exactly once"),
+        ([[0, 1, 2], []], TypeError, "non-empty"),
+        ([[0, 1.0, 2], [3, 4, 5]], TypeError, "ints"),
+        ("012345", TypeError, "sequence of sequences"),
+    ],
+    ids=["missing", "twice", "unknown", "empty", "float", "string"],
+)
+def test_block_spectra_refuses_stages_that_do_not_cover_the_blocks(stages, error, match):
+    model, loss = _task()
+    with pytest.raises(error, match=match):
+        block_spectra(model, loss, partition(model), steps=4, stages=stages)
 
 
 # -- the optimizer ------------------------------------------------------------------------------
@@ -205,10 +247,16 @@ def test_a_probe_that_adam_settles_stops_after_the_largest_blocks_and_trains_the
     names = [b.name for b in opt.blocks]
     first, second = opt.spectra_history[0][1], opt.spectra_history[1][1]
     assert opt.history[0].new_mode == "adam"  # the scaled layers call for Adam
-    assert list(first) == ["l1.weight", "l2.weight", "l3.weight"]
+    # the first stage (l2.weight) bounds nothing; with l1.weight, 89% of the parameters, the
+    # bound settles Adam
+    assert list(first) == ["l1.weight", "l2.weight"]
     assert list(second) == names  # the probe after a staged one measures every block
-    assert len(opt.spectra_history[2][1]) == 3  # and the one after that may stage again
-    assert "decided on the 3 largest of 6 blocks" in " ".join(opt.history[0].notes)
+    # and the one after that may stage again: in Adam, within min_interval of the switch,
+    # no score leads elsewhere, so its first stage settles it
+    assert list(opt.spectra_history[2][1]) == ["l2.weight"]
+    assert "decided on the 2 largest of 6 blocks (89% of the parameters)" in " ".join(
+        opt.history[0].notes
+    )
     # the unstaged run measured the same blocks alike and took the same decisions
     whole = ref.spectra_history[0][1]
     assert list(whole) == names

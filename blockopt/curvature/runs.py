@@ -96,14 +96,18 @@ def shared_runs(
     probes: int,
     seed: int,
     tol: float | None,
+    indices: Sequence[int] | None = None,
 ) -> tuple[list[LanczosResult], list[str], int]:
-    """Lanczos on this rank's share of the blocks, alone, then every block's runs and status
-    from every rank in one collective (:func:`gather_rows`); also returns
-    how many products this rank computed. A failure on any rank raises on all."""
-    owners = assign_blocks(share_costs(blocks, steps), group.size())
+    """Lanczos on this rank's share of the blocks at ``indices`` (default: all of them), alone,
+    then those blocks' runs and status from every rank in one collective
+    (:func:`gather_rows`); also returns how many products this rank computed. A failure on any
+    rank raises on all."""
+    chosen = list(range(len(blocks))) if indices is None else list(indices)
+    owners = assign_blocks(share_costs([blocks[i] for i in chosen], steps), group.size())
     rank = group.rank()
-    mine = [i for i, owner in enumerate(owners) if owner == rank]
-    rows = torch.full((len(blocks) * probes, _HEADER + 2 * steps - 1), -0.0, dtype=torch.float64)
+    mine = [chosen[k] for k, owner in enumerate(owners) if owner == rank]
+    row_of = {i: k for k, i in enumerate(chosen)}
+    rows = torch.full((len(chosen) * probes, _HEADER + 2 * steps - 1), -0.0, dtype=torch.float64)
     error: BaseException | None = None
     local = 0
     try:
@@ -116,14 +120,14 @@ def shared_runs(
         )
         for j, run in enumerate(runs):
             i = mine[j // probes]
-            rows[i * probes + j % probes] = _run_row(run, hessian.status(i), steps)
+            rows[row_of[i] * probes + j % probes] = _run_row(run, hessian.status(i), steps)
         local = sum(r.steps for r in runs)
     except Exception as err:  # reported to the other ranks, re-raised below
         error = err
         rows.fill_(-0.0)
     table = gather_rows(rows, error, group, hessian.device(0))
     runs = [_row_run(row, steps) for row in table.tolist()]
-    status = [_row_status(table[i * probes].tolist()) for i in range(len(blocks))]
+    status = [_row_status(table[k * probes].tolist()) for k in range(len(chosen))]
     return runs, status, local
 
 

@@ -47,7 +47,6 @@ __all__ = [
     "block_spectra",
     "check_lanczos_settings",
     "evaluate_probe",
-    "join_spectra",
     "model_spectrum",
 ]
 
@@ -304,34 +303,6 @@ class Spectra(Mapping[str, BlockSpectrum]):
         )
 
 
-def join_spectra(first: Spectra, second: Spectra, order: Sequence[str]) -> Spectra:
-    """One :class:`Spectra` of the blocks of two probes of the same settings that measured
-    different blocks (a probe taken in two parts), in ``order``; products and seconds add
-    up, the dtype is the wider of the two, and the backend is ``"fd"`` if either part took
-    finite differences (a part falls back on its own)."""
-    both = {**first, **second}
-    if len(both) != len(first) + len(second):
-        raise ValueError("the two spectra share blocks; join spectra of different blocks")
-    if set(order) != set(both):
-        raise ValueError("order must name every block of the two spectra, once each")
-    for key in ("steps", "probes", "seed", "tol"):
-        if getattr(first, key) != getattr(second, key):
-            raise ValueError(f"spectra of different {key} cannot be joined")
-    wider = max((first.dtype, second.dtype), key=lambda d: torch.finfo(getattr(torch, d)).bits)
-    return Spectra(
-        [both[name] for name in order],
-        steps=first.steps,
-        probes=first.probes,
-        seed=first.seed,
-        hvps=first.hvps + second.hvps,
-        seconds=first.seconds + second.seconds,
-        dtype=wider,
-        tol=first.tol,
-        local_hvps=first.local_hvps + second.local_hvps,
-        backend="fd" if "fd" in (first.backend, second.backend) else "autograd",
-    )
-
-
 def _backend(data: Mapping[str, Any]) -> str:
     backend = _field(data, "backend", "str", "spectra", "autograd")
     if backend not in ("autograd", "fd"):
@@ -449,6 +420,8 @@ def block_spectra(
     share: bool = False,
     backend: str = "auto",
     upcast: bool = True,
+    stages: Sequence[Sequence[int]] | None = None,
+    until: Callable[[Spectra], bool] | None = None,
 ) -> Spectra:
     """Estimate the spectrum of every diagonal Hessian block of ``probe()``'s loss.
 
@@ -496,6 +469,13 @@ def block_spectra(
     gives the float32 result of the model's own weights; ``upcast=False`` probes in the
     parameters' dtype, with its round-off.
 
+    ``stages`` (indices into ``blocks``, each block in one stage) measures the blocks stage by
+    stage through the one gradient graph, and ``until``, asked after every stage but the last
+    with the spectra of the blocks measured so far, stops there when it returns ``True``: the
+    result then holds only those blocks (in ``blocks``' order). A block's spectrum is the same
+    whichever stage measures it. Under a ``reduce`` every rank must take the same stages and
+    ``until`` must answer alike on identical spectra; an FSDP model measures every block.
+
     A model sharded by ``fully_shard`` (FSDP2) is probed on all its ranks at once by finite
     differences on Lanczos vectors sharded like its parameters (:mod:`blockopt.distributed.
     sharded`; whole-tensor blocks, no ``reduce``/``share``), the same spectra on every rank.
@@ -526,16 +506,38 @@ def block_spectra(
         blocks = partition(model, "tensor" if blocks is None else blocks)
     blocks = list(blocks)
     _check_blocks(model, blocks)
+    stages = _check_stages(stages, len(blocks))
     start = time.perf_counter()
     half = upcast and half_precision(model)
     widen = precision_upcast(model) if half else contextlib.nullcontext()
     used = "fd" if backend == "fd" else "autograd"
 
-    def measure(kind: str) -> tuple[list[LanczosResult], list[str], int, torch.dtype]:
+    def spectra_of(measured: _Measured, kind: str) -> Spectra:
+        order = sorted(measured.runs)
+        runs = [run for i in order for run in measured.runs[i]]
+        return Spectra(
+            [
+                BlockSpectrum.from_runs(
+                    blocks[i].name, blocks[i].numel, measured.runs[i], measured.status[i]
+                )
+                for i in order
+            ],
+            steps=steps,
+            probes=probes,
+            seed=seed,
+            hvps=sum(r.steps for r in runs),
+            seconds=time.perf_counter() - start,
+            dtype=str(measured.dtype).removeprefix("torch."),
+            tol=tol,
+            local_hvps=measured.local_hvps,
+            backend=kind,
+        )
+
+    def measure(kind: str) -> _Measured:
         if sharded:
             from blockopt.distributed.sharded import sharded_runs
 
-            return sharded_runs(
+            runs, status, local, dtype = sharded_runs(
                 model,
                 probe,
                 blocks,
@@ -543,6 +545,12 @@ def block_spectra(
                 probes=probes,
                 tol=tol,
                 seed_of=lambda name: block_seed(seed, name),
+            )
+            return _Measured(
+                {i: runs[i * probes : (i + 1) * probes] for i in range(len(blocks))},
+                dict(enumerate(status)),
+                local,
+                dtype,
             )
         return _probe_blocks(
             _operator(kind, model, probe, blocks, vectorize, workers),
@@ -553,12 +561,14 @@ def block_spectra(
             probes=probes,
             seed=seed,
             tol=tol,
+            stages=stages,
+            done=None if until is None else (lambda m: bool(until(spectra_of(m, kind)))),
         )
 
     checked = not sharded  # FSDP swaps its registered parameters during a forward
     with isolated(model, pin_kernels=used == "autograd", check_parameters=checked), widen:
         try:
-            runs, status, local_hvps, dtype = measure(used)
+            measured = measure(used)
         except DoubleBackwardError:
             # Under a reduce the other ranks see a peer's failure, not this error: falling back
             # here alone would desynchronise their collectives, so the probe fails on all.
@@ -566,11 +576,11 @@ def block_spectra(
                 raise
             used = "fd"
         else:
-            if backend == "auto" and "no_graph" in status:
+            if backend == "auto" and "no_graph" in measured.status.values():
                 used = "fd"  # an op without a second derivative cut some blocks' graph
         if used == "fd" and backend == "auto":
-            runs, status, local_hvps, dtype = measure("fd")
-    cut = [b.name for b, s in zip(blocks, status) if s == "no_graph"]
+            measured = measure("fd")
+    cut = [blocks[i].name for i in sorted(measured.status) if measured.status[i] == "no_graph"]
     if cut:
         warnings.warn(
             f"the gradients of {len(cut)} block(s) ({', '.join(cut[:5])}"
@@ -581,23 +591,32 @@ def block_spectra(
             "finite-difference products (backend='fd', or the default backend='auto')",
             stacklevel=2,
         )
-    spectra = [
-        BlockSpectrum.from_runs(b.name, b.numel, runs[i * probes : (i + 1) * probes], status[i])
-        for i, b in enumerate(blocks)
-    ]
-    hvps = sum(r.steps for r in runs)
-    return Spectra(
-        spectra,
-        steps=steps,
-        probes=probes,
-        seed=seed,
-        hvps=hvps,
-        seconds=time.perf_counter() - start,
-        dtype=str(dtype).removeprefix("torch."),
-        tol=tol,
-        local_hvps=local_hvps,
-        backend=used,
-    )
+    return spectra_of(measured, used)
+
+
+def _check_stages(stages: Sequence[Sequence[int]] | None, count: int) -> list[list[int]]:
+    """``stages`` as lists of block indices (default: one stage of every block), refused
+    unless they name each of the ``count`` blocks exactly once."""
+    if stages is None:
+        return [list(range(count))]
+    if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
+        raise TypeError(f"stages must be a sequence of sequences of block indices, got {stages!r}")
+    out = []
+    for stage in stages:
+        if isinstance(stage, (str, bytes)) or not isinstance(stage, Sequence) or not stage:
+            raise TypeError(
+                f"each stage must be a non-empty sequence of block indices, got {stage!r}"
+            )
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in stage):
+            raise TypeError(f"block indices in stages must be ints, got {list(stage)!r}")
+        out.append(list(stage))
+    flat = sorted(i for stage in out for i in stage)
+    if flat != list(range(count)):
+        raise ValueError(
+            f"stages must name each of the {count} blocks (indices 0 to {count - 1}) exactly "
+            f"once, got {[list(st) for st in out]!r}"
+        )
+    return out
 
 
 def _check_sharded(backend: str, reduce: Any, share: bool) -> None:
@@ -640,6 +659,17 @@ def _operator(
     return autograd
 
 
+@dataclass
+class _Measured:
+    """A probe's runs so far, block index -> its runs and status (in the order measured), the
+    products this process computed and the widest dtype of the products."""
+
+    runs: dict[int, list[LanczosResult]]
+    status: dict[int, str]
+    local_hvps: int
+    dtype: torch.dtype
+
+
 def _probe_blocks(
     prepare: Callable[[], tuple[torch.Tensor, Any]],
     blocks: Sequence[Block],
@@ -650,59 +680,92 @@ def _probe_blocks(
     probes: int,
     seed: int,
     tol: float | None,
-) -> tuple[list[LanczosResult], list[str], int, torch.dtype]:
-    """Run Lanczos on every block with the operator ``prepare`` builds: the runs, each block's
-    status, the products this process computed, and the widest dtype of the products."""
+    stages: Sequence[Sequence[int]],
+    done: Callable[[_Measured], bool] | None,
+) -> _Measured:
+    """Run Lanczos on the blocks with the operator ``prepare`` builds, stage by stage (block
+    indices), until ``done`` says after a stage that the blocks measured so far are enough."""
     if reduce is None:
         _loss, hessian = prepare()
     else:
         device = blocks[0].parts[0].param.device
         _loss, hessian = agree(prepare, reduce, lambda r: float(r[0].detach()), device)
-    if share:
-        runs, status, local_hvps = shared_runs(
-            hessian, blocks, reduce, steps=steps, probes=probes, seed=seed, tol=tol
-        )
-    else:
-        starts = start_vectors(hessian, blocks, range(len(blocks)), probes, seed)
-
-        def matvec(ops: Sequence[int], vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-            return hessian.matvec_many([op // probes for op in ops], vs)
-
-        check_lanczos_size(
-            [v.numel() for v in starts],
-            steps,
-            starts,
-            names=[b.name for b in blocks for _ in range(probes)],
-        )
-        try:
-            runs = lanczos_many(
-                matvec if reduce is None else reduced_matvec(matvec, reduce),
-                starts,
-                steps,
+    measured = _Measured({}, {}, 0, hessian.dtype(stages[0][0]))
+    for n, stage in enumerate(stages):
+        if share:
+            runs, status, local = shared_runs(
+                hessian,
+                blocks,
+                reduce,
+                steps=steps,
+                probes=probes,
+                seed=seed,
                 tol=tol,
+                indices=stage,
             )
-        except FloatingPointError as err:
-            raise FloatingPointError(_non_finite(err, blocks, probes, hessian)) from err
-        status = [hessian.status(i) for i in range(len(blocks))]
-        if reduce is not None:
-            status = agree_status(status, reduce, blocks[0].parts[0].param.device)
-        local_hvps = sum(r.steps for r in runs)
-    dtype = hessian.dtype(0)
-    for i in range(1, len(blocks)):
-        dtype = torch.promote_types(dtype, hessian.dtype(i))
-    return runs, status, local_hvps, dtype
+        else:
+            runs, status = _local_runs(hessian, blocks, stage, reduce, steps, probes, seed, tol)
+            local = sum(r.steps for r in runs)
+        for k, i in enumerate(stage):
+            measured.runs[i] = runs[k * probes : (k + 1) * probes]
+            measured.status[i] = status[k]
+            measured.dtype = torch.promote_types(measured.dtype, hessian.dtype(i))
+        measured.local_hvps += local
+        if done is not None and n + 1 < len(stages) and done(measured):
+            break
+    return measured
+
+
+def _local_runs(
+    hessian: BlockProducts,
+    blocks: Sequence[Block],
+    indices: Sequence[int],
+    reduce: Reduce | None,
+    steps: int,
+    probes: int,
+    seed: int,
+    tol: float | None,
+) -> tuple[list[LanczosResult], list[str]]:
+    """Lanczos on the blocks at ``indices`` in this process (each product averaged over the
+    ranks with a ``reduce``): their runs and status."""
+    starts = start_vectors(hessian, blocks, indices, probes, seed)
+
+    def matvec(ops: Sequence[int], vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return hessian.matvec_many([indices[op // probes] for op in ops], vs)
+
+    check_lanczos_size(
+        [v.numel() for v in starts],
+        steps,
+        starts,
+        names=[blocks[i].name for i in indices for _ in range(probes)],
+    )
+    try:
+        runs = lanczos_many(
+            matvec if reduce is None else reduced_matvec(matvec, reduce), starts, steps, tol=tol
+        )
+    except FloatingPointError as err:
+        raise FloatingPointError(_non_finite(err, blocks, indices, probes, hessian)) from err
+    status = [hessian.status(i) for i in indices]
+    if reduce is not None:
+        status = agree_status(status, reduce, blocks[0].parts[0].param.device)
+    return runs, status
 
 
 def _non_finite(
-    err: FloatingPointError, blocks: Sequence[Block], probes: int, hessian: BlockProducts
+    err: FloatingPointError,
+    blocks: Sequence[Block],
+    indices: Sequence[int],
+    probes: int,
+    hessian: BlockProducts,
 ) -> str:
-    """The message for products that went non-finite: which block, and what to do."""
+    """The message for products of the blocks at ``indices`` that went non-finite: which
+    block, and what to do."""
     text = str(err)
     words = text.split()
     if len(words) > 1 and words[0] == "operator" and words[1].isdigit():
-        index = int(words[1]) // probes
+        index = indices[int(words[1]) // probes]
         text = f"block {blocks[index].name!r}" + text[len(f"operator {words[1]}") :]
-    dtypes = {hessian.dtype(i) for i in range(len(blocks))}
+    dtypes = {hessian.dtype(i) for i in indices}
     if dtypes & {torch.float16, torch.bfloat16}:
         return (
             f"{text}: in {'/'.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}, "

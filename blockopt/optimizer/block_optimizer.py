@@ -227,6 +227,12 @@ class BlockOptimizer(Optimizer):
             block and each Lanczos step averages the products over the ranks (the spectra of
             the mean of the ranks' losses, at the full cost on every rank). Either way every
             rank gets the same spectra and takes the same decisions.
+        staged: measure the largest blocks first, in stages (those holding 50%, 70%, 80%, 90%
+            and 95% of the parameters, then the rest), and stop after the first stage whose
+            lower bound on the score, whatever the blocks not yet measured hold, takes the
+            policy to Adam (which reads neither ``max_ratio`` nor block factors); the next probe
+            then measures every block. Default ``True``; pinned and monitored runs measure
+            every block. ``False``: every probe measures every block.
     """
 
     def __init__(
@@ -758,17 +764,8 @@ class BlockOptimizer(Optimizer):
             last = self.spectra_history[-1][1]
             if any(b.name not in last for b in blocks):
                 return None
-        step, mode = self.step_count, self._active.mode
-
-        def settles(bound: float) -> bool:
-            if not math.isfinite(bound):
-                return False
-            return all(
-                dataclasses.replace(self.policy).decide(step, bound, mode, ratio).new_mode == "adam"
-                for ratio in (0.0, 1e300)  # any max_ratio: the policy needs it finite
-            )
-
-        return settles
+        step, mode, policy = self.step_count, self._active.mode, self.policy
+        return lambda bound: policy.settles_adam(step, bound, mode)
 
     @contextlib.contextmanager
     def _probing(self) -> Iterator[None]:

@@ -20,7 +20,7 @@ from torch import nn
 from blockopt.analysis.heterogeneity import Heterogeneity, heterogeneity, spread_lower_bound
 from blockopt.analysis.tuning import DEFAULT_MAX_FACTOR, factors_of, held_factors
 from blockopt.curvature.blocks import Block
-from blockopt.curvature.spectra import Spectra, block_spectra, join_spectra
+from blockopt.curvature.spectra import Spectra, block_spectra
 from blockopt.distributed.reductions import RankMean, Reduce
 from blockopt.distributed.wrappers import fully_sharded, no_sync
 from blockopt.optimizer.modeset import ActiveMode, ModeSet
@@ -36,13 +36,15 @@ from blockopt.optimizer.tuner import (
 
 __all__ = [
     "DEFAULT_TOL",
-    "STAGE_SHARE",
+    "STAGE_SHARES",
     "ProbeOutcome",
     "ProbeSettings",
     "Verdict",
     "decide",
     "measure",
     "split_by_size",
+    "staged_spectra",
+    "stages_by_size",
 ]
 
 # Decisions read each block's curvature scale, not its density: a Lanczos run may stop once its
@@ -51,13 +53,15 @@ __all__ = [
 # every block factor of the reference GPT, ViT, CNN and quadratics stays within 7% of a 40-step
 # probe's, at 0.4-0.85 of the products of 10 fixed steps (docs/BENCHMARKS.md, "Probe cost").
 DEFAULT_TOL = 0.02
-# A staged probe measures first the largest blocks that together hold this share of the
-# parameters. Every block's product costs about the same (a pass through the model), and
-# biases and normalisation gains are most of the blocks and few of the parameters: on the
-# tiny GPT, 14 of 37 blocks hold 95% of its parameters, on the tiny ViT 15 of 40. The score
-# weighs blocks by size with its quantiles at 5% and 95%, so the other 5% move it little, and
-# a bound says when they cannot move the decision at all (:func:`spread_lower_bound`).
-STAGE_SHARE = 0.95
+# A staged probe measures the largest blocks first, in stages: the fewest largest blocks that
+# hold each of these shares of the parameters, then the rest, and stops after the first stage
+# whose bound on the score settles the decision. Every block's product costs about the same (a
+# pass through the model), and biases and normalisation gains are most of the blocks and few of
+# the parameters: on the tiny GPT, 14 of 37 blocks hold 95% of its parameters and 10 hold 80%.
+# The score weighs blocks by size with its quantiles at 5% and 95%, so a bound on it holds
+# whatever the blocks not yet measured hold (:func:`spread_lower_bound`); the stages share one
+# gradient graph, so a stage that does not settle it costs only its own products.
+STAGE_SHARES = (0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 @dataclass(frozen=True)
@@ -98,9 +102,7 @@ class ProbeOutcome:
         return max(self.score.scales, default=0.0)
 
 
-def split_by_size(
-    blocks: Sequence[Block], share: float = STAGE_SHARE
-) -> tuple[list[Block], list[Block]]:
+def split_by_size(blocks: Sequence[Block], share: float) -> tuple[list[Block], list[Block]]:
     """``(large, small)``: the fewest largest blocks that hold ``share`` of the parameters
     (ties broken by partition order), and the rest, each in partition order."""
     total = sum(b.numel for b in blocks)
@@ -117,6 +119,58 @@ def split_by_size(
     return large, small
 
 
+def stages_by_size(
+    blocks: Sequence[Block], shares: Sequence[float] = STAGE_SHARES
+) -> list[list[int]]:
+    """The stages of a staged probe, as indices into ``blocks``: per share in ``shares``
+    (ascending), the blocks that the fewest largest blocks holding it add, then the rest;
+    each stage in partition order, none empty."""
+    stages: list[list[int]] = []
+    seen: set[int] = set()
+    for share in (*shares, 1.0):
+        large, _ = split_by_size(blocks, share)
+        ids = {id(b) for b in large}
+        stage = [i for i, b in enumerate(blocks) if id(b) in ids and i not in seen]
+        if stage:
+            stages.append(stage)
+            seen.update(stage)
+    return stages
+
+
+SpectraOf = Callable[[Sequence[Block], Sequence[Sequence[int]], Callable[[Spectra], bool]], Spectra]
+"""``spectra_of(blocks, stages, until)``: the spectra of ``blocks`` measured in ``stages``
+until ``until`` says stop (:func:`blockopt.block_spectra`'s arguments of those names)."""
+
+
+def staged_spectra(
+    blocks: Sequence[Block],
+    spectra_of: SpectraOf,
+    settles: Callable[[float], bool] | None,
+) -> tuple[Spectra, Heterogeneity, tuple[str, ...], float | None]:
+    """Probe ``blocks`` with ``spectra_of``, staged when ``settles`` (whether every score at or
+    above a bound leads to the same decision, one that reads neither ``max_ratio`` nor block
+    factors) is given: largest blocks first (:func:`stages_by_size`), stopping after the first
+    stage whose :func:`spread_lower_bound` settles it. Returns the spectra, their score, the
+    blocks left out and the bound that settled it (``None`` when every block was measured)."""
+    bounds: list[float] = []
+    total = sum(b.numel for b in blocks)
+
+    def until(partial: Spectra) -> bool:
+        assert settles is not None
+        unknown = total - sum(s.numel for s in partial.values())
+        bound = spread_lower_bound(partial, unknown)
+        bounds.append(bound)
+        return settles(bound)
+
+    if settles is None:
+        spectra = spectra_of(blocks, [list(range(len(blocks)))], lambda _: False)
+    else:
+        spectra = spectra_of(blocks, stages_by_size(blocks), until)
+    skipped = tuple(b.name for b in blocks if b.name not in spectra)
+    bound = bounds[-1] if skipped else None
+    return spectra, heterogeneity(spectra), skipped, bound
+
+
 def measure(
     model: nn.Module,
     probe: Callable[[], torch.Tensor],
@@ -129,62 +183,39 @@ def measure(
     settles: Callable[[float], bool] | None = None,
 ) -> ProbeOutcome:
     """Probe ``model``'s blocks at ``step``; ``previous`` (the factors in use, when a loss
-    spiked since they were measured) caps the new factors from above.
+    spiked since they were measured) caps the new factors from above. With ``settles`` the
+    probe is staged (:func:`staged_spectra`). A block's spectrum does not depend on which
+    other blocks are probed with it (start vectors come from the seed and its name), so a
+    staged probe measures what an unstaged one does, of the blocks it measures."""
+    sharded = fully_sharded(model)
 
-    With ``settles`` (the caller's decision rule: whether every score at or above a bound
-    leads to the same decision, one that reads neither ``max_ratio`` nor block factors), the
-    probe is staged: the largest blocks holding :data:`STAGE_SHARE` of the parameters are
-    probed first, and the others only when the bound on the score they allow
-    (:func:`spread_lower_bound`) does not settle the decision. A block's spectrum does not
-    depend on which other blocks are probed with it (start vectors come from the seed and
-    its name), so a staged probe that goes on measures what an unstaged one does."""
-    large, small = split_by_size(blocks) if settles is not None else (list(blocks), [])
-    spectra = _spectra(model, probe, large, settings, step, reduce, ddp_model)
-    skipped: tuple[str, ...] = ()
-    bound = None
-    score = heterogeneity(spectra)
-    if small:
-        assert settles is not None
-        unknown = sum(b.numel for b in small)
-        bound = spread_lower_bound(spectra, unknown, score=score)
-        if settles(bound):
-            skipped = tuple(b.name for b in small)
-        else:
-            rest = _spectra(model, probe, small, settings, step, reduce, ddp_model)
-            spectra = join_spectra(spectra, rest, [b.name for b in blocks])
-            score, bound = heterogeneity(spectra), None
+    def spectra_of(
+        some: Sequence[Block], stages: Sequence[Sequence[int]], until: Callable[[Spectra], bool]
+    ) -> Spectra:
+        with no_sync(ddp_model):  # a closure calling the DDP wrapper prepares no reduction
+            return block_spectra(
+                model,
+                probe,
+                some,
+                steps=settings.steps,
+                probes=settings.probes,
+                seed=settings.seed + step,
+                tol=settings.tol,
+                # a fully_shard model's probe already spans its ranks (distributed.sharded)
+                reduce=None if sharded else reduce,
+                share=settings.share and isinstance(reduce, RankMean) and not sharded,
+                backend=settings.backend,
+                stages=stages,
+                until=until,
+            )
+
+    spectra, score, skipped, bound = staged_spectra(blocks, spectra_of, settles)
     factors = factors_of(score, spectra, settings.max_factor)
     held = 0
     if previous is not None:
         kept = held_factors(factors, previous)
         held, factors = sum(kept[b] < factors[b] for b in factors), kept
     return ProbeOutcome(step, spectra, score, factors, held, tuple(blocks), skipped, bound)
-
-
-def _spectra(
-    model: nn.Module,
-    probe: Callable[[], torch.Tensor],
-    blocks: Sequence[Block],
-    settings: ProbeSettings,
-    step: int,
-    reduce: Reduce | None,
-    ddp_model: nn.Module,
-) -> Spectra:
-    sharded = fully_sharded(model)
-    with no_sync(ddp_model):  # a closure calling the DDP wrapper prepares no reduction
-        return block_spectra(
-            model,
-            probe,
-            blocks,
-            steps=settings.steps,
-            probes=settings.probes,
-            seed=settings.seed + step,
-            tol=settings.tol,
-            # a fully_shard model's probe already spans its ranks (blockopt.distributed.sharded)
-            reduce=None if sharded else reduce,
-            share=settings.share and isinstance(reduce, RankMean) and not sharded,
-            backend=settings.backend,
-        )
 
 
 @dataclass(frozen=True)
@@ -251,11 +282,12 @@ def decide(
             active = tuned(search_lr(modes, active, groups, search, setup, recheck=True))
     if outcome.skipped:
         kept = len(outcome.blocks) - len(outcome.skipped)
+        held = sum(b.numel for b in outcome.blocks if b.name in outcome.spectra)
+        share = held / sum(b.numel for b in outcome.blocks)
         notes.append(
-            f"decided on the {kept} largest of {len(outcome.blocks)} blocks (at least "
-            f"{STAGE_SHARE:.0%} of the parameters): whatever the other {len(outcome.skipped)} "
-            f"hold, the score is at least {outcome.bound:.2f}, which settles it; the next "
-            "probe measures them"
+            f"decided on the {kept} largest of {len(outcome.blocks)} blocks ({share:.0%} of "
+            f"the parameters): whatever the other {len(outcome.skipped)} hold, the score is at "
+            f"least {outcome.bound:.2f}, which settles it; the next probe measures them"
         )
     if outcome.held and active.mode == "block_sgd":
         notes.append(

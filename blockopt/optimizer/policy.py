@@ -184,6 +184,17 @@ class SwitchPolicy:
         at = MODES.index(wanted)
         return min(usable, key=lambda m: (abs(MODES.index(m) - at), m != mode))
 
+    def settles_adam(self, step: int, bound: float, mode: str) -> bool:
+        """Whether every score at or above ``bound``, with any ``max_ratio``, takes this policy
+        from ``mode`` to Adam at ``step`` (asked on copies: the policy is not changed). A
+        staged probe stops when its lower bound on the score settles this."""
+        if not math.isfinite(bound):
+            return False
+        return all(
+            dataclasses.replace(self).decide(step, bound, mode, ratio).new_mode == "adam"
+            for ratio in (0.0, 1e300)  # any max_ratio: decide needs it finite
+        )
+
     def decide(self, step: int, score: float, mode: str, max_ratio: float = 0.0) -> Decision:
         """The mode to train in after a probe at ``step`` that scored ``score`` (``spread``)
         and ``max_ratio``, from ``mode``; switching sets ``last_switch``."""
