@@ -246,6 +246,14 @@ def decide(
     beats staying (:func:`judge_switch`), or re-check a searched one.
     ``hold`` (``"pinned mode"``, ``"monitor only"``) keeps the mode. Nothing live is changed:
     the policy is decided on a copy and the modes are new objects, for the caller to commit."""
+    # a staged probe's note says so when the policy keeps Adam at any score (asked before it
+    # decides: a switch to Adam now starts its min_interval)
+    why = (
+        " (here the policy keeps adam whatever the score: too soon after the last switch, or "
+        "no other mode allowed)"
+        if outcome.skipped and policy.settles_adam(outcome.step, 0.0, active.mode)
+        else ""
+    )
     policy = dataclasses.replace(policy)
     score, step, fixed = outcome.score, outcome.step, search.fixed
     notes: list[str] = []
@@ -287,7 +295,8 @@ def decide(
         notes.append(
             f"decided on the {kept} largest of {len(outcome.blocks)} blocks ({share:.0%} of "
             f"the parameters): whatever the other {len(outcome.skipped)} hold, the score is at "
-            f"least {outcome.bound:.2f}, which settles it; the next probe measures them"
+            f"least {outcome.bound:.2f}, and every score from there up leads to adam{why}; the "
+            "next probe measures them"
         )
     if outcome.held and active.mode == "block_sgd":
         notes.append(
