@@ -189,6 +189,30 @@ def test_block_spectra_in_stages_measures_what_one_stage_does():
     ]
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.permutations(range(6)), st.lists(st.booleans(), min_size=5, max_size=5))
+def test_any_stages_measure_what_one_stage_does(order, cuts):
+    """However the blocks are cut into stages and ordered, every block's spectrum, the
+    products and the dtype are those of one stage (start vectors depend on the seed and the
+    block's name alone, and every stage runs through the one gradient graph)."""
+    stages: list[list[int]] = [[order[0]]]
+    for i, cut in zip(order[1:], cuts):
+        if cut:
+            stages.append([])
+        stages[-1].append(i)
+    whole, staged = (
+        block_spectra(_MODEL64, _LOSS64, _BLOCKS64, steps=6, seed=5, tol=0.02, stages=s)
+        for s in (None, stages)
+    )
+    assert list(staged) == list(whole)
+    assert all(staged[n] == whole[n] for n in whole)
+    assert (staged.hvps, staged.dtype) == (whole.hvps, whole.dtype)
+
+
+_MODEL64, _LOSS64 = _task(dtype=torch.float64)
+_BLOCKS64 = partition(_MODEL64)
+
+
 def test_block_spectra_stops_after_the_stage_until_accepts():
     model, loss = _task(dtype=torch.float64)
     blocks = partition(model)
