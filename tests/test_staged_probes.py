@@ -163,6 +163,35 @@ def test_the_stages_add_the_largest_blocks_share_by_share_then_the_rest():
     assert stages_by_size(blocks, ()) == [list(range(len(blocks)))]
 
 
+class _Sized:
+    """A stand-in block: a name and a size are all the stages read."""
+
+    def __init__(self, i: int, numel: int) -> None:
+        self.name, self.numel = f"b{i}", numel
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 10_000), min_size=1, max_size=40),
+    shares=st.lists(st.floats(0.01, 0.99), max_size=6).map(sorted),
+)
+def test_the_stages_cut_where_the_split_cuts_at_every_share(sizes, shares):
+    blocks = [_Sized(i, n) for i, n in enumerate(sizes)]
+    stages = stages_by_size(blocks, shares)
+    flat = [i for stage in stages for i in stage]
+    assert sorted(flat) == list(range(len(blocks)))  # every block once
+    assert all(stage and stage == sorted(stage) for stage in stages)
+    # after the stage that reaches each share, the blocks taken are split_by_size's large set
+    taken: set[int] = set()
+    cuts = iter(stages)
+    for share in shares:
+        large, _ = split_by_size(blocks, share)
+        want = {b.name for b in large}
+        while {blocks[i].name for i in taken} != want:
+            taken.update(next(cuts))
+        assert {blocks[i].name for i in taken} == want
+
+
 def test_block_spectra_in_stages_measures_what_one_stage_does():
     model, loss = _task(dtype=torch.float64)
     blocks = partition(model)

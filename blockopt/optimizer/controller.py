@@ -125,15 +125,19 @@ def stages_by_size(
     """The stages of a staged probe, as indices into ``blocks``: per share in ``shares``
     (ascending), the blocks that the fewest largest blocks holding it add, then the rest;
     each stage in partition order, none empty."""
+    total = sum(b.numel for b in blocks)
+    ranked = sorted(range(len(blocks)), key=lambda i: -blocks[i].numel)  # stable: ties in order
     stages: list[list[int]] = []
-    seen: set[int] = set()
-    for share in (*shares, 1.0):
-        large, _ = split_by_size(blocks, share)
-        ids = {id(b) for b in large}
-        stage = [i for i, b in enumerate(blocks) if id(b) in ids and i not in seen]
-        if stage:
-            stages.append(stage)
-            seen.update(stage)
+    held, taken = 0, 0
+    for share in shares:  # the fewest largest blocks holding each share, as split_by_size cuts
+        start = taken
+        while taken < len(ranked) and held < share * total:
+            held += blocks[ranked[taken]].numel
+            taken += 1
+        if taken > start:
+            stages.append(sorted(ranked[start:taken]))
+    if taken < len(ranked):
+        stages.append(sorted(ranked[taken:]))
     return stages
 
 
