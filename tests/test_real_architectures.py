@@ -73,11 +73,23 @@ def _interface_qkv(model: nn.Module, inputs: dict[str, Any]) -> dict[str, dict[s
     return {paths[m]: dict(zip("qkv", t)) for m, t in _CAPTURED.items()}
 
 
+def _falcon_attn(attn: str) -> dict[str, str]:
+    """Falcon hands Q, K, V to a registered attention function from transformers 5.25 on; before,
+    it ran attention of its own and takes no custom implementation."""
+    from transformers.models.falcon import modeling_falcon
+
+    own_attention = hasattr(modeling_falcon.FalconAttention, "_split_heads")
+    return {} if own_attention else {"attn_implementation": attn}
+
+
 def _split_method_qkv(split: str) -> Callable[[nn.Module, dict[str, Any]], dict[str, Any]]:
     """For codes that split the fused output in a method of their own (Bloom's ``_reshape``,
-    Falcon's ``_split_heads``): hook the fused projection and call that method on its output."""
+    Falcon's ``_split_heads`` before transformers 5.25): hook the fused projection and call that
+    method on its output. A code without the method hands Q, K, V to its attention function."""
 
     def own(model: nn.Module, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        if not any(hasattr(m, split) for m in model.modules()):
+            return _interface_qkv(model, inputs)
         outputs: dict[str, torch.Tensor] = {}
         hooks = [
             m.query_key_value.register_forward_hook(
@@ -231,7 +243,7 @@ LAYOUT_ONLY: dict[str, Arch] = {
         f"falcon-{kind}": Arch(
             lambda attn, kw=kw: transformers.FalconForCausalLM(
                 transformers.FalconConfig(vocab_size=VOCAB, hidden_size=16, num_attention_heads=4,
-                                          num_hidden_layers=1, **kw)
+                                          num_hidden_layers=1, **_falcon_attn(attn), **kw)
             ),
             lambda: {"input_ids": _tokens()}, lambda out, x: _lm_loss(out, x["input_ids"]),
             _split_method_qkv("_split_heads"),
