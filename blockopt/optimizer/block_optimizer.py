@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -65,7 +66,7 @@ from blockopt.optimizer.controller import (
 from blockopt.optimizer.faults import fault_text, probe_fault_kind
 from blockopt.optimizer.guard import GUARD_WINDOW, Watch, judge, median_after
 from blockopt.optimizer.modes import BlockSGD
-from blockopt.optimizer.modeset import ActiveMode, ModeSet, loss_sign, mode_classes
+from blockopt.optimizer.modeset import ActiveMode, ModeSet, family, loss_sign, mode_classes
 from blockopt.optimizer.policy import (
     MODES,
     Decision,
@@ -151,8 +152,9 @@ class BlockOptimizer(Optimizer):
         mode: the starting mode, ``"sgd"``, ``"block_sgd"`` or ``"adam"``.
         momentum, dampening, weight_decay, nesterov: SGD hyperparameters (also block SGD's).
         betas, eps, adam_weight_decay: AdamW hyperparameters.
-        lrs: fixed learning rates per mode (at schedule factor 1), e.g. ``{"adam": 1e-3}``;
-            modes not named get theirs by step-norm matching at the switch.
+        lrs: fixed learning rates per mode (at schedule factor 1), e.g. ``{"adam": 1e-3}``:
+            the first param group's rate in that mode, the other groups keeping their ratio to
+            it; modes not named get theirs by step-norm matching at the switch.
         optimizers: per mode, a class or name (``torch.optim`` or ``torch_optimizer``) or a
             ``(class_or_name, kwargs)`` pair replacing the default class and hyperparameters.
         strategy: block partition strategy (see :func:`blockopt.partition`).
@@ -380,8 +382,11 @@ class BlockOptimizer(Optimizer):
         check_params_in_model(self.param_groups, self.probe_model)
         self.blocks: list[Block] = self._partition()
         self.block_factors = dict.fromkeys((b.name for b in self.blocks), 1.0)
-        scales = {mode: 1.0, **{m: v / lr for m, v in fixed.items() if m != mode}}
-        scales.setdefault(start, fixed.get(start, lr) / lr)
+        # A fixed rate is the first group's rate in that mode (what ``mode_lrs`` reports); the
+        # other groups keep their ratio to it. ``lr`` is only the default of groups without one.
+        base = float(self.param_groups[0]["lr"]) or lr  # a first group at lr 0: the default
+        scales = {mode: 1.0, **{m: v / base for m, v in fixed.items() if m != mode}}
+        scales.setdefault(start, fixed.get(start, base) / base)
         first = self.modes.build(start, self.param_groups, scales[start], self.blocks)
         self._active = ActiveMode(start, first, scales)
         if pin_mode is None:  # build the others once, so that no switch fails on them later
@@ -399,7 +404,7 @@ class BlockOptimizer(Optimizer):
         )
         self.recorder = Recorder(history, logger)
         self.step_count = 0
-        self._start_lr = lr
+        self._start_lr = base
 
     # -- param groups ------------------------------------------------------------------------
 
@@ -642,8 +647,8 @@ class BlockOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-                self._observe(float(loss.detach()))
+            if _is_loss(loss):
+                self._observe(_loss_value(loss))
         if self._verdict() == "undo":  # this step's gradient is of the parameters put back
             self._undo_switch()
             self.step_count += 1
@@ -674,8 +679,18 @@ class BlockOptimizer(Optimizer):
 
     def observe_loss(self, loss: float | torch.Tensor) -> None:
         """Report the training loss when stepping without a closure (enables spike detection)."""
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        self._observe(value)
+        if not _is_loss(loss):
+            if isinstance(loss, torch.Tensor):
+                shown = f"a tensor of shape {tuple(loss.shape)}"
+            else:
+                literal = loss is None or isinstance(loss, bool)
+                shown = repr(loss) if literal else type(loss).__name__
+            raise TypeError(
+                f"observe_loss needs the step's training loss as a number or a one-element "
+                f"tensor, got {shown}; pass loss (or loss.item()) after loss.backward(), or the "
+                "mean of a per-sample loss"
+            )
+        self._observe(_loss_value(loss))
 
     def _observe(self, value: float) -> None:
         """Feed the schedule a training loss; when probes are reduced over ranks, the mean over
@@ -1010,6 +1025,7 @@ class BlockOptimizer(Optimizer):
         state["blockopt"] = {
             "version": ckpt.STATE_VERSION,
             "mode": active.mode,
+            "family": family(self.modes.native),  # whose names the groups' keys are
             "scales": {m: float(v) for m, v in active.scales.items()},
             "inner": {active.mode: active.optimizer.state_dict()},
             "schedule": self.schedule.state_dict(),
@@ -1117,6 +1133,18 @@ class BlockOptimizer(Optimizer):
             f"BlockOptimizer(mode={self.mode!r}, lr={self.param_groups[0]['lr']:g}, "
             f"blocks={len(self.blocks)}, step={self.step_count})"
         )
+
+
+def _is_loss(loss: Any) -> bool:
+    """Whether ``loss`` holds one number: a one-element tensor or numpy array, or a real."""
+    if isinstance(loss, (torch.Tensor, np.ndarray)):
+        return loss.size == 1 if isinstance(loss, np.ndarray) else loss.numel() == 1
+    return is_real(loss)
+
+
+def _loss_value(loss: Any) -> float:
+    """A training loss (see :func:`_is_loss`) as a Python float."""
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
 
 def _plain_value(value: Any) -> Any:

@@ -17,7 +17,7 @@ from blockopt.analysis.heterogeneity import Heterogeneity, heterogeneity
 from blockopt.curvature.blocks import Block
 from blockopt.curvature.spectra import Spectra
 from blockopt.distributed.reductions import FAULT_KINDS
-from blockopt.optimizer.modeset import ActiveMode, ModeSet
+from blockopt.optimizer.modeset import ActiveMode, ModeSet, family
 from blockopt.optimizer.policy import MODES, Decision, ProbeFault, ProbeSchedule, is_share
 from blockopt.optimizer.validation import is_int, is_real
 
@@ -332,6 +332,23 @@ def try_base(groups: Sequence[Mapping[str, Any]], defaults: Mapping[str, Any], b
     load_checked(scratch, base, "the wrapper")
 
 
+def check_family(saved: Any, here: str) -> None:
+    """Refuse a state whose groups' keys belong to the other family (``saved``: the family
+    of the mode its optimizer started in; ``None`` for states saved before it was recorded):
+    ``weight_decay`` is L2 in SGD and decoupled in AdamW, so it would change meaning."""
+    if saved is None or saved == here:
+        return
+    if saved not in ("sgd", "adam"):
+        raise bad_state(f"its 'family' is {saved!r}, not 'sgd' or 'adam'")
+    raise ValueError(
+        f"the state dict was saved by an optimizer that started in the {saved} family and "
+        f"this one starts in the {here} family: the groups' keys name the starting family's "
+        "hyperparameters (weight_decay is L2 in SGD, decoupled in AdamW), so they would change "
+        f"meaning. Load it into an optimizer built the same way (wrap the same optimizer class, "
+        f"or BlockOptimizer(..., mode={saved!r}))"
+    )
+
+
 def plan_restore(
     base: Mapping[str, Any],
     extra: Mapping[str, Any],
@@ -352,6 +369,7 @@ def plan_restore(
     missing = [k for k in STATE_KEYS if k not in extra]
     if missing:
         raise bad_state(f"its 'blockopt' entry lacks {', '.join(map(repr, missing))}")
+    check_family(extra.get("family"), family(modes.native))
     saved = extra["blocks"]
     if not (isinstance(saved, (list, tuple)) and all(isinstance(n, str) for n in saved)):
         raise bad_state(f"'blocks' is {type(saved).__name__}, not a list of block names")

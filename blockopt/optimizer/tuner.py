@@ -242,7 +242,7 @@ def _trial(
     """``trial(multiplier, steps=None)``: the (sign-corrected) loss a scratch copy of
     ``active`` reaches at its base learning rates times ``multiplier``."""
     state = active.optimizer.state_dict()  # its lrs are replaced below
-    base_lrs = [g.get("initial_lr", g["lr"]) * active.scale for g in groups]
+    base_lrs = [_start_lr(g) * active.scale for g in groups]
     params = [p for g in groups for p in g["params"] if p.requires_grad]
     sign = loss_sign(groups)
 
@@ -269,6 +269,12 @@ def _trial(
     return trial
 
 
+def _start_lr(group: Mapping[str, Any]) -> float:
+    """The rate a search starts from: a scheduler's ``initial_lr`` where it set one, else
+    ``lr``; a one-element tensor (torch optimizers accept them) as the number it holds."""
+    return float(group.get("initial_lr", group["lr"]))
+
+
 def _run_search(
     modes: ModeSet,
     active: ActiveMode,
@@ -277,7 +283,7 @@ def _run_search(
     setup: TrialSetup,
     recheck: bool,
 ) -> LrSearch:
-    base_lr = groups[0].get("initial_lr", groups[0]["lr"]) * active.scale
+    base_lr = _start_lr(groups[0]) * active.scale
     trial = _trial(modes, active, groups, settings, setup)
     with no_sync(setup.ddp_model):
         if recheck:  # from where the rate is, against the loss before any step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,16 +26,29 @@ def wrap(
     probe: Callable[[], torch.Tensor] | None = None,
     **options: Any,
 ) -> BlockOptimizer:
-    """Wrap an existing optimizer: keep its parameters, groups and hyperparameters (its
+    """Wrap an existing optimizer: copy its parameters, groups and hyperparameters (its
     learning rate applies as it is: ``lrs`` cannot fix the starting mode's), start in the
     mode it implements (SGD-like classes: ``"sgd"``; others: ``"adam"`` with that class), and
-    carry its state. ``options`` are those of :class:`BlockOptimizer`."""
+    carry its state. A scheduler must be built on the wrapper: one built on ``optimizer``
+    keeps scaling the groups copied from (a warning says so). ``options`` are those of
+    :class:`BlockOptimizer`."""
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, BlockOptimizer):
         raise TypeError("this optimizer is already a BlockOptimizer")
     defaults = dict(optimizer.defaults)
     groups = [dict(g) for g in optimizer.param_groups]
+    if getattr(optimizer.step, "_wrapped_by_lr_sched", False) or any(
+        "initial_lr" in g for g in groups
+    ):
+        warnings.warn(
+            f"the {type(optimizer).__name__} being wrapped has an LR scheduler built on it: "
+            "wrap() copies its param groups, so that scheduler keeps scaling the old "
+            "optimizer's learning rates, not the wrapper's; build the scheduler on the "
+            "optimizer wrap() returns (opt = blockopt.wrap(...); sched = StepLR(opt, ...))",
+            UserWarning,
+            stacklevel=2,
+        )
     sgd_like = isinstance(optimizer, torch.optim.SGD) or (
         "momentum" in defaults and "betas" not in defaults
     )
