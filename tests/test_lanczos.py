@@ -10,7 +10,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockopt.curvature.lanczos import gaussian_density, lanczos, lanczos_many, random_start, ritz
+from blockopt.curvature.lanczos import (
+    SETTLED_STEPS,
+    gaussian_density,
+    lanczos,
+    lanczos_many,
+    random_start,
+    ritz,
+)
 
 
 @st.composite
@@ -109,15 +116,36 @@ def test_without_reorthogonalisation_ghosts_appear_but_extremes_hold():
     assert sum(abs(t - 100.0) < 1e-6 for t in full.ritz_values) == 1
 
 
-def test_zero_matrix_breaks_down_at_once():
+def test_zero_matrix_breaks_down_at_every_step_and_goes_on_to_its_dimension():
+    """Each step's Krylov space is invariant; the run goes on in fresh directions (zero
+    couplings), which carry no quadrature weight, until it spans the space."""
     res = lanczos(lambda v: torch.zeros_like(v), torch.ones(5, dtype=torch.float64), 10)
-    assert res.breakdown and res.steps == 1
-    assert res.ritz_values == (0.0,) and res.ritz_weights == (1.0,)
+    assert res.breakdown and res.steps == 5
+    assert res.betas == (0.0,) * 4
+    assert res.ritz_values == (0.0,) * 5
+    assert sorted(res.ritz_weights) == pytest.approx([0.0] * 4 + [1.0])
 
 
-def test_identity_breaks_down_at_once_with_its_eigenvalue():
-    res = lanczos(lambda v: 3.0 * v, torch.arange(1.0, 6.0, dtype=torch.float64), 10)
-    assert res.breakdown and res.steps == 1 and res.ritz_values == (3.0,)
+def test_a_settled_tolerance_stops_the_fresh_directions_of_a_scalar_matrix():
+    res = lanczos(lambda v: 3.0 * v, torch.arange(1.0, 6.0, dtype=torch.float64), 10, tol=0.02)
+    assert res.settled and res.steps == 1 + SETTLED_STEPS
+    assert res.ritz_values == pytest.approx((3.0,) * res.steps)
+    assert max(res.ritz_weights) == pytest.approx(1.0)
+
+
+def test_a_start_in_an_invariant_subspace_still_finds_every_extreme_eigenvalue():
+    """A start vector that is an eigenvector of a small eigenvalue spans an invariant space
+    at once; the fresh directions after it find the rest, and the quadrature seen from the
+    start vector is untouched: all its weight on its own eigenvalue."""
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    lam = np.array([-2.0, 0.5, 1.0, 3.0, 7.0, 11.0])
+    a = q @ np.diag(lam) @ q.T
+    res = _run(a, q[:, 1], 20)
+    assert res.steps == 6
+    assert res.ritz_values == pytest.approx(tuple(lam), abs=1e-12)
+    weights = dict(zip(np.round(res.ritz_values, 9), res.ritz_weights))
+    assert weights[0.5] == pytest.approx(1.0, abs=1e-12)
 
 
 def test_float32_runs_match_float64():
@@ -270,10 +298,54 @@ def test_roundoff_is_the_departure_of_the_products_from_symmetry(reorthogonalize
 
 
 def test_a_run_of_one_step_measures_no_roundoff():
-    assert (
-        lanczos(lambda v: torch.zeros_like(v), torch.ones(5, dtype=torch.float64), 10).roundoff
-        is None
-    )
-    assert lanczos(lambda v: 3.0 * v, torch.ones(4, dtype=torch.float64), 10).roundoff is None
     assert lanczos(lambda v: 3.0 * v, torch.ones(1, dtype=torch.float64), 10).roundoff is None
     assert lanczos(lambda v: 3.0 * v, torch.ones(4, dtype=torch.float64), 1).roundoff is None
+
+
+def test_fresh_directions_after_a_breakdown_measure_roundoff_across_it():
+    """v_{j-1} . (A v_j) = v_j . (A v_{j-1}) holds for any pair of vectors of a symmetric
+    operator, so the pair across a restart measures round-off too: exactly none here."""
+    zero = lanczos(lambda v: torch.zeros_like(v), torch.ones(5, dtype=torch.float64), 10)
+    scalar = lanczos(lambda v: 3.0 * v, torch.ones(4, dtype=torch.float64), 10)
+    assert zero.roundoff == 0.0 and zero.steps == 5
+    assert scalar.roundoff == pytest.approx(0.0, abs=1e-15) and scalar.steps == 4
+
+
+def test_float32_curvature_whose_squared_products_overflow_float32_is_measured():
+    """|A v|^2 of a float32 operator with eigenvalues near 1e20 exceeds float32's range
+    (3.4e38) though every entry is finite: norms are accumulated in float64."""
+    lam = torch.tensor([2.5e20, 1e20, 3e19, 1.0, -7e18], dtype=torch.float32)
+    res = lanczos(lambda v: lam * v, torch.ones(5, dtype=torch.float32), 10)
+    assert res.steps == 5
+    assert max(res.ritz_values) == pytest.approx(2.5e20, rel=1e-5)
+    assert min(res.ritz_values) == pytest.approx(-7e18, rel=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(-3, 3), min_size=1, max_size=8),
+    st.integers(0, 2**31 - 1),
+    st.data(),
+)
+def test_a_run_to_the_dimension_finds_every_eigenvalue_with_its_multiplicity(lams, seed, data):
+    """Repeated eigenvalues and a start vector made of some eigenvectors only: its Krylov
+    space misses the rest, and the fresh directions after each breakdown find them all. The
+    quadrature seen from the start vector keeps its weights on the eigenvalues it holds."""
+    n = len(lams)
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = q @ np.diag(np.asarray(lams, dtype=np.float64)) @ q.T
+    held = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
+    v0 = q[:, held] @ rng.uniform(0.5, 1.5, len(held))
+    res = _run(a, v0, n + 3)
+    assert res.steps == n
+    assert sorted(res.ritz_values) == pytest.approx(sorted(lams), abs=1e-9)
+    mass = {}
+    for theta, w in zip(res.ritz_values, res.ritz_weights):
+        mass[round(theta)] = mass.get(round(theta), 0.0) + w
+    coef = (q.T @ v0) ** 2 / np.sum(v0**2)
+    expected = {}
+    for lam, c in zip(lams, coef):
+        expected[lam] = expected.get(lam, 0.0) + c
+    for lam in set(lams):
+        assert mass[lam] == pytest.approx(expected[lam], abs=1e-9)

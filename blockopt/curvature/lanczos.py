@@ -68,11 +68,29 @@ def check_tol(tol: float | None) -> None:
         raise ValueError(f"tol must be None or a number in (0, 1), e.g. 0.03, got {tol!r}")
 
 
+def _fresh_direction(stack: torch.Tensor, step: int) -> torch.Tensor | None:
+    """A unit vector orthogonal to the rows of ``stack`` (an orthonormal basis), from a
+    generator seeded by ``step`` alone, so that a run's result does not depend on the other
+    runs beside it; ``None`` where the rows already span the space, numerically."""
+    g = torch.Generator().manual_seed(0x5EED + step)
+    r = torch.randn(stack.shape[1], generator=g, dtype=torch.float64)
+    r = r.to(dtype=stack.dtype, device=stack.device)
+    size = float(torch.linalg.vector_norm(r))
+    for _ in range(2):  # twice is enough
+        r = r - stack.T @ (stack @ r)
+    norm = float(torch.linalg.vector_norm(r))
+    if not (math.isfinite(norm) and norm > 1e-3 * size):
+        return None
+    return r / norm
+
+
 def _settled(alphas: Sequence[float], betas: Sequence[float], previous: tuple[float, float]):
     """The extreme Ritz values of the tridiagonal, and whether both moved by at most what
     ``previous`` allows: returns ``((lo, hi), moved)`` with ``moved`` relative to the scale."""
     values, _ = ritz(alphas, betas)
     lo, hi = float(values[0]), float(values[-1])
+    if math.isnan(previous[0]):  # the first step: nothing to have moved from
+        return (lo, hi), math.nan
     scale = max(abs(lo), abs(hi))
     moved = max(abs(lo - previous[0]), abs(hi - previous[1]))
     return (lo, hi), (moved / scale if scale > 0 else 0.0)
@@ -84,12 +102,13 @@ class LanczosResult:
 
     ``alphas`` (length m) and ``betas`` (length m-1) define ``T``; ``ritz_values`` ascend and
     ``ritz_weights`` (squared first eigenvector components) sum to 1. ``breakdown`` is True when
-    the Krylov space became invariant before ``steps`` were taken (then the Ritz values are exact
-    eigenvalues of the operator); ``settled`` when the run stopped early because its extreme Ritz
-    values had settled to the tolerance asked for. ``roundoff`` is the round-off level of the
-    run's products, the largest departure from symmetry ``|v_{j-1} . (A v_j) - v_j . (A
-    v_{j-1})|`` over its steps (see the module docstring), in the operator's units; ``None``
-    for a run of one step, which has no pair of vectors to compare.
+    the run could take fewer than ``steps`` steps: it reached the operator's dimension (its Ritz
+    values are then exact eigenvalues), or its Krylov space became invariant where it could not
+    go on in a new direction (see :func:`lanczos_many`); ``settled`` when the run stopped early
+    because its extreme Ritz values had settled to the tolerance asked for. ``roundoff`` is the
+    round-off level of the run's products, the largest departure from symmetry ``|v_{j-1} . (A
+    v_j) - v_j . (A v_{j-1})|`` over its steps (see the module docstring), in the operator's
+    units; ``None`` for a run of one step, which has no pair of vectors to compare.
     """
 
     alphas: tuple[float, ...]
@@ -258,8 +277,13 @@ def lanczos_many(
 
     ``matvec(indices, vectors)`` returns ``A_i v`` for each operator index ``i`` still running;
     operator ``i`` starts from ``starts[i]`` (normalised here). Each run stops after ``steps``
-    iterations, at its own dimension, or at breakdown (``beta_j <= 100 eps sqrt(n) * |T|``),
-    whichever comes first.
+    iterations or at its own dimension, whichever comes first. At breakdown (``beta_j <= 100
+    eps sqrt(n) * |T|``: the Krylov space is invariant, and the operator's other eigenvalues lie
+    outside it) a reorthogonalised run goes on from a random unit vector orthogonal to its
+    basis, with ``beta_j = 0``: ``T`` becomes block diagonal, its Ritz values are exact
+    eigenvalues once the run reaches the operator's dimension, and the new directions carry no
+    quadrature weight, so the start vector's spectral measure is unchanged. Without
+    reorthogonalisation, or with sharded vectors, a run stops at breakdown.
 
     With ``tol``, a run also stops once its extreme Ritz values have settled: after
     ``SETTLED_STEPS`` (2) steps in a row, from the second on, that moved neither the largest nor
@@ -304,6 +328,7 @@ def lanczos_many(
     if k == 0:
         return []
     check_lanczos_size([v0.numel() for v0 in starts], steps, starts, reorthogonalize)
+    wide = torch.float32 if starts[0].device.type == "mps" else torch.float64  # for norms
     # Run i's Lanczos vectors, one row per step, in one tensor allocated up front: the
     # reorthogonalisation reads its rows as a view, so no step copies the basis.
     basis: list[torch.Tensor] = []
@@ -320,13 +345,13 @@ def lanczos_many(
         if not v0.is_floating_point():
             raise TypeError(f"start vectors must be floating point, got {v0.dtype}")
         norm = (
-            torch.linalg.vector_norm(v0)
+            torch.linalg.vector_norm(v0, dtype=wide)
             if reduce_sum is None
-            else torch.sqrt(total(torch.sum(v0 * v0)))
+            else torch.sqrt(total(torch.sum(torch.square(v0.to(wide)))))
         )
         if not torch.isfinite(norm) or norm == 0:
             raise ValueError("a start vector is zero or not finite")
-        v = v0 / norm
+        v = (v0 / norm).to(v0.dtype)
         n = v0.numel() if sizes is None else int(sizes[len(limits)])
         limit = min(steps, n)
         rows = limit if reorthogonalize else 1
@@ -375,10 +400,10 @@ def lanczos_many(
                 stack = basis[i][: filled[i]]  # a view
                 for _ in range(2):
                     w = w - stack.T @ total(stack @ w)
-            beta = (
-                math.sqrt(float(total(torch.sum(w * w))))
+            beta = (  # accumulated wide: |w|^2 of a float32 product can exceed float32's range
+                math.sqrt(float(total(torch.sum(torch.square(w.to(wide))))))
                 if reduce_sum is not None
-                else float(torch.linalg.vector_norm(w))
+                else float(torch.linalg.vector_norm(w, dtype=wide))
             )
             scale[i] = max(scale[i], abs(alpha) + beta + (betas[i][-1] if betas[i] else 0.0))
             if len(alphas[i]) >= limits[i]:
@@ -386,19 +411,30 @@ def lanczos_many(
                 continue
             if not math.isfinite(beta):
                 raise FloatingPointError(f"operator {i} produced a non-finite Lanczos vector")
-            if beta <= tols[i] * scale[i] or beta == 0.0:
-                done[i] = broke[i] = True
-                continue
             if tol is not None:
                 extremes[i], moved = _settled(alphas[i], betas[i], extremes[i])
                 calm[i] = calm[i] + 1 if moved <= tol else 0  # NaN (the first step): False
                 if calm[i] >= SETTLED_STEPS:
                     done[i] = settled[i] = True
                     continue
+            restarted = beta <= tols[i] * scale[i] or beta == 0.0
+            if restarted:  # the Krylov space is invariant: go on in a new direction, if any
+                fresh = (
+                    _fresh_direction(basis[i][: filled[i]], len(alphas[i]))
+                    if reorthogonalize and reduce_sum is None
+                    else None
+                )
+                if fresh is None:
+                    done[i] = broke[i] = True
+                    continue
+                beta, w = 0.0, fresh
             betas[i].append(beta)
             if reorthogonalize:
                 v_next = basis[i][filled[i]]
-                torch.div(w, beta, out=v_next)
+                if restarted:
+                    v_next.copy_(w)
+                else:
+                    torch.div(w, beta, out=v_next)
                 filled[i] += 1
             else:
                 v_next = w / beta
