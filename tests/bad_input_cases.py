@@ -291,6 +291,14 @@ API_CASES: list[Case] = [
         "a number",
     ),
     Case(
+        "tune_block_lrs/overflows",
+        "`tune_block_lrs(spectra, 1e308)`",
+        lambda: blockopt.tune_block_lrs(_spectra(), 1e308),
+        ValueError,
+        r"base_lr 1e\+308 times the factors of \d+ block\(s\) .* overflows to inf",
+        "a learning rate whose largest factor stays finite",
+    ),
+    Case(
         "tune_block_lrs/max-factor-below-1",
         "`tune_block_lrs(spectra, 0.1, max_factor=0.5)`",
         lambda: blockopt.tune_block_lrs(_spectra(), 0.1, max_factor=0.5),

@@ -110,6 +110,17 @@ FACTORY = textwrap.dedent(
         return _mlp(), lambda: (w * w).sum()
 
 
+    def chatty():
+        print("building the model...")
+        model = _mlp()
+
+        def probe():
+            print("probe called")
+            return model(torch.ones(8, 4)).pow(2).mean()
+
+        return model, probe
+
+
     def float_probe():
         model = _mlp()
         return model, lambda: float(model(torch.ones(2, 4)).sum())
@@ -633,6 +644,18 @@ BAD = {
         ["demo", "--logdir", "{file}/logs"],
         r"cannot write TensorBoard logs under --logdir",
     ),
+    "demo-logdir-is-a-file": (
+        ["demo", "--logdir", "{file}"],
+        r"--logdir .*a-file: it is a file, not a directory",
+    ),
+    "json-and-plot-the-same-file": (
+        ["probe", RAISES, "--json", "{dir}/s.png", "--plot", "{dir}/s.png"],
+        r"--json .*s\.png and --plot .*s\.png name the same file",
+    ),
+    "base-lr-overflows": (
+        ["tune", RAISES, "--base-lr", "1e307", "--out", "{dir}/lrs.json"],
+        r"--base-lr 1e\+307 times --max-factor 100 is not a finite number",
+    ),
 }
 
 
@@ -1053,3 +1076,73 @@ def test_json_and_plot_both_to_stdout_is_refused(tinyfactory, tmp_path, capsys):
         "blockopt: error: --json - and --plot - would both write to standard output; give one "
         "a file\n"
     )
+
+
+# -- outputs the checks must name, and user code writing to standard output ------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "data"),
+    [
+        (["probe", "tinyfactory:chatty", "--steps", "3", "--json", "-"], "json"),
+        (["tune", "tinyfactory:chatty", "--steps", "3", "--base-lr", "0.1", "--out", "-"], "json"),
+        (["probe", "tinyfactory:chatty", "--steps", "3", "--plot", "-"], "png"),
+    ],
+)
+def test_what_the_factory_and_probe_print_goes_to_stderr_when_data_goes_to_stdout(
+    argv, data, factory_dir, tmp_path
+):
+    r = subprocess.run(
+        [sys.executable, "-m", "blockopt", *argv],
+        capture_output=True, timeout=240, cwd=tmp_path, env=_env(factory_dir),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    if data == "json":
+        assert isinstance(json.loads(r.stdout), dict)
+    else:
+        assert r.stdout.startswith(b"\x89PNG\r\n\x1a\n")
+    err = r.stderr.decode()
+    assert "building the model..." in err and "probe called" in err
+
+
+def test_a_link_to_the_plot_given_as_json_is_the_same_file(factory_dir, tmp_path):
+    (tmp_path / "alias.json").symlink_to(tmp_path / "s.png")
+    json_path, plot_path = str(tmp_path / "alias.json"), str(tmp_path / "s.png")
+    r = run_cli(["probe", RAISES, "--json", json_path, "--plot", plot_path], factory_dir, tmp_path)
+    assert r.returncode == 2
+    assert "name the same file" in r.stderr and "factory broke" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias.json"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="Unix special files")
+def test_a_socket_or_a_loop_of_links_is_refused_before_the_factory_runs(factory_dir, tmp_path):
+    import socket
+
+    sock_path = tmp_path / "sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(sock_path))
+        argv = ["tune", RAISES, "--base-lr", "0.1", "--out", str(sock_path)]
+        r = run_cli(argv, factory_dir, tmp_path)
+    finally:
+        server.close()
+    assert r.returncode == 2 and "it is a socket" in r.stderr, r.stderr
+    assert "factory broke" not in r.stderr
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    r = run_cli(["probe", RAISES, "--json", str(tmp_path / "loop1")], factory_dir, tmp_path)
+    assert r.returncode == 2 and "symbolic links form a loop" in r.stderr, r.stderr
+    r = run_cli(["demo", "--quick", "--logdir", str(tmp_path / "loop1")], factory_dir, tmp_path)
+    assert r.returncode == 2 and "symbolic links form a loop" in r.stderr, r.stderr
+
+
+def test_a_dangling_logdir_link_gets_its_directory_created(tmp_path, monkeypatch):
+    """--logdir names the link's target, which does not exist yet: it is created there and the
+    link is kept."""
+    from blockopt.cli.main import _prepare_logdir
+
+    link = tmp_path / "logs"
+    link.symlink_to(tmp_path / "real" / "logs")
+    run_dir = _prepare_logdir(link)
+    assert (tmp_path / "real" / "logs").is_dir() and link.is_symlink()
+    assert run_dir.parent == (tmp_path / "real" / "logs")

@@ -195,3 +195,25 @@ def test_a_logger_never_closed_still_writes_its_figures_at_exit(tmp_path):
     (image,) = ea.Images("blockopt/densities")
     assert image.step == 5 and image.encoded_image_string.startswith(PNG)
     assert np.prod(_size(image.encoded_image_string)) > 0
+
+
+def test_the_density_figure_keeps_every_block_label_inside_it():
+    """A left-out block's label carries its reason ("(negligible curvature)"): the left margin
+    is sized for the widest label as drawn, notes included."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    names = ["features.0.weight", "features.0.bias", "a.very.long.block.name.of.a.model.bias"]
+    grid = np.linspace(-3.0, 1.0, 41)
+    matrix = np.ones((3, grid.size))
+    matrix[1:] = np.nan
+    reasons = {
+        "features.0.bias": "negligible curvature: within the round-off of its products",
+        "a.very.long.block.name.of.a.model.bias": "negligible curvature: within round-off",
+    }
+    fig = figures.draw_density(names, grid, matrix, reasons, {"features.0.weight": 1.0}, 0.0)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    labels = fig.axes[0].get_yticklabels()
+    assert [t.get_text() for t in labels][1] == "features.0.bias (negligible curvature)"
+    lefts = [t.get_window_extent(canvas.get_renderer()).x0 for t in labels]
+    assert min(lefts) >= 0.0, lefts

@@ -129,6 +129,16 @@ def test_callable_and_regex_strategies():
     ]
 
 
+def test_a_regex_block_named_like_a_parameter_it_does_not_match_is_refused():
+    """The unmatched parameter keeps its own name as a block: the two would merge silently."""
+    model = MLP((4, 5, 3))
+    with pytest.raises(ValueError, match=r"'net\.2\.weight' matches no partition regex .* merge"):
+        blockopt.partition(model, {"net.2.weight": r"^net\.0\.weight$"})
+    same = blockopt.partition(model, {"net.2.weight": r"^net\.2\.weight$"})  # it matches: fine
+    names = sorted(b.name for b in same)
+    assert names == ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]
+
+
 def test_module_strategy_groups_weight_and_bias():
     blocks = blockopt.partition(MLP((4, 5, 3)), "module")
     assert [(b.name, b.numel) for b in blocks] == [("net.0", 25), ("net.2", 18)]

@@ -171,9 +171,17 @@ def tune_block_lrs(
     if isinstance(base_lr, bool) or not isinstance(base_lr, numbers.Real):
         raise ValueError(f"base_lr must be a positive finite number, got {base_lr!r}")
     base_lr = _checked_lr("base_lr", base_lr)  # numpy scalars as floats; huge ints refused
-    return {
+    lrs = {
         name: base_lr * f for name, f in block_lr_factors(spectra, max_factor=max_factor).items()
     }
+    overflowed = [name for name, lr in lrs.items() if not math.isfinite(lr)]
+    if overflowed:
+        raise ValueError(
+            f"base_lr {base_lr:g} times the factors of {len(overflowed)} block(s) (up to "
+            f"max_factor {max_factor:g}; {overflowed[0]!r}) overflows to inf: give your tuned SGD "
+            "learning rate (e.g. 0.1) or a smaller max_factor"
+        )
+    return lrs
 
 
 def sgd_stability_limit(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.util
 import inspect
 import io
@@ -141,6 +142,15 @@ def _through_descriptors(path: Path) -> bool:
     return True  # a loop of links: let open() say so
 
 
+def _link_loop(path: Path) -> bool:
+    """Whether following ``path``'s symbolic links never ends (``ELOOP``)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    return False
+
+
 def _check_output(option: str, path: Path) -> None:
     """Fail now, before any probing, if ``path`` cannot be written."""
     if path == STDOUT:
@@ -151,6 +161,16 @@ def _check_output(option: str, path: Path) -> None:
     if not atomic:
         if not path.exists() and not path.is_symlink():
             return
+        if _link_loop(path):
+            raise UsageError(
+                f"cannot write {option} {path}: its symbolic links form a loop; point the "
+                "link at a file, or give another path"
+            )
+        if path.is_socket():
+            raise UsageError(
+                f"cannot write {option} {path}: it is a socket, which cannot be opened as a "
+                "file; give a file path, a named pipe or - for standard output"
+            )
         if not os.access(path, os.W_OK):
             raise UsageError(f"cannot write {option} {path}: it is not writable")
         return
@@ -496,8 +516,15 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     for option, path in outputs:
         if path is not None:
             _check_output(option, path)
+    if args.json is not None and args.plot is not None and _same_file(args.json, args.plot):
+        raise UsageError(
+            f"--json {args.json} and --plot {args.plot} name the same file: the plot would "
+            "replace the JSON; give them different paths"
+        )
+    _check_base_lr(args)
     fmt = _check_plot(args.plot) if args.plot is not None else None
-    model, spectra = _measure(args)
+    with _report_stream(args.json, args.plot):  # what the factory or probe prints, too
+        model, spectra = _measure(args)
     with _report_stream(args.json, args.plot):
         extra = _report(args, model, spectra)
     with _atomic_outputs() as stage:
@@ -523,6 +550,34 @@ def _named(path: Path) -> str:
     return "standard output" if path == STDOUT else str(path)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two output paths (not ``-``) end at the same file, through any links."""
+    if STDOUT in (a, b):
+        return False
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist yet: the real paths above decided
+        return False
+
+
+def _check_base_lr(args: argparse.Namespace) -> None:
+    """Refuse a ``--base-lr`` whose largest suggested rate (times ``--max-factor``) is not a
+    finite float: it would be written as ``Infinity``, which JSON readers and
+    :func:`blockopt.param_groups` refuse."""
+    base_lr = getattr(args, "base_lr", None)
+    if base_lr is None:
+        return
+    largest = base_lr * args.max_factor
+    if not math.isfinite(largest):
+        raise UsageError(
+            f"--base-lr {base_lr:g} times --max-factor {args.max_factor:g} is not a finite "
+            "number: the flattest blocks' suggested rates would overflow; give your tuned SGD "
+            "learning rate (e.g. --base-lr 0.1) or a smaller --max-factor"
+        )
+
+
 def _report_stream(*outputs: Path | None) -> contextlib.AbstractContextManager[Any]:
     """Print the report to standard error when an output goes to standard output (``-``)."""
     if STDOUT in outputs:
@@ -534,7 +589,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     """``blockopt tune``: probe, print the per-block learning rates, write them as JSON."""
     if args.out is not None:
         _check_output("--out", args.out)
-    model, spectra = _measure(args)
+    _check_base_lr(args)
+    with _report_stream(args.out):  # what the factory or probe prints, too
+        model, spectra = _measure(args)
     with _report_stream(args.out):
         lrs = _report(args, model, spectra)["suggested_lrs"]
     if args.out is None:
@@ -659,6 +716,18 @@ def auto_table(results) -> str:
 
 def _prepare_logdir(root: Path) -> Path:
     """Create the log root and check it is writable before training."""
+    if _link_loop(root):
+        raise UsageError(
+            f"cannot write TensorBoard logs under --logdir {root}: its symbolic links form a "
+            "loop; point the link at a directory, or choose another"
+        )
+    if root.is_symlink() and not root.exists():  # a link to a directory yet to be: create it
+        root = Path(os.path.realpath(root))
+    if root.exists() and not root.is_dir():
+        raise UsageError(
+            f"cannot write TensorBoard logs under --logdir {root}: it is a file, not a "
+            "directory; choose a directory (it is created if missing)"
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=root):

@@ -304,8 +304,15 @@ def _by_regex(params: list[tuple[str, torch.Tensor]], mapping: Mapping[str, str]
             raise ValueError(f"partition regex for block {block_name!r} is invalid: {err}") from err
     named = []
     for n, p in params:
-        target = next((b for b, rx in compiled if rx.search(n)), n)
-        named.append((target, BlockPart(n, p)))
+        target = next((b for b, rx in compiled if rx.search(n)), None)
+        if target is None and n in mapping:  # unmatched, it keeps its own name: taken
+            raise ValueError(
+                f"parameter {n!r} matches no partition regex and so stays a block of its own, "
+                f"under its own name; but {n!r} is also the name of a regex block (pattern "
+                f"{mapping[n]!r}) and the two would merge. Rename that block, or make its "
+                "pattern match the parameter"
+            )
+        named.append((n if target is None else target, BlockPart(n, p)))
     return _group(named)
 
 

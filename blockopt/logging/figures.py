@@ -47,7 +47,8 @@ def draw_density(
     matrix = np.asarray(matrix, dtype=np.float64).reshape(len(names), grid.size)
     rows = max(len(names), 1)
     label_size = 7 if rows <= 60 else 5
-    longest = max((len(n) for n in names), default=8) + 12  # room for " (negligible)"
+    labels = [n if n not in reasons else f"{n} ({reasons[n].split(':')[0]})" for n in names]
+    longest = max((len(label) for label in labels), default=8) + 1  # the widest label, notes too
     left = min(0.055 * label_size * longest / 7 + 0.3, 5.0)
     width = left + 7.5
     height = min(0.16 * rows + 1.5, 40.0) if label_size == 7 else min(0.11 * rows + 1.5, 40.0)
@@ -76,7 +77,6 @@ def draw_density(
         ax.scatter(xs, ys, s=6, color="white", edgecolors="none", zorder=3)
         decades = range(math.ceil(grid[0]), math.floor(grid[-1]) + 1)
         ax.set_xticks(list(decades), [f"1e{d}" for d in decades], fontsize=7)
-    labels = [n if n not in reasons else f"{n} ({reasons[n].split(':')[0]})" for n in names]
     ax.set_yticks(range(len(names)), labels, fontsize=label_size)
     for tick, name in zip(ax.get_yticklabels(), names):
         if name in reasons:
