@@ -652,6 +652,7 @@ BAD = {
         ["probe", RAISES, "--json", "{dir}/s.png", "--plot", "{dir}/s.png"],
         r"--json .*s\.png and --plot .*s\.png name the same file",
     ),
+    "demo-logdir-dash": (["demo", "--logdir", "-"], r"--logdir - would name a directory"),
     "base-lr-overflows": (
         ["tune", RAISES, "--base-lr", "1e307", "--out", "{dir}/lrs.json"],
         r"--base-lr 1e\+307 times --max-factor 100 is not a finite number",
@@ -1146,3 +1147,20 @@ def test_a_dangling_logdir_link_gets_its_directory_created(tmp_path, monkeypatch
     run_dir = _prepare_logdir(link)
     assert (tmp_path / "real" / "logs").is_dir() and link.is_symlink()
     assert run_dir.parent == (tmp_path / "real" / "logs")
+
+
+def test_a_read_only_output_file_is_refused_not_replaced(tmp_path, monkeypatch):
+    """The atomic rename would replace a file its owner made read-only (a superuser's access
+    check passes anyway, so the check is shown with access denied)."""
+    from blockopt.cli import main as cli
+
+    target = tmp_path / "lrs.json"
+    target.write_text("{}\n")
+    target.chmod(0o444)
+    real_access = os.access
+    monkeypatch.setattr(
+        cli.os, "access", lambda p, mode: False if Path(p) == target else real_access(p, mode)
+    )
+    with pytest.raises(cli.UsageError, match=r"lrs\.json: the file is read-only; make it"):
+        cli._check_output("--out", target)
+    assert target.read_text() == "{}\n"

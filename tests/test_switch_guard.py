@@ -163,7 +163,8 @@ def _adam_rate(held_out=False):
     opt = blockopt.BlockOptimizer(model, model, lr=1e-6, holdout=holdout)
     _train(opt, model, 1)
     assert opt.mode == "adam"
-    return opt.mode_lrs["adam"], opt.history[0].text
+    (search,) = [n for n in opt.history[0].notes if "trials" in n]
+    return opt.mode_lrs["adam"], search
 
 
 def test_a_held_out_search_climbs_while_the_held_out_loss_falls():

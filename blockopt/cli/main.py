@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shlex
 import stat
 import sys
 import tempfile
@@ -175,6 +176,11 @@ def _check_output(option: str, path: Path) -> None:
             raise UsageError(f"cannot write {option} {path}: it is not writable")
         return
     path = target
+    if path.exists() and not os.access(path, os.W_OK):  # the rename would replace it anyway
+        raise UsageError(
+            f"cannot write {option} {path}: the file is read-only; make it writable "
+            f"(chmod u+w {shlex.quote(str(path))}) or choose another path"
+        )
     parent = path.parent
     if not parent.exists():
         raise UsageError(
@@ -716,6 +722,11 @@ def auto_table(results) -> str:
 
 def _prepare_logdir(root: Path) -> Path:
     """Create the log root and check it is writable before training."""
+    if root == STDOUT:
+        raise UsageError(
+            "--logdir - would name a directory called '-': TensorBoard logs are a directory of "
+            "event files, not a stream; give a directory, e.g. --logdir runs"
+        )
     if _link_loop(root):
         raise UsageError(
             f"cannot write TensorBoard logs under --logdir {root}: its symbolic links form a "
@@ -794,7 +805,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(f"done in {time.perf_counter() - start:.0f}s. TensorBoard logs: {logdir}")
     print("view them with:")
-    print(f"  tensorboard --logdir {args.logdir}")
+    print(f"  tensorboard --logdir {shlex.quote(str(args.logdir))}")
     return 0
 
 
