@@ -170,3 +170,24 @@ def test_a_checkpoint_of_the_other_family_is_refused_unchanged():
     )
     other_old.load_state_dict(state)
     assert other_old.param_groups[0]["weight_decay"] == pytest.approx(1e-4)
+
+
+def test_rmsprop_with_momentum_starts_in_the_adaptive_mode():
+    """RMSprop has momentum and no betas, but scales each coordinate by its second moment: it
+    is wrapped as the Adam mode's class, with SGD's momentum under its prefixed key."""
+    model, x, y = _task()
+    inner = torch.optim.RMSprop(model.parameters(), lr=1e-3, momentum=0.9)
+    opt = blockopt.wrap(inner, model, probe=_probe(model, x, y), probe_every=1000)
+    assert opt.mode == "adam" and isinstance(opt.active_optimizer, torch.optim.RMSprop)
+    group = opt.param_groups[0]
+    assert group["momentum"] == 0.9 and "alpha" in group and "sgd_momentum" in group
+    opt.switch("sgd")
+    assert type(opt.active_optimizer) is torch.optim.SGD
+
+
+def test_lrs_cannot_fix_the_starting_modes_rate():
+    model, x, y = _task()
+    with pytest.raises(ValueError, match=r"lrs names 'sgd', the mode this optimizer starts in"):
+        blockopt.BlockOptimizer(model, _probe(model, x, y), lr=0.1, lrs={"sgd": 0.01})
+    with pytest.raises(ValueError, match=r"lrs names 'block_sgd'"):
+        blockopt.BlockOptimizer(model, None, lr=0.1, pin_mode="block_sgd", lrs={"block_sgd": 1.0})

@@ -21,7 +21,8 @@ by one factor, and to the order of the blocks):
   parameters at either end counts. Weighting by size keeps small blocks (biases, LayerNorm gains)
   from deciding the score alone.
 - ``max_ratio``: ``log10(max rho / min rho)`` over included blocks, the paper's simpler predictor;
-  reported, not used, because single small blocks dominate it.
+  single small blocks dominate it, so it is not the score: the policy reads it only below
+  ``sgd_below``, to choose block SGD over SGD when small blocks sit far below the rest.
 - ``js``: the mean pairwise Jensen-Shannon distance (base 2, in [0, 1]) between the blocks'
   spectral densities (the paper's JS0 idea), on a common axis in decades: each Ritz value
   ``theta`` maps to ``sign(theta) log10(1 + |theta| / tau)``, ``tau = min(floor * max rho, min

@@ -28,7 +28,8 @@ def wrap(
 ) -> BlockOptimizer:
     """Wrap an existing optimizer: copy its parameters, groups and hyperparameters (its
     learning rate applies as it is: ``lrs`` cannot fix the starting mode's), start in the
-    mode it implements (SGD-like classes: ``"sgd"``; others: ``"adam"`` with that class), and
+    mode it implements (SGD-like classes, with ``momentum`` and no ``betas``, RMSprop excepted:
+    ``"sgd"``; others: ``"adam"`` with that class), and
     carry its state. A scheduler must be built on the wrapper: one built on ``optimizer``
     keeps scaling the groups copied from (a warning says so). ``options`` are those of
     :class:`BlockOptimizer`."""
@@ -49,8 +50,12 @@ def wrap(
             UserWarning,
             stacklevel=2,
         )
+    # SGD-like: SGD, or a class with momentum and no moment estimates (betas); RMSprop has
+    # momentum too, but scales each coordinate by its running second moment, as Adam does
     sgd_like = isinstance(optimizer, torch.optim.SGD) or (
-        "momentum" in defaults and "betas" not in defaults
+        "momentum" in defaults
+        and "betas" not in defaults
+        and not isinstance(optimizer, torch.optim.RMSprop)
     )
     mode = options.pop("mode", "sgd" if sgd_like else "adam")
     opts = dict(options)
