@@ -145,7 +145,12 @@ def _pair(activation, wrap=None, dtype=torch.float64):
     plain = _Net(F.softplus).to(dtype)
     plain.load_state_dict(odd.state_dict())
     x, y = torch.randn(16, 5, dtype=dtype), torch.randint(0, 3, (16,))
-    return odd, plain, (lambda m: lambda: F.cross_entropy(m(x), y))
+
+    def probe_of(m):
+        return lambda: F.cross_entropy(m(x), y)
+
+    probe_of.loss_of = lambda forward: F.cross_entropy(forward(x), y)  # for dense_hessian
+    return odd, plain, probe_of
 
 
 def _check_against_plain(odd, plain, probe_of, tol):
@@ -167,18 +172,32 @@ def _check_against_plain(odd, plain, probe_of, tol):
 
 def test_once_differentiable_function():
     odd, plain, probe_of = _pair(_Softplus.apply)
-    vectors, expected, scale = _check_against_plain(odd, plain, probe_of, 1e-6)
-    # The blocks before the op get wrong autograd products: its backward has no graph, so
-    # autograd sees part of their Hessian (through tanh) or none ("no_graph").
+    _check_against_plain(odd, plain, probe_of, 1e-6)
+    # Autograd's products of the blocks before the op would be wrong (its backward has no
+    # graph: autograd would see part of their Hessian, through tanh, or none), so the
+    # operator refuses the graph, and the default backend takes finite differences instead.
     blocks = blockopt.partition(odd)
-    with isolated(odd):
-        autograd = BlockHessian(probe_of(odd)(), blocks, workers=1)
-        wrong = [
-            autograd.status(i) == "no_graph"
-            or _relative(autograd.matvec(i, vectors[i]), expected[i], 1e-3 * scale) > 1e-2
-            for i in range(len(blocks))
-        ]
-    assert wrong == [True] * 4 + [False] * 2  # fc1 and mid wrong, fc2 right
+    with isolated(odd), pytest.raises(DoubleBackwardError, match="once_differentiable"):
+        BlockHessian(probe_of(odd)(), blocks, workers=1)
+    with pytest.raises(DoubleBackwardError, match="backend='fd'"):
+        blockopt.block_spectra(odd, probe_of(odd), steps=3, backend="autograd")
+    _spectra_match_dense(odd, plain, probe_of)
+
+
+def _spectra_match_dense(odd, plain, probe_of):
+    """block_spectra of ``odd`` at its default backend takes finite differences, and its
+    extreme eigenvalues match the dense float64 Hessian blocks of ``plain``, which computes
+    the same function with differentiable operations."""
+    spectra = blockopt.block_spectra(odd, probe_of(odd), steps=12)
+    assert spectra.backend == "fd"
+    hessian, offsets = dense_hessian(plain, probe_of.loss_of)
+    for block in blockopt.partition(plain):
+        exact = torch.linalg.eigvalsh(dense_block(hessian, block, offsets))
+        s = spectra[block.name]
+        scale = float(exact.abs().max())
+        assert s.status == "ok"
+        assert s.lambda_max == pytest.approx(float(exact[-1]), abs=1e-5 * scale), block.name
+        assert s.lambda_min == pytest.approx(float(exact[0]), abs=1e-5 * scale), block.name
 
 
 def test_reentrant_checkpointing():
@@ -187,9 +206,10 @@ def test_reentrant_checkpointing():
 
     odd, plain, probe_of = _pair(F.softplus, checkpointed)
     blocks = blockopt.partition(odd)
-    with isolated(odd), pytest.raises(RuntimeError):  # .grad()/inputs= are refused
-        BlockHessian(probe_of(odd)(), blocks, workers=1).matvec(0, torch.ones(blocks[0].numel))
+    with isolated(odd), pytest.raises(DoubleBackwardError, match="use_reentrant"):
+        BlockHessian(probe_of(odd)(), blocks, workers=1)  # .grad()/inputs= are refused
     _check_against_plain(odd, plain, probe_of, 1e-6)
+    _spectra_match_dense(odd, plain, probe_of)
 
 
 def test_compiled_module():

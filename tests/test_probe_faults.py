@@ -96,7 +96,7 @@ FAULTS = [
         _double_backward,
         "double_backward",
         "no second derivative",
-        "differentiable operations",
+        "backend='fd'",
         "derivative for doubler is not implemented",
     ),
     Fault(

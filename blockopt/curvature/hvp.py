@@ -19,6 +19,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -41,7 +42,9 @@ def _explain(err: RuntimeError) -> DoubleBackwardError:
         f"graph has none ({err}). blockopt already forces the math attention kernel and disables "
         "cuDNN while probing; other fused kernels (custom CUDA/Triton ops, torch.compile'd "
         "modules, checkpointed segments) must be replaced by their eager, differentiable "
-        "equivalents in the probe closure, e.g. probe the eager module (model._orig_mod)"
+        "equivalents in the probe closure, e.g. probe the eager module (model._orig_mod), or "
+        "take finite-difference products, which need no second derivative (backend='fd'; the "
+        "default backend='auto' falls back to them by itself outside data parallelism)"
     )
 
 
@@ -57,6 +60,32 @@ def refuse_freed_graph(err: RuntimeError) -> None:
             "the probe's loss graph was already freed: the probe closure called .backward() on "
             "it. A probe must only compute and return the loss; blockopt differentiates it itself"
         ) from err
+
+
+def refuse_delayed_errors(grads: Sequence[torch.Tensor | None]) -> None:
+    """Raise :class:`DoubleBackwardError` when the gradients' graph holds the node an op
+    without a second derivative leaves (an ``autograd.Function`` whose backward is
+    ``once_differentiable``): it hangs off a leaf of its own, so products w.r.t. the
+    parameters never reach it and silently miss that op's curvature."""
+    seen: set[Any] = set()
+    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == _DELAYED_ERROR:
+            raise _explain(
+                RuntimeError(
+                    "an autograd.Function whose backward is once_differentiable is in the graph; "
+                    "its second derivative is missing, so autograd's products would leave its "
+                    "curvature out"
+                )
+            )
+        stack.extend(f for f, _ in node.next_functions)
+
+
+_DELAYED_ERROR = "torch::autograd::Error"  # the node once_differentiable puts in the graph
 
 
 def default_workers() -> int:
@@ -190,7 +219,10 @@ class BlockHessian(BlockProducts):
             )
         except RuntimeError as err:
             refuse_freed_graph(err)
+            if "use_reentrant" in str(err):  # reentrant checkpointing: no autograd.grad at all
+                raise _explain(err) from err
             raise
+        refuse_delayed_errors(grads)
         # A parameter the loss does not use, or whose gradient carries no graph, has a zero row
         # and column in the Hessian as autograd sees it: its products are exactly zero.
         self._grads = {

@@ -18,7 +18,10 @@ _FAULT_FIXES = {
     ),
     "double_backward": (
         "an operation in the probe's graph has no second derivative",
-        "replace it by differentiable operations in the probe closure, or pass probe=None",
+        "take finite-difference products, which need no second derivative (backend='fd'; "
+        "the default backend='auto' does so by itself except under data parallelism, where "
+        "every rank must agree first), replace the operation by differentiable ones in the "
+        "probe closure, or pass probe=None",
     ),
     "out_of_memory": (
         "the probe ran out of memory",
