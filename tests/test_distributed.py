@@ -398,9 +398,47 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         except TypeError as err:
             result[f"fsdp_{what}"] = str(err)
     result["fsdp_without_probe"] = type(blockopt.BlockOptimizer(sharded, None)).__name__
+    result["fsdp_small_and_fused"] = _small_and_fused_shards(rank, px, py)
     result["fsdp_training"] = _train_sharded(rank)
     torch.save(result, out)
     dist.destroy_process_group()
+
+
+def _small_and_fused_shards(rank: int, px: torch.Tensor, py: torch.Tensor) -> dict:
+    """A head of one output (its weight has 1 row, fewer than the ranks: one rank's shard is
+    empty) and a fused Q/K/V projection (whose slices would cut across the row shards)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from blockopt.workloads.models import TinyGPT
+
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    reference = copy.deepcopy(small)
+    fully_shard(small)
+    loss_of = lambda m: m(px).pow(2).mean()  # noqa: E731
+    fd = blockopt.block_spectra(small, lambda: loss_of(small), steps=6)
+    exact = blockopt.block_spectra(
+        reference, lambda: loss_of(reference), steps=6, reduce=RankMean(), backend="autograd"
+    )
+    torch.manual_seed(0)
+    gpt = TinyGPT()
+    fully_shard(gpt)
+    g = torch.Generator().manual_seed(rank)
+    x, y = (torch.randint(0, 64, (2, 8), generator=g) for _ in range(2))
+    gpt_probe = lambda: F.cross_entropy(gpt(x).flatten(0, 1), y.flatten())  # noqa: E731
+    gpt_spectra = blockopt.block_spectra(gpt, gpt_probe, steps=2)
+    opt = blockopt.wrap(torch.optim.AdamW(gpt.parameters(), lr=1e-3), gpt, probe=gpt_probe, steps=2)
+    opt.zero_grad()
+    gpt_probe().backward()
+    opt.step()
+    return {
+        "small": {n: (s.lambda_max, s.lambda_min) for n, s in fd.items()},
+        "small_reference": {n: (s.lambda_max, s.lambda_min) for n, s in exact.items()},
+        "empty_shard": any(p.to_local().numel() == 0 for p in small.parameters()),
+        "gpt_blocks": [b for b in gpt_spectra],
+        "gpt_faults": len(opt.faults),
+        "gpt_probed": len(opt.history),
+    }
 
 
 def _train_sharded(rank: int) -> dict:
@@ -710,6 +748,22 @@ def test_fsdp_models_are_probed_by_sharded_finite_differences(ranks):
             scale = max(abs(ref_top), abs(ref_bottom))
             assert abs(top - ref_top) <= 1e-3 * scale, name
             assert abs(bottom - ref_bottom) <= 1e-3 * scale, name
+
+
+def test_fsdp_probes_empty_shards_and_keeps_fused_tensors_whole(ranks):
+    """A parameter of fewer rows than ranks leaves one rank an empty shard, which adds nothing
+    to the sharded Lanczos sums; a fused Q/K/V weight is one block, not three slices."""
+    a, b = (r["fsdp_small_and_fused"] for r in ranks)
+    assert a["empty_shard"] or b["empty_shard"]
+    assert a["small"] == b["small"]
+    for name, (top, bottom) in a["small"].items():
+        ref_top, ref_bottom = a["small_reference"][name]
+        scale = max(abs(ref_top), abs(ref_bottom))
+        assert abs(top - ref_top) <= 1e-3 * scale and abs(bottom - ref_bottom) <= 1e-3 * scale
+    assert a["gpt_blocks"] == b["gpt_blocks"]
+    assert "blocks.0.attn.qkv.weight" in a["gpt_blocks"]
+    assert not any(n.endswith((".q", ".k", ".v")) for n in a["gpt_blocks"])
+    assert a["gpt_faults"] == b["gpt_faults"] == 0 and a["gpt_probed"] == 1
 
 
 def test_unwrap_sees_through_a_real_ddp_wrapper(ranks):

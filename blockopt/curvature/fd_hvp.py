@@ -181,8 +181,10 @@ class FiniteDifferenceHessian(BlockProducts):
         for block in self.blocks:
             if any(is_sharded(part.param) and part.dim is not None for part in block.parts):
                 raise ValueError(
-                    f"block {block.name!r} is a slice of a sharded parameter; probe sharded "
-                    "models with whole-tensor blocks (strategy='tensor')"
+                    f"block {block.name!r} is a slice of a sharded parameter, which would cut "
+                    "across its row shards; probe sharded models with whole-tensor blocks: "
+                    "a strategy name (a sharded model's partition keeps fused tensors whole) "
+                    "or blocks of whole parameters"
                 )
         self.products = 0
         self.evaluations = 0

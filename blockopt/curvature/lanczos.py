@@ -338,7 +338,9 @@ def lanczos_many(
     limits: list[int] = []
     tols: list[float] = []
     for v0 in starts:
-        if v0.dim() != 1 or v0.numel() == 0:
+        # a sharded run's shard may be empty on some process (a parameter of fewer rows than
+        # processes): its partial sums are zero, and the others' carry the run
+        if v0.dim() != 1 or (v0.numel() == 0 and reduce_sum is None):
             raise ValueError(
                 f"start vectors must be non-empty 1-D tensors, got shape {tuple(v0.shape)}"
             )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from blockopt.curvature.blocks import Block, Strategy, partition
+from blockopt.curvature.blocks import Block, Strategy, partition, whole_tensors
 from blockopt.curvature.fd_hvp import FiniteDifferenceHessian
 from blockopt.curvature.hvp import BlockHessian, BlockProducts, DoubleBackwardError
 from blockopt.curvature.isolation import isolated
@@ -504,6 +504,8 @@ def block_spectra(
         backend = "fd"
     if blocks is None or isinstance(blocks, (str, Mapping)) or callable(blocks):
         blocks = partition(model, "tensor" if blocks is None else blocks)
+        if sharded:  # a slice would cut across FSDP's row shards: whole tensors instead
+            blocks = whole_tensors(blocks)
     blocks = list(blocks)
     _check_blocks(model, blocks)
     stages = _check_stages(stages, len(blocks))

@@ -43,7 +43,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from blockopt.analysis.tuning import DEFAULT_MAX_FACTOR
-from blockopt.curvature.blocks import Block, Partition, Strategy, partition
+from blockopt.curvature.blocks import Block, Partition, Strategy, partition, whole_tensors
 from blockopt.curvature.layouts import LayoutWarning
 from blockopt.curvature.spectra import BACKENDS
 from blockopt.distributed.reductions import Reduce
@@ -440,6 +440,8 @@ class BlockOptimizer(Optimizer):
             if self.__dict__.get("_partitioned"):
                 warnings.simplefilter("ignore", LayoutWarning)
             blocks = partition(self.probe_model, self.strategy)
+        if fully_sharded(self.probe_model):  # slices would cut across FSDP's row shards
+            blocks = whole_tensors(blocks)
         self._partitioned = True
         return [b for b in blocks if all(id(p) in ids for p in b.params)]
 
