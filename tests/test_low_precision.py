@@ -178,3 +178,29 @@ def test_the_basis_is_one_vector_per_step_not_a_copy_per_step():
     assert run.steps == steps
     assert max(run.ritz_values) == pytest.approx(5.0, rel=1e-12)
     assert copy.copy(run) == run
+
+
+@pytest.mark.parametrize("backend", ["autograd", "fd"])
+def test_a_probe_under_autocast_is_warned_about_and_a_plain_one_is_not(backend):
+    """A probe closure written like an AMP training step runs the model in bfloat16: products
+    as coarse as that (blocks dropped as negligible, finite-difference steps rounded away), so
+    the probe says so; the same closure without autocast probes silently."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+
+    def amp() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return nn.functional.cross_entropy(model(x), y)
+
+    with pytest.warns(UserWarning, match=r"under torch.autocast \(bfloat16\)"):
+        blockopt.block_spectra(model, amp, steps=3, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = blockopt.block_spectra(
+            model, lambda: nn.functional.cross_entropy(model(x), y), steps=3, backend=backend
+        )
+    assert all(s.status == "ok" for s in plain.values())
+    assert not torch.is_autocast_enabled("cpu")  # the watch left nothing behind

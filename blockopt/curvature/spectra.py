@@ -568,7 +568,8 @@ def block_spectra(
         )
 
     checked = not sharded  # FSDP swaps its registered parameters during a forward
-    with isolated(model, pin_kernels=used == "autograd", check_parameters=checked), widen:
+    isolation = isolated(model, pin_kernels=used == "autograd", check_parameters=checked)
+    with isolation, widen, _autocast_watch() as autocast_dtypes:
         try:
             measured = measure(used)
         except DoubleBackwardError:
@@ -582,6 +583,15 @@ def block_spectra(
                 used = "fd"  # an op without a second derivative cut some blocks' graph
         if used == "fd" and backend == "auto":
             measured = measure("fd")
+    if autocast_dtypes:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in autocast_dtypes))
+        warnings.warn(
+            f"the probe closure runs the model under torch.autocast ({names}): its products are "
+            "only as precise as that dtype, so blocks whose curvature lies within its round-off "
+            "are left out as negligible, and finite-difference steps are lost in its rounding. "
+            "Compute the probe's loss outside autocast: blockopt probes in the parameters' dtype",
+            stacklevel=2,
+        )
     cut = [blocks[i].name for i in sorted(measured.status) if measured.status[i] == "no_graph"]
     if cut:
         warnings.warn(
@@ -594,6 +604,41 @@ def block_spectra(
             stacklevel=2,
         )
     return spectra_of(measured, used)
+
+
+@contextlib.contextmanager
+def _autocast_watch() -> Iterator[set[torch.dtype]]:
+    """The lower-precision dtypes any module's forward ran under ``torch.autocast`` inside
+    (a global forward pre-hook, removed on exit)."""
+    seen: set[torch.dtype] = set()
+
+    def hook(module: nn.Module, args: Any) -> None:
+        for device in ("cpu", "cuda"):
+            if _autocast_on(device):
+                seen.add(_autocast_dtype(device))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _autocast_on(device: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device))
+    except TypeError:  # torch before 2.4: no device argument
+        if device == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
+def _autocast_dtype(device: str) -> torch.dtype:
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device)
+    if device == "cpu":  # torch before 2.4
+        return torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_gpu_dtype()
 
 
 def _check_stages(stages: Sequence[Sequence[int]] | None, count: int) -> list[list[int]]:
