@@ -572,14 +572,6 @@ API_CASES: list[Case] = [
         '`{"adam": 1e-3}`',
     ),
     Case(
-        "BlockOptimizer/lrs-of-the-starting-mode",
-        '`lrs={"sgd": 0.01}` (the mode it starts in)',
-        lambda: _opt(lrs={"sgd": 0.01}),
-        ValueError,
-        r"lrs names 'sgd', the mode this optimizer starts in, whose rate is lr .* give lr=0\.01",
-        "`lr=0.01`",
-    ),
-    Case(
         "BlockOptimizer/params-of-another-model",
         "`params=` of another model",
         lambda: blockopt.BlockOptimizer(mlp(), params=mlp(seed=1).parameters()),

@@ -185,9 +185,13 @@ def test_rmsprop_with_momentum_starts_in_the_adaptive_mode():
     assert type(opt.active_optimizer) is torch.optim.SGD
 
 
-def test_lrs_cannot_fix_the_starting_modes_rate():
+def test_lrs_naming_the_starting_mode_sets_its_rate_and_fixes_it():
     model, x, y = _task()
-    with pytest.raises(ValueError, match=r"lrs names 'sgd', the mode this optimizer starts in"):
-        blockopt.BlockOptimizer(model, _probe(model, x, y), lr=0.1, lrs={"sgd": 0.01})
-    with pytest.raises(ValueError, match=r"lrs names 'block_sgd'"):
-        blockopt.BlockOptimizer(model, None, lr=0.1, pin_mode="block_sgd", lrs={"block_sgd": 1.0})
+    opt = blockopt.BlockOptimizer(model, _probe(model, x, y), lr=0.1, lrs={"sgd": 0.01})
+    assert opt.mode_lrs["sgd"] == pytest.approx(0.01)
+    assert opt.applied_lrs == pytest.approx([0.01])
+    assert "sgd" in opt.fixed_lrs
+    pinned = blockopt.BlockOptimizer(
+        model, None, lr=0.1, pin_mode="block_sgd", lrs={"block_sgd": 1.0}
+    )
+    assert pinned.mode_lrs["block_sgd"] == pytest.approx(1.0)

@@ -154,7 +154,8 @@ class BlockOptimizer(Optimizer):
         betas, eps, adam_weight_decay: AdamW hyperparameters.
         lrs: fixed learning rates per mode (at schedule factor 1), e.g. ``{"adam": 1e-3}``:
             the first param group's rate in that mode, the other groups keeping their ratio to
-            it; modes not named get theirs by step-norm matching at the switch.
+            it, never capped or re-checked (the starting mode too, when named); modes not
+            named get theirs by step-norm matching at the switch.
         optimizers: per mode, a class or name (``torch.optim`` or ``torch_optimizer``) or a
             ``(class_or_name, kwargs)`` pair replacing the default class and hyperparameters.
         strategy: block partition strategy (see :func:`blockopt.partition`).
@@ -386,8 +387,8 @@ class BlockOptimizer(Optimizer):
         # A fixed rate is the first group's rate in that mode (what ``mode_lrs`` reports); the
         # other groups keep their ratio to it. ``lr`` is only the default of groups without one.
         base = float(self.param_groups[0]["lr"]) or lr  # a first group at lr 0: the default
-        scales = {mode: 1.0, **{m: v / base for m, v in fixed.items() if m != mode}}
-        scales.setdefault(start, fixed.get(start, base) / base)
+        scales = {mode: 1.0, **{m: v / base for m, v in fixed.items()}}
+        scales.setdefault(start, 1.0)
         first = self.modes.build(start, self.param_groups, scales[start], self.blocks)
         self._active = ActiveMode(start, first, scales)
         if pin_mode is None:  # build the others once, so that no switch fails on them later

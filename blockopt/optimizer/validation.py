@@ -160,13 +160,6 @@ def check_constructor(
             raise ValueError(f"lrs names unknown mode {m!r}; modes are {MODES}")
         if not (is_real(value) and finite(value) and value > 0):
             raise ValueError(f"lrs[{m!r}] must be a positive finite number, got {shown(value)}")
-    start = pin_mode or mode
-    if start in fixed:
-        raise ValueError(
-            f"lrs names {start!r}, the mode this optimizer starts in, whose rate is lr "
-            f"(lr={shown(lr)}); give lr={shown(fixed[start])} instead, and lrs only for the "
-            "modes a switch may move to"
-        )
 
 
 def check_switching(*, holdout: Any, modes: Any, start: str, guard_steps: Any) -> tuple[str, ...]:
