@@ -156,6 +156,7 @@ def _train(rank: int, share: bool) -> tuple[dict, nn.Module, nn.Module]:
         thresholds=blockopt.Thresholds(0.0, 0.0, 0.0, 0),  # any score: Adam
         writer=writer,
         log_figures=False,
+        backend="autograd",  # "auto" would take finite differences at the planted op
         **({} if share else {"distributed_share": False}),  # sharing is the default
     )
     result: dict = {"auto_reduce": type(opt.reduce).__name__, "untouched": [], "tol": opt.tol}
@@ -253,14 +254,32 @@ def _shared_api(rank: int, model: nn.Module) -> dict:
             target = _param(model, owner, "weight")
             try:
                 got = blockopt.block_spectra(
-                    model, planted(kind, target), steps=STEPS, reduce=RankMean(), share=True
-                )
+                    model, planted(kind, target), steps=STEPS, reduce=RankMean(), share=True,
+                    backend="autograd",
+                )  # fmt: skip
                 outcome = ("ok", _timeless(got))
             except ProbeFailedElsewhere as err:
                 outcome = ("elsewhere", err.kind)
             except Exception as err:
                 outcome = (type(err).__name__, fault_kind(err))
             result["faults"][kind, owner] = outcome
+
+    # The same op without a second derivative on every rank: all fail alike, and the default
+    # backend takes finite differences together, shared or not.
+    target = _param(model, 0, "weight")
+
+    def everywhere() -> torch.Tensor:
+        return _probe_loss(model, *own) + NoDoubleBackward.apply(target).sum()
+
+    result["alike"] = {}
+    for share in (False, True):
+        got = blockopt.block_spectra(model, everywhere, steps=STEPS, reduce=RankMean(), share=share)
+        result["alike"][share] = (got.backend, _timeless(got))
+    one = blockopt.block_spectra(  # rank 1's loss alone holds it: the others learn it by flags
+        model, planted("double_backward", _param(model, 1, "weight")), steps=STEPS,
+        reduce=RankMean(), share=True,
+    )  # fmt: skip
+    result["alike"]["rank 1 alone"] = (one.backend, _timeless(one))
     return result
 
 
@@ -748,6 +767,16 @@ def test_fsdp_models_are_probed_by_sharded_finite_differences(ranks):
             scale = max(abs(ref_top), abs(ref_bottom))
             assert abs(top - ref_top) <= 1e-3 * scale, name
             assert abs(bottom - ref_bottom) <= 1e-3 * scale, name
+
+
+def test_an_op_without_a_second_derivative_on_every_rank_takes_finite_differences_on_all(ranks):
+    """Every rank that failed failed with double backward (the reduction's flags say so, the
+    same on each rank), so all take finite differences together: the same spectra on both
+    ranks, shared or not, and when only rank 1's loss holds the op."""
+    a, b = (r["shared_api"]["alike"] for r in ranks)
+    for share in (False, True, "rank 1 alone"):
+        assert a[share][0] == b[share][0] == "fd"
+        assert a[share][1] == b[share][1]
 
 
 def test_fsdp_probes_empty_shards_and_keeps_fused_tensors_whole(ranks):

@@ -44,7 +44,7 @@ def _explain(err: RuntimeError) -> DoubleBackwardError:
         "modules, checkpointed segments) must be replaced by their eager, differentiable "
         "equivalents in the probe closure, e.g. probe the eager module (model._orig_mod), or "
         "take finite-difference products, which need no second derivative (backend='fd'; the "
-        "default backend='auto' falls back to them by itself outside data parallelism)"
+        "default backend='auto' falls back to them by itself)"
     )
 
 

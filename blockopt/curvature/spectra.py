@@ -38,7 +38,14 @@ from blockopt.curvature.precision import half_precision
 from blockopt.curvature.precision import upcast as precision_upcast
 from blockopt.curvature.runs import block_seed, check_share, shared_runs, start_vectors
 from blockopt.curvature.scalars import plain
-from blockopt.distributed.reductions import Reduce, agree, agree_status, reduced_matvec
+from blockopt.distributed.reductions import (
+    ProbeFailedElsewhere,
+    Reduce,
+    agree,
+    agree_status,
+    failed_alike,
+    reduced_matvec,
+)
 from blockopt.distributed.wrappers import fully_sharded, refuse_sharded, sharded_by_fsdp
 
 __all__ = [
@@ -572,10 +579,16 @@ def block_spectra(
     with isolation, widen, _autocast_watch() as autocast_dtypes:
         try:
             measured = measure(used)
-        except DoubleBackwardError:
-            # Under a reduce the other ranks see a peer's failure, not this error: falling back
-            # here alone would desynchronise their collectives, so the probe fails on all.
-            if backend != "auto" or reduce is not None:
+        except (DoubleBackwardError, ProbeFailedElsewhere) as err:
+            # Under a reduce the other ranks may see a peer's failure, not this error: one rank
+            # falling back alone would desynchronise their collectives. The reduction's flags,
+            # the same on every rank, say whether each rank that failed lacked a second
+            # derivative; then all take finite differences together (they need none).
+            if backend != "auto":
+                raise
+            if reduce is None and not isinstance(err, DoubleBackwardError):
+                raise
+            if reduce is not None and not failed_alike(err, "double_backward"):
                 raise
             used = "fd"
         else:

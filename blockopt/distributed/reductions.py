@@ -38,6 +38,7 @@ __all__ = [
     "agree",
     "agree_status",
     "agree_value",
+    "failed_alike",
     "fault_kind",
     "reduced_matvec",
 ]
@@ -80,6 +81,7 @@ class ProbeFailedElsewhere(RuntimeError):
             "names the cause. Every rank discards the probe, so the ranks stay in step"
         )
         self.kind = kind
+        self.failed_kinds: tuple[str, ...] = (kind,)  # every kind any rank failed with
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,23 @@ def _flags(error: BaseException | None, dtype: torch.dtype, device: torch.device
 
 
 def _raise_if_failed(flags: torch.Tensor, error: BaseException | None) -> None:
-    """Raise on every rank when any rank failed: this rank's own error, or the first kind."""
-    failed = [kind for kind, flag in zip(FAULT_KINDS, flags.tolist()) if flag > 0]
+    """Raise on every rank when any rank failed: this rank's own error, or the first kind.
+    The error raised carries ``failed_kinds``, the kinds any rank failed with: the same on
+    every rank, so that the ranks may take the same way out together (:func:`failed_alike`)."""
+    failed = tuple(kind for kind, flag in zip(FAULT_KINDS, flags.tolist()) if flag > 0)
     if error is not None:
+        error.failed_kinds = failed  # type: ignore[attr-defined]
         raise error
     if failed:
-        raise ProbeFailedElsewhere(failed[0])
+        elsewhere = ProbeFailedElsewhere(failed[0])
+        elsewhere.failed_kinds = failed
+        raise elsewhere
+
+
+def failed_alike(err: BaseException, kind: str) -> bool:
+    """Whether ``err``, raised by a reduction's failure flags, says that every rank that failed
+    failed with ``kind``: a conclusion every rank draws alike."""
+    return getattr(err, "failed_kinds", None) == (kind,)
 
 
 def agree(

@@ -18,10 +18,9 @@ _FAULT_FIXES = {
     ),
     "double_backward": (
         "an operation in the probe's graph has no second derivative",
-        "take finite-difference products, which need no second derivative (backend='fd'; "
-        "the default backend='auto' does so by itself except under data parallelism, where "
-        "every rank must agree first), replace the operation by differentiable ones in the "
-        "probe closure, or pass probe=None",
+        "take finite-difference products, which need no second derivative (backend='fd', "
+        "which the default backend='auto' takes by itself), replace the operation by "
+        "differentiable ones in the probe closure, or pass probe=None",
     ),
     "out_of_memory": (
         "the probe ran out of memory",
