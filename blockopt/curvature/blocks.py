@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -364,26 +364,3 @@ def _heads(n: str, p: torch.Tensor, split: Split, tag: str, prefix: str) -> list
         Block(f"{prefix}.h{h}", (BlockPart(n, p, split.dim, a, b),))
         for h, (a, b) in enumerate(split.head_spans(tag))
     ]
-
-
-def whole_tensors(blocks: Sequence[Block]) -> list[Block]:
-    """``blocks`` with every block that slices a sharded parameter (a DTensor of
-    ``fully_shard``, sharded by rows, which a Q/K/V or per-head slice would cut across)
-    replaced by one block per parameter it touches, the whole tensor, named for it, where the
-    first such block stood; each parameter once."""
-    out: list[Block] = []
-    taken: set[int] = set()
-    for block in blocks:
-        if not any(part.dim is not None and _is_dtensor(part.param) for part in block.parts):
-            out.append(block)
-            continue
-        for part in block.parts:
-            if id(part.param) not in taken:
-                taken.add(id(part.param))
-                out.append(Block(part.param_name, (BlockPart(part.param_name, part.param),)))
-    return out
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (as :func:`blockopt.curvature.fd_hvp.is_sharded`)."""
-    return type(tensor).__name__ == "DTensor" and callable(getattr(tensor, "to_local", None))

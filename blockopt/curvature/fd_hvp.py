@@ -473,6 +473,23 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor" and callable(getattr(tensor, "to_local", None))
 
 
+def whole_tensors(blocks: Sequence[Block]) -> list[Block]:
+    """``blocks`` with every block that slices a sharded parameter (sharded by rows, which a
+    Q/K/V or per-head slice would cut across) replaced by one block per parameter it touches,
+    the whole tensor, named for it, where the first such block stood; each parameter once."""
+    out: list[Block] = []
+    taken: set[int] = set()
+    for block in blocks:
+        if not any(part.dim is not None and is_sharded(part.param) for part in block.parts):
+            out.append(block)
+            continue
+        for part in block.parts:
+            if id(part.param) not in taken:
+                taken.add(id(part.param))
+                out.append(Block(part.param_name, (BlockPart(part.param_name, part.param),)))
+    return out
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a sharded (DTensor) tensor, in place; any other tensor itself."""
     return tensor.to_local() if is_sharded(tensor) else tensor

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from blockopt.curvature.blocks import Block, Strategy, partition, whole_tensors
-from blockopt.curvature.fd_hvp import FiniteDifferenceHessian
+from blockopt.curvature.blocks import Block, Strategy, partition
+from blockopt.curvature.fd_hvp import FiniteDifferenceHessian, whole_tensors
 from blockopt.curvature.hvp import BlockHessian, BlockProducts, DoubleBackwardError
 from blockopt.curvature.isolation import isolated
 from blockopt.curvature.lanczos import (
@@ -584,11 +584,12 @@ def block_spectra(
             # falling back alone would desynchronise their collectives. The reduction's flags,
             # the same on every rank, say whether each rank that failed lacked a second
             # derivative; then all take finite differences together (they need none).
-            if backend != "auto":
-                raise
-            if reduce is None and not isinstance(err, DoubleBackwardError):
-                raise
-            if reduce is not None and not failed_alike(err, "double_backward"):
+            no_second_derivative = (
+                isinstance(err, DoubleBackwardError)
+                if reduce is None
+                else failed_alike(err, "double_backward")
+            )
+            if backend != "auto" or not no_second_derivative:
                 raise
             used = "fd"
         else:
@@ -621,20 +622,25 @@ def block_spectra(
 
 @contextlib.contextmanager
 def _autocast_watch() -> Iterator[set[torch.dtype]]:
-    """The lower-precision dtypes any module's forward ran under ``torch.autocast`` inside
-    (a global forward pre-hook, removed on exit)."""
+    """The lower-precision dtypes the probe's first module forward inside ran under
+    ``torch.autocast``: a global forward pre-hook that removes itself after its first call,
+    since every evaluation of the probe closure runs the same code (so the products' many
+    forwards pay nothing for it)."""
     seen: set[torch.dtype] = set()
+    handle: Any = None
 
     def hook(module: nn.Module, args: Any) -> None:
-        for device in ("cpu", "cuda"):
-            if _autocast_on(device):
-                seen.add(_autocast_dtype(device))
+        seen.update(_autocast_dtype(d) for d in _AUTOCAST_DEVICES if _autocast_on(d))
+        handle.remove()
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
         yield seen
     finally:
         handle.remove()
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def _autocast_on(device: str) -> bool:

@@ -43,7 +43,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from blockopt.analysis.tuning import DEFAULT_MAX_FACTOR
-from blockopt.curvature.blocks import Block, Partition, Strategy, partition, whole_tensors
+from blockopt.curvature.blocks import Block, Partition, Strategy, partition
+from blockopt.curvature.fd_hvp import whole_tensors
 from blockopt.curvature.layouts import LayoutWarning
 from blockopt.curvature.spectra import BACKENDS
 from blockopt.distributed.reductions import Reduce
@@ -1141,8 +1142,10 @@ class BlockOptimizer(Optimizer):
 
 def _is_loss(loss: Any) -> bool:
     """Whether ``loss`` holds one number: a one-element tensor or numpy array, or a real."""
-    if isinstance(loss, (torch.Tensor, np.ndarray)):
-        return loss.size == 1 if isinstance(loss, np.ndarray) else loss.numel() == 1
+    if isinstance(loss, torch.Tensor):
+        return loss.numel() == 1
+    if isinstance(loss, np.ndarray):
+        return loss.size == 1
     return is_real(loss)
 
 

@@ -29,10 +29,9 @@ def wrap(
     """Wrap an existing optimizer: copy its parameters, groups and hyperparameters (its
     learning rate applies as it is: ``lrs`` cannot fix the starting mode's), start in the
     mode it implements (SGD-like classes, with ``momentum`` and no ``betas``, RMSprop excepted:
-    ``"sgd"``; others: ``"adam"`` with that class), and
-    carry its state. A scheduler must be built on the wrapper: one built on ``optimizer``
-    keeps scaling the groups copied from (a warning says so). ``options`` are those of
-    :class:`BlockOptimizer`."""
+    ``"sgd"``; others: ``"adam"`` with that class), and carry its state. A scheduler must be
+    built on the wrapper: one built on ``optimizer`` keeps scaling the groups copied from (a
+    warning says so). ``options`` are those of :class:`BlockOptimizer`."""
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, BlockOptimizer):
