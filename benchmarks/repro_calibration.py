@@ -225,8 +225,9 @@ def cases_from(data: dict[str, Any]) -> tuple[list[Case], list[str]]:
 
 
 def block_ratio_text(cases: list[Case], t: blockopt.Thresholds, d: dict[str, Any] | None) -> str:
-    """Where ``block_ratio`` acts: the cases below ``sgd_below`` and their ``max_ratio``, and
-    what part (d) measured for block SGD against SGD on the models among them."""
+    """Where ``block_ratio`` would act: the cases below ``sgd_below`` and their ``max_ratio``,
+    and what part (d) measured for block SGD against SGD on the models among them, on the
+    training set and held out (why the rule is off by default)."""
     band = [c for c in cases if c.score < t.sgd_below]
     if not band:
         return "**`block_ratio`.** No case scores below `sgd_below`."
@@ -234,19 +235,29 @@ def block_ratio_text(cases: list[Case], t: blockopt.Thresholds, d: dict[str, Any
     for group in sorted({_group(c) for c in band}):
         ratios = [c.max_ratio for c in band if _group(c) == group]
         ranges.append(f"{group} {min(ratios):.2f}-{max(ratios):.2f}")
+    if t.block_ratio is None:
+        rule = (
+            "**`block_ratio`.** Off by default (`block_ratio=None`). Set, it makes the policy "
+            "pick block SGD below `sgd_below` too when `max_ratio` (decades between the largest "
+            "and the smallest block curvature) exceeds it by the margin"
+        )
+    else:
+        rule = (
+            f"**`block_ratio`.** Below `sgd_below` the policy picks block SGD when `max_ratio` "
+            f"(decades between the largest and the smallest block curvature) exceeds "
+            f"`block_ratio={t.block_ratio:g}` (entering needs {t.block_ratio + t.margin:g}, "
+            f"leaving {t.block_ratio - t.margin:g})"
+        )
     text = (
-        f"**`block_ratio`.** Below `sgd_below` the policy still picks block SGD when `max_ratio` "
-        f"(decades between the largest and the smallest block curvature) exceeds "
-        f"`block_ratio={t.block_ratio:g}` (entering needs {t.block_ratio + t.margin:g}, leaving "
-        f"{t.block_ratio - t.margin:g}): the score weighs blocks by size, so a few small blocks "
-        "far below the rest do not move it, yet one learning rate leaves them learning "
-        "10^max_ratio times slower. `max_ratio` of the cases below `sgd_below`: "
+        rule + ": the score weighs blocks by size, so a few small blocks far below the rest do "
+        "not move it, yet one learning rate leaves them learning 10^max_ratio times slower. "
+        "`max_ratio` of the cases below `sgd_below`: "
         + "; ".join(ranges)
         + ". The verdicts above (SGD and block SGD both keep up there) cannot tell the two apart; "
-        "the final training losses can:"
+        "the final losses can"
     )
     if d is None:
-        return text + " part (d) did not run."
+        return text + "; part (d) did not run."
     rows = []
     for name in MODELS:
         res = d["results"].get(name)
@@ -261,25 +272,63 @@ def block_ratio_text(cases: list[Case], t: blockopt.Thresholds, d: dict[str, Any
         rows.append(
             [
                 LABELS[name],
-                ", ".join(f"{r['train_loss']:.2g} (lr {r['lr']:.2g})" for r in sgd),
-                ", ".join(f"{r['train_loss']:.2g} (lr {r['lr']:.2g})" for r in block),
+                ", ".join(_losses(r) for r in sgd),
+                ", ".join(_losses(r) for r in block),
                 f"{ratio:.1f}x",
+                _test_ratio(sgd, block),
             ]
         )
+    worse = all(
+        _held_out_worse(d["results"][n])
+        for n in MODELS
+        if n in d["results"] and any(_group(c) == LABELS[n] for c in band)
+    )
+    text += (
+        ": block SGD reaches lower training losses, but its held-out (test) loss is above SGD's "
+        "median at every learning rate tried, so a model in SGD's band stays in SGD by default:"
+        if rows and worse
+        else ":"
+    )
     return "\n\n".join(
         [
             text,
             table(
                 [
                     "model",
-                    "SGD final training loss (tuned lr, per seed)",
-                    "block SGD final training loss (per lr tried)",
-                    "SGD over the best block SGD",
+                    "SGD final loss, training / test (tuned lr, per seed)",
+                    "block SGD final loss, training / test (per lr tried)",
+                    "training: SGD over the best block SGD",
+                    "test: best block SGD over SGD",
                 ],
                 rows,
             ),
         ]
     )
+
+
+def _losses(run: dict[str, Any]) -> str:
+    """A run's final training loss, its test loss when recorded, and its learning rate."""
+    test = run.get("test_loss")
+    held = "" if test is None else f" / {test:.2g}"
+    return f"{run['train_loss']:.2g}{held} (lr {run['lr']:.2g})"
+
+
+def _held_out_worse(res: dict[str, Any]) -> bool:
+    """Whether every finished block-SGD run's test loss is above SGD's median one."""
+    sgd = [r["test_loss"] for r in res["runs"].get("sgd", []) if r.get("test_loss") is not None]
+    block = [r.get("test_loss") for r in res["block_sgd"]["runs"] if not r.get("diverged")]
+    if not sgd or not block or None in block:
+        return False
+    return min(block) > statistics.median(sgd)
+
+
+def _test_ratio(sgd: list[dict[str, Any]], block: list[dict[str, Any]]) -> str:
+    """The lowest block-SGD test loss over SGD's median one; ``-`` when not recorded."""
+    sgd_test = [r["test_loss"] for r in sgd if r.get("test_loss") is not None]
+    block_test = [r["test_loss"] for r in block if r.get("test_loss") is not None]
+    if not sgd_test or not block_test:
+        return "-"
+    return f"{min(block_test) / statistics.median(sgd_test):.2f}x"
 
 
 def _group(case: Case) -> str:

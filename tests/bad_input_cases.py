@@ -343,8 +343,8 @@ API_CASES: list[Case] = [
         '`Thresholds(block_ratio=float("inf"))`',
         lambda: blockopt.Thresholds(block_ratio=float("inf")),
         ValueError,
-        r"block_ratio must be a non-negative finite number",
-        "a finite `block_ratio >= 0` (a large one, such as 100, keeps plain SGD)",
+        r"block_ratio must be a non-negative finite number \(or None: off\)",
+        "a finite `block_ratio >= 0`, or `None` (the default: the score alone decides)",
     ),
     Case(
         "BlockOptimizer/model-not-a-module",

@@ -35,7 +35,24 @@ def test_targets(score, mode):
     ],
 )
 def test_targets_with_small_blocks_far_below(score, max_ratio, mode):
-    assert Thresholds().target(score, max_ratio) == mode
+    assert Thresholds(block_ratio=2.0).target(score, max_ratio) == mode
+
+
+@pytest.mark.parametrize("max_ratio", [0.0, 3.1, 1e300])
+def test_block_ratio_is_off_by_default(max_ratio):
+    """By default max_ratio never moves a score in SGD's band to block SGD (nor the reason
+    mentions it); above sgd_below the score alone decides, as with the rule on."""
+    t = Thresholds()
+    assert t.block_ratio is None
+    assert t.target(0.3, max_ratio) == "sgd"
+    assert "max_ratio" not in t.reason(0.3, max_ratio) and "over all blocks" not in t.reason(
+        0.3, max_ratio
+    )
+    assert (t.target(1.2, max_ratio), t.target(2.0, max_ratio)) == ("block_sgd", "adam")
+    policy = SwitchPolicy(Thresholds(min_interval=0))
+    assert not policy.decide(0, 0.3, "sgd", max_ratio=max_ratio).switched
+    d = policy.decide(1, 0.3, "block_sgd", max_ratio=max_ratio)  # back to SGD on the score alone
+    assert d.new_mode == "sgd" and d.switched
 
 
 def test_small_blocks_far_below_switch_with_hysteresis():
@@ -84,6 +101,7 @@ def test_hysteresis_margin_and_min_interval():
         ({"min_interval": 2.5}, "min_interval"),
         ({"block_ratio": -0.5}, "block_ratio"),
         ({"block_ratio": float("inf")}, "block_ratio"),
+        ({"block_ratio": "2"}, r"block_ratio must be a number \(or None: off\)"),
     ],
 )
 def test_bad_thresholds(kwargs, message):

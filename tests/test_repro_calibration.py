@@ -139,28 +139,45 @@ def test_calibration_with_missing_parts(tmp_path: Path) -> None:
 
 def test_small_blocks_far_below_pick_block_sgd_and_the_losses_are_tabled() -> None:
     """A case in SGD's band with max_ratio past block_ratio is judged as the policy picks it
-    (block SGD, acceptable where both keep up), and the block_ratio paragraph lists each
-    setting's max_ratio range and part (d)'s SGD over best block-SGD training loss."""
-    t = blockopt.Thresholds()
+    (block SGD with the rule set, acceptable where both keep up; SGD by default), and the
+    block_ratio paragraph lists each setting's max_ratio range and part (d)'s training and
+    test losses of SGD and block SGD."""
+    t = blockopt.Thresholds(block_ratio=2.0)
     cnn = rc.Case("BatchNorm CNN, seed 0", "(a) init", 0.4, True, True, "", max_ratio=3.1)
     mlp = rc.Case("MLP (tanh), seed 0", "(a) init", 0.1, True, True, "", max_ratio=1.0)
-    assert rc.evaluate([cnn, mlp], t) == {
-        "right": 1,
-        "acceptable": 1,
-        "unneeded": 0,
-        "unknown": 0,
-        "wrong": 0,
-        "margins_met": 2,
-        "cases": 2,
+    expected = {"unneeded": 0, "unknown": 0, "wrong": 0, "margins_met": 2, "cases": 2}
+    assert rc.evaluate([cnn, mlp], t) == {"right": 1, "acceptable": 1, **expected}
+    assert rc.evaluate([cnn, mlp], blockopt.Thresholds()) == {
+        "right": 2,
+        "acceptable": 0,
+        **expected,
     }
     runs = {
-        "sgd": [{"train_loss": 6e-4, "lr": 0.1}, {"train_loss": 4e-4, "lr": 0.1}],
+        "sgd": [
+            {"train_loss": 6e-4, "test_loss": 0.04, "lr": 0.1},
+            {"train_loss": 4e-4, "test_loss": 0.03, "lr": 0.1},
+        ],
         "adam": [],
     }
-    block = {"runs": [{"train_loss": 1e-4, "lr": 0.03}, {"train_loss": 1.0, "diverged": True}]}
+    block = {
+        "runs": [
+            {"train_loss": 1e-4, "test_loss": 0.07, "lr": 0.03},
+            {"train_loss": 1.0, "diverged": True},
+        ]
+    }
     d = {"results": {"cnn": {"runs": runs, "block_sgd": block}}}
     text = rc.block_ratio_text([cnn, mlp], t, d)
     assert "BatchNorm CNN 3.10-3.10; MLP (tanh) 1.00-1.00" in text
     assert "`block_ratio=2` (entering needs 2.25, leaving 1.75)" in text
-    assert "| BatchNorm CNN | 0.0006 (lr 0.1), 0.0004 (lr 0.1) | 0.0001 (lr 0.03) | 5.0x |" in text
+    row = (
+        "| BatchNorm CNN | 0.0006 / 0.04 (lr 0.1), 0.0004 / 0.03 (lr 0.1) "
+        "| 0.0001 / 0.07 (lr 0.03) | 5.0x | 2.00x |"
+    )
+    assert row in text
+    assert "its held-out (test) loss is above SGD's median at every learning rate tried" in text
+    off = rc.block_ratio_text([cnn, mlp], blockopt.Thresholds(), d)
+    assert off.startswith("**`block_ratio`.** Off by default (`block_ratio=None`)")
+    assert row in off
+    block["runs"][0]["test_loss"] = 0.02  # below SGD's: the claim is not made
+    assert "above SGD's median" not in rc.block_ratio_text([cnn, mlp], t, d)
     assert "part (d) did not run" in rc.block_ratio_text([cnn], t, None)

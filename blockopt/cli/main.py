@@ -753,6 +753,16 @@ def _prepare_logdir(root: Path) -> Path:
     return demo_logdir(root)
 
 
+def _ratio_rule(t) -> str:
+    """The demo legend's words for ``block_ratio``: nothing when the rule is off."""
+    if t.block_ratio is None:
+        return ""
+    return (
+        f" (block_sgd if some blocks sit more than {t.block_ratio:g} decades below the "
+        "stiffest: max_ratio)"
+    )
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """``blockopt demo``: train every chosen model with each optimizer and summarise."""
     from blockopt.cli.demo import DEFAULT_STEPS, LRS, MOMENTUM, QUICK_STEPS, TASKS, run_demo
@@ -792,8 +802,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t = Thresholds()
     print("blockopt auto")
     print(
-        f"(score: heterogeneity in decades; below {t.sgd_below:g} calls for sgd (block_sgd "
-        f"if some blocks sit more than {t.block_ratio:g} decades below the stiffest: max_ratio), "
+        f"(score: heterogeneity in decades; below {t.sgd_below:g} calls for sgd{_ratio_rule(t)}, "
         f"above {t.adam_above:g} for adam, block_sgd in between;"
     )
     print(

@@ -963,7 +963,7 @@ class BlockOptimizer(Optimizer):
             "adam_above": t.adam_above,
             "margin": t.margin,
             "min_interval": t.min_interval,
-            "block_ratio": t.block_ratio,
+            "block_ratio": "off" if t.block_ratio is None else t.block_ratio,
             "monitor_only": self.monitor_only,
             "pin_mode": self.pin_mode or "none",
             "modes": ",".join(self.policy.allowed),

@@ -133,7 +133,7 @@ def check_constructor(
         raise TypeError(
             f"thresholds must be a blockopt.Thresholds, got {type(thresholds).__name__}; build "
             "one with blockopt.Thresholds(sgd_below=1.0, adam_above=1.5, margin=0.25, "
-            "min_interval=50, block_ratio=2.0)"
+            "min_interval=50, block_ratio=None)"
         )
     for label, value in (("lrs", lrs), ("optimizers", optimizers)):
         if value is not None and not isinstance(value, Mapping):
