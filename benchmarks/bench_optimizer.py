@@ -473,8 +473,9 @@ def render(
         f"with every option at its default and no tuning: learning rate {AUTO['lr']:g}, "
         f"momentum {AUTO['momentum']:g}, "
         f"starting in {AUTO['mode']}, thresholds `sgd_below={t.sgd_below:g}`, "
-        f"`adam_above={t.adam_above:g}`, `block_ratio={t.block_ratio:g}`"
-        f", margin {t.margin:g}, at least {t.min_interval} steps between switches, the adaptive "
+        f"`adam_above={t.adam_above:g}`, "
+        + ("`block_ratio` off" if t.block_ratio is None else f"`block_ratio={t.block_ratio:g}`")
+        + f", margin {t.margin:g}, at least {t.min_interval} steps between switches, the adaptive "
         "probe schedule, the learning-rate search at a switch; it is told the training loss "
         "through `observe_loss`. Learning rates "
         "are constant (no schedule). The probe is the loss on one fixed training batch (64 "

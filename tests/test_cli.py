@@ -105,6 +105,11 @@ FACTORY = textwrap.dedent(
         return _mlp(), lambda: torch.tensor(1.0)
 
 
+    def linear_probe():  # a loss linear in every parameter: no block has any curvature
+        model = nn.Linear(4, 3)
+        return model, lambda: model(torch.ones(8, 4)).sum()
+
+
     def foreign_probe():
         w = torch.ones(3, requires_grad=True)
         return _mlp(), lambda: (w * w).sum()
@@ -275,6 +280,20 @@ def test_the_plot_formats_are_ones_matplotlib_writes():
 
 
 # -- probe and tune against the API ---------------------------------------------------------------
+
+
+def test_probe_of_no_measurable_block_recommends_nothing(factory_dir, tmp_path):
+    """Every block left out (a loss linear in the parameters): no score and no mode, in the
+    text and the JSON, instead of score 0 and "sgd"."""
+    run = run_cli(["probe", "tinyfactory:linear_probe", "--steps", "3", "--json", "-"],
+                  factory_dir, tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    saved = json.loads(run.stdout)
+    assert saved["score"] is None and saved["recommended_mode"] is None
+    assert saved["reason"] == "the score keeps no block: all 2 left out (negligible curvature)"
+    assert "heterogeneity score: -, the score keeps no block: all 2 left out" in run.stderr
+    assert "recommended mode: none (a score over no block says nothing of the mode)" in run.stderr
+    assert "recommended mode: sgd" not in run.stderr
 
 
 def test_probe_json_matches_the_api(factory_dir, tmp_path, tinyfactory):

@@ -28,6 +28,8 @@ from blockopt.distributed.reductions import (
     FAULT_KINDS,
     ProbeFailedElsewhere,
     RankMean,
+    RankSettingsError,
+    agree_settings,
     fault_kind,
 )
 from blockopt.distributed.sharing import assign_blocks, gather_rows
@@ -358,6 +360,21 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     for step in range(SPIKE_AT + 1):
         fixed.observe_loss(100.0 if rank == 0 and step == SPIKE_AT else 1.0)
     result["spiked_with_fixed_interval"] = fixed.schedule.spiked
+
+    # Ranks built with different options (steps=, and the seed on rank 1 only): every rank
+    # refuses the probe, naming them, before any collective of the probe could hang; the
+    # process group is unharmed and an optimizer built alike probes as before.
+    odd = blockopt.BlockOptimizer(ddp, module_probe, lr=0.01, steps=2 + rank, seed=rank)
+    try:
+        odd.probe_now()
+        result["mismatch"] = "probed"
+    except RankSettingsError as err:
+        result["mismatch"] = str(err)
+    ones = torch.ones(3)
+    torch.distributed.all_reduce(ones)
+    result["group_after_mismatch"] = ones.tolist()
+    alike = blockopt.BlockOptimizer(ddp, module_probe, lr=0.01, steps=2)
+    result["alike_after_mismatch"] = alike.probe_now() is not None
 
     # A block only rank 0's loss uses: the ranks agree it is "ok", so they score alike. Shared,
     # the block's status is its owner's, the same on both ranks too.
@@ -736,6 +753,28 @@ def test_ranks_agree_on_block_status_and_score_when_only_one_uses_a_block(ranks)
 def test_a_loss_spike_on_one_rank_moves_the_probe_on_every_rank(ranks):
     assert ranks[0]["spike_probes"] == ranks[1]["spike_probes"] == [0, SPIKE_AT + 1]
     assert ranks[0]["spiked_with_fixed_interval"] and ranks[1]["spiked_with_fixed_interval"]
+
+
+def test_ranks_with_different_settings_refuse_the_probe_together(ranks):
+    for r in ranks:
+        assert r["mismatch"].startswith("the ranks differ in steps, seed at this probe")
+        assert "same options on every rank" in r["mismatch"]
+        assert r["group_after_mismatch"] == [2.0, 2.0, 2.0] and r["alike_after_mismatch"]
+
+
+def test_agree_settings_names_what_differs_from_another_rank():
+    """Two ranks simulated in one process: the reduction averages this rank's vector with the
+    other's; only the settings that differ are named, and equal settings pass."""
+    mine = {"steps": "10", "mode": "sgd", "blocks": "a\nb"}
+    theirs = {"steps": "10", "mode": "adam", "blocks": "a\nb"}
+    sent: list[torch.Tensor] = []
+    with pytest.raises(ZeroDivisionError):  # capture the other rank's vector, then stop
+        agree_settings(theirs, lambda t: sent.append(t.clone()) or 1 / 0, torch.device("cpu"))
+    (other,) = sent
+    with pytest.raises(RankSettingsError, match=r"^the ranks differ in mode at this probe"):
+        agree_settings(mine, lambda t: (t + other) / 2, torch.device("cpu"))
+    agree_settings(theirs, lambda t: (t + other) / 2, torch.device("cpu"))  # the same: passes
+    agree_settings({}, lambda t: 1 / 0, torch.device("cpu"))  # nothing to agree on: no call
 
 
 def test_fsdp_autograd_probes_are_refused_with_the_cause_and_the_fix(ranks):

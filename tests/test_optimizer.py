@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -378,11 +379,13 @@ def clock(monkeypatch) -> FakeClock:
     return fake
 
 
-def _budget_run(clock, steps, start=0, opt=None, fail_at=(), losses=None, **options):
+def _budget_run(
+    clock, steps, start=0, opt=None, fail_at=(), losses=None, step_seconds=None, **options
+):
     """Train the MLP in monitor_only mode (no switch, so no learning-rate search) with a
     training step of STEP_SECONDS and a probe of PROBE_SECONDS on the fake clock; the probe
     raises after its time is spent when it runs at a step in ``fail_at``; ``losses`` (step ->
-    loss) are reported with observe_loss."""
+    loss) are reported with observe_loss; ``step_seconds(i)``, when given, times step i."""
     model, x, y, _probe = _task()
     if opt is None:
         opt = blockopt.BlockOptimizer(model, None, lr=0.05, monitor_only=True, **options)
@@ -401,7 +404,7 @@ def _budget_run(clock, steps, start=0, opt=None, fail_at=(), losses=None, **opti
         opt.zero_grad()
         loss = F.cross_entropy(opt.probe_model(x[idx]), y[idx])
         loss.backward()
-        clock.advance(STEP_SECONDS)
+        clock.advance(STEP_SECONDS if step_seconds is None else step_seconds(i))
         if losses is not None:
             opt.observe_loss(losses.get(i, 1.0))
         opt.step()
@@ -431,6 +434,24 @@ def test_the_first_probe_runs_whatever_it_costs(clock):
     # 8 s of 8 s at step 0; at step 50, 16 <= 0.01 (22.25 + 0.125 k) needs k >= 12622: 12800
     assert attempts == [0] and opt.schedule.next_step == 50 + 12800
     assert opt.probe_share == 8.0 / (8.0 + 59 * STEP_SECONDS)
+
+
+def test_a_probe_placed_from_slow_first_steps_waits_when_it_falls_due(clock):
+    """Steps 1-49 take 0.5 s, then 0.125 s: at step 50 the mean step time (0.5 s) places the
+    next probe early, and when it falls due the time really spent no longer fits it."""
+    opt, attempts = _budget_run(
+        clock, 700, probe_budget=0.25, step_seconds=lambda i: 0.5 if i < 50 else 0.125
+    )
+    # step 50: P 8 s, E 32.625 s, tau 0.4925 s: 16 <= 0.25 (32.625 + 0.4925 k + 8) needs
+    # k >= 48: step 100. There E is 38.875 s (tau 0.30875): k >= 56, step 200; there 51.375 s
+    # (tau 0.2169): k >= 22, step 250; there 16 <= 0.25 (57.625 + 8): the probe runs. Without
+    # the recheck it would have run at step 100, at 16 s of 46.875 (34%).
+    assert attempts == [0, 250, 450, 650]
+    assert opt.probe_share <= 0.25
+    _free, free_attempts = _budget_run(
+        clock, 400, probe_budget=None, step_seconds=lambda i: 0.5 if i < 50 else 0.125
+    )
+    assert free_attempts[:2] == [0, 50]
 
 
 def test_a_spike_moves_the_probe_no_earlier_than_the_budget_allows(clock):
@@ -471,8 +492,8 @@ def test_without_a_budget_the_schedule_is_the_adaptive_one(clock):
 
 def test_probes_time_is_averaged_over_the_ranks_before_the_budget_reads_it(clock):
     """Under DDP every rank must pick the same next probe: the [P, E, c] timing goes through
-    the reduce hook (here one rank's identity) as one float64 tensor at every probe, and at the
-    step where the first probe's cost is placed."""
+    the reduce hook (here one rank's identity) as one float64 tensor at every probe, at the
+    step where the first probe's cost is placed, and where a placed probe falls due."""
     model, *_ = _task()
     opt = blockopt.BlockOptimizer(model, None, lr=0.05, monitor_only=True, probe_budget=0.25)
     timings = []
@@ -487,6 +508,7 @@ def test_probes_time_is_averaged_over_the_ranks_before_the_budget_reads_it(clock
     assert timings == [
         [8.0, 8.0, 8.0],  # the probe at step 0
         [8.0, 14.25, 0.0],  # step 50: the first probe's cost placed
+        [8.0, 64.25, 0.0],  # step 450: the due probe checked against the time spent (it fits)
         [16.0, 72.25, 8.0],  # the probe at step 450
     ]
 
@@ -566,3 +588,36 @@ def test_probe_budget_takes_shares_and_none(budget):
     opt = blockopt.BlockOptimizer(model, None, probe_budget=budget)
     assert opt.schedule.budget == (None if budget is None else pytest.approx(float(budget)))
     assert opt.schedule.budget is None or type(opt.schedule.budget) is float
+
+
+@pytest.mark.parametrize("base", ["adamw", "sgd"])
+def test_a_probe_whose_score_keeps_no_block_does_not_switch(base):
+    """A loss linear in every parameter has no curvature: every block is left out and the score
+    of 0 stands on nothing, so auto stays in the mode it has (it took wrap(AdamW) to SGD) and
+    trains exactly as the optimizer it wraps."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(3, 2), torch.randn(4, 3)
+    twin = copy.deepcopy(model)
+
+    def make(m):
+        if base == "adamw":
+            return torch.optim.AdamW(m.parameters(), lr=1e-3)
+        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+    opt = blockopt.wrap(make(model), model, probe=lambda: model(x).sum(), probe_every=2)
+    plain = make(twin)
+    for _ in range(5):
+        for o, m in ((opt, model), (plain, twin)):
+            o.zero_grad()
+            m(x).sum().backward()
+            o.step()
+    start = "adam" if base == "adamw" else "sgd"
+    assert opt.mode == start and len(opt.history) >= 2
+    for d in opt.history:
+        assert not d.switched and d.new_mode == start
+        assert d.reason == (
+            "stay: the score keeps no block: all 2 left out (negligible curvature), so it says "
+            "nothing of the mode"
+        )
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

@@ -283,6 +283,24 @@ def test_the_first_probe_runs_and_its_cost_waits_for_a_step_time():
     assert s.next_step == 12850
 
 
+def test_a_due_probe_is_rechecked_against_the_time_really_spent():
+    """Placed from slow first steps (tau = 0.1 s), the probe falls due once steps got faster:
+    the time really spent no longer fits it, so it waits; where it fits, it runs."""
+    s = ProbeSchedule(base=50, budget=0.1)
+    # 2 + 1 <= 0.1 (6 + 0.1 k + 1) needs k >= 230: 400 on the grid, step 450
+    s.after_probe(50, 1.0, switched=False, spend=Spend(2.0, 6.0, 50, 1.0))
+    assert (s.last_cost, s.next_step) == (1.0, 450) and s.due(450)
+    # only 10 s spent by step 450 (tau = 8 / 450): 3 <= 0.1 (10 + tau k + 1) needs k >= 1069
+    s.recheck(450, Spend(2.0, 10.0, 450, 0.0))
+    assert (s.budget_step, s.next_step) == (450 + 1600, 2050) and not s.due(450)
+    s.recheck(2050, Spend(2.0, 40.0, 2050, 0.0))  # 3 <= 0.1 (41): it fits, nothing changes
+    assert s.next_step == 2050 and s.due(2050)
+    unbudgeted = ProbeSchedule(base=50)
+    unbudgeted.after_probe(50, 1.0, switched=False, spend=Spend(2.0, 6.0, 50, 1.0))
+    unbudgeted.recheck(100, Spend(3.0, 10.0, 100, 0.0))
+    assert unbudgeted.next_step == 100 and unbudgeted.last_cost is None
+
+
 def test_a_failed_probe_backs_off_and_waits_for_the_budget():
     s = ProbeSchedule(base=50, budget=0.03)
     s.after_probe(100, None, switched=False, spend=DEAR)

@@ -148,6 +148,18 @@ class Heterogeneity:
     def __float__(self) -> float:
         return self.spread
 
+    @property
+    def empty_reason(self) -> str | None:
+        """Why the score stands on no block at all (every block left out), else ``None``: a
+        score of 0 over no block says nothing about the mode to train in."""
+        if self.blocks:
+            return None
+        why = sorted({reason.split(":")[0] for _, reason in self.excluded})
+        return (
+            f"the score keeps no block: all {len(self.excluded)} left out "
+            f"({'; '.join(why) or 'none measured'})"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "score": self.spread,

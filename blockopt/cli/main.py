@@ -452,9 +452,11 @@ def _report(args: argparse.Namespace, model, spectra) -> dict[str, Any]:
     base_lr: float | None = args.base_lr
     lrs = None if base_lr is None else {name: base_lr * f for name, f in factors.items()}
     thresholds = Thresholds()
-    score = float(h)
-    mode = thresholds.target(score, h.max_ratio)
-    reason = thresholds.reason(score, h.max_ratio)
+    score: float | None = float(h)
+    mode: str | None = thresholds.target(float(h), h.max_ratio)
+    reason = thresholds.reason(float(h), h.max_ratio)
+    if h.empty_reason is not None:  # a score over no block recommends nothing
+        score, mode, reason = None, None, h.empty_reason
     excluded = dict(h.excluded)
     n_params = sum(s.numel for s in spectra.values())
     print(
@@ -466,11 +468,15 @@ def _report(args: argparse.Namespace, model, spectra) -> dict[str, Any]:
     print()
     print(spectra_table(spectra, excluded, lrs))
     print()
-    print(
-        f"heterogeneity score: {score:.2f} decades (spread of the block curvature scales "
-        f"max(|lambda_max|, |lambda_min|) over the bulk of the parameters)"
-    )
-    print(f"recommended mode: {mode} ({reason})")
+    if score is None:
+        print(f"heterogeneity score: -, {reason}")
+        print("recommended mode: none (a score over no block says nothing of the mode)")
+    else:
+        print(
+            f"heterogeneity score: {score:.2f} decades (spread of the block curvature scales "
+            f"max(|lambda_max|, |lambda_min|) over the bulk of the parameters)"
+        )
+        print(f"recommended mode: {mode} ({reason})")
     print(
         "lambda_min, lambda_max: the extreme Ritz values, signed; neg: share of negative "
         "curvature (SLQ weight on negative Ritz values); trace: Hutchinson estimate (see --help)"

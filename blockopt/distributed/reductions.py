@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,8 +35,10 @@ __all__ = [
     "FAULT_KINDS",
     "ProbeFailedElsewhere",
     "RankMean",
+    "RankSettingsError",
     "Reduce",
     "agree",
+    "agree_settings",
     "agree_status",
     "agree_value",
     "failed_alike",
@@ -82,6 +85,43 @@ class ProbeFailedElsewhere(RuntimeError):
         )
         self.kind = kind
         self.failed_kinds: tuple[str, ...] = (kind,)  # every kind any rank failed with
+
+
+class RankSettingsError(ValueError):
+    """The ranks would probe with different settings, or at different points of training: their
+    collectives would not pair up, so the probe would hang or crash in the process group."""
+
+
+_HASH_BITS = 12  # two hashes of this many bits per setting: exact in float64 means of squares
+
+
+def _hashes(value: str) -> tuple[float, float]:
+    """Two independent small hashes of ``value`` (the same in every process, unlike hash())."""
+    digest = zlib.crc32(value.encode())
+    mask = (1 << _HASH_BITS) - 1
+    return float(digest & mask), float((digest >> _HASH_BITS) & mask)
+
+
+def agree_settings(settings: Mapping[str, str], reduce: Reduce, device: torch.device) -> None:
+    """Check that every rank gives the same ``settings`` (name -> canonical text) before a probe:
+    each setting's two hashes and their squares are averaged over the ranks in one reduction,
+    and a setting whose hashes vary over the ranks (a variance above zero, which every rank
+    computes alike) raises :class:`RankSettingsError` on every rank, naming the settings."""
+    names = list(settings)
+    if not names:
+        return
+    values = [h for name in names for h in _hashes(settings[name])]
+    t = torch.tensor(values + [v * v for v in values], dtype=torch.float64, device=device)
+    mean = reduce(t).cpu()
+    n = len(values)
+    variance = mean[n:] - mean[:n] ** 2
+    differ = [n for i, n in enumerate(names) if float(variance[2 * i : 2 * i + 2].max()) > 1e-7]
+    if differ:
+        raise RankSettingsError(
+            f"the ranks differ in {', '.join(differ)} at this probe, so their collectives would "
+            "not pair up: build the optimizer with the same options on every rank and call step() "
+            "and observe_loss() on every rank alike (see docs/DISTRIBUTED.md)"
+        )
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from blockopt.curvature.blocks import Block, Partition, Strategy, partition
 from blockopt.curvature.fd_hvp import whole_tensors
 from blockopt.curvature.layouts import LayoutWarning
 from blockopt.curvature.spectra import BACKENDS
-from blockopt.distributed.reductions import Reduce
+from blockopt.distributed.reductions import RankSettingsError, Reduce, agree_settings
 from blockopt.distributed.wrappers import (
     ddp_of,
     fully_sharded,
@@ -676,11 +676,14 @@ class BlockOptimizer(Optimizer):
     def _probe_due(self) -> bool:
         """Whether to probe at this step. A probe due while the budget still waits to place an
         earlier probe's cost (one taken before any step was timed) is placed first, and may be
-        deferred: that needs the time spent, at a step the step counts alone fix."""
-        step = self.step_count
-        if self.schedule.due(step) and self.schedule.budget_pending:
-            self.schedule.place_pending(step, self._spend(0.0))
-        return self.schedule.due(step)
+        deferred: that needs the time spent, at a step the step counts alone fix. Any other
+        probe due under a budget is checked against the time really spent, and may wait."""
+        step, schedule = self.step_count, self.schedule
+        if schedule.due(step) and schedule.budget_pending:
+            schedule.place_pending(step, self._spend(0.0))
+        elif schedule.due(step) and schedule.rechecks:  # placed from the mean step time then
+            schedule.recheck(step, self._spend(0.0))
+        return schedule.due(step)
 
     def observe_loss(self, loss: float | torch.Tensor) -> None:
         """Report the training loss when stepping without a closure (enables spike detection)."""
@@ -732,8 +735,8 @@ class BlockOptimizer(Optimizer):
         try:
             self.probe_now()
             return
-        except ckpt.CheckpointDuringProbeError:
-            raise  # the caller's checkpoint, not the probe, failed: it must hear of it
+        except (ckpt.CheckpointDuringProbeError, RankSettingsError):
+            raise  # the caller's checkpoint or setup, not the probe, failed: it must hear of it
         except Exception as err:  # a failed probe must never stop training
             fault = ProbeFault(
                 self.step_count, probe_fault_kind(err), f"{type(err).__name__}: {err}"
@@ -757,6 +760,8 @@ class BlockOptimizer(Optimizer):
         if self.probe is None:
             raise RuntimeError("this optimizer has no probe; pass probe=... to probe")
         blocks = self._blocks_now()
+        if self._reduce is not None:  # ranks that differ here would hang in the first collective
+            agree_settings(self._rank_settings(blocks), self._reduce, self._device())
         spiked = self.schedule.spiked and bool(self.spectra_history)
         with self._probing():
             outcome = measure(
@@ -771,6 +776,20 @@ class BlockOptimizer(Optimizer):
                 self._settles(blocks),
             )
         return self._act(outcome)
+
+    def _rank_settings(self, blocks: list[Block]) -> dict[str, str]:
+        """What every rank must agree on before a probe, as canonical text: the probe's and the
+        search's settings, the thresholds, the step, the mode and the blocks."""
+        search, probe = self.search_settings, self.probe_settings
+        return {
+            **{f.name: repr(getattr(probe, f.name)) for f in dataclasses.fields(probe)},
+            "thresholds": repr(self.policy.thresholds),
+            "lr_search": repr((search.enabled, search.steps, sorted(search.fixed), search.clip)),
+            "holdout": repr(self.holdout is not None),
+            "step": repr(self.step_count),
+            "mode": self._active.mode,
+            "blocks": "\n".join(b.name for b in blocks),
+        }
 
     def _settles(self, blocks: list[Block]) -> Callable[[float], bool] | None:
         """For a staged probe (``staged``): whether a lower bound on the score settles the

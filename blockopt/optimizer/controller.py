@@ -269,8 +269,10 @@ def decide(
         seconds += result.seconds
         return result.active
 
-    if hold is not None:
-        decision = Decision(step, float(score), active.mode, active.mode, hold, score.max_ratio)
+    empty = score.empty_reason
+    if hold is not None or empty is not None:
+        reason = hold if hold is not None else f"stay: {empty}, so it says nothing of the mode"
+        decision = Decision(step, float(score), active.mode, active.mode, reason, score.max_ratio)
     else:
         # Cap a grossly unstable SGD learning rate first, so that a switch matches the step
         # SGD would really take; then the new mode's, if it is an SGD mode.

@@ -371,6 +371,7 @@ class ProbeSchedule:
     spiked: bool = False
     budget_step: int = 0  # the earliest step at which the budget allows the next probe
     pending_cost: float | None = None  # the cost of a probe the budget could not place yet
+    last_cost: float | None = None  # the cost of the last probe the budget placed
 
     def __post_init__(self) -> None:
         for name in ("first", "base", "max_interval"):
@@ -444,9 +445,29 @@ class ProbeSchedule:
         if k is None:  # no training time measured yet: place it at the next due step
             self.pending_cost, self.budget_step = float(spend.cost), step
             return next_step
-        self.pending_cost = None
+        self.pending_cost, self.last_cost = None, float(spend.cost)
         self.budget_step = step + budget_grid(k, self.base)
         return max(next_step, self.budget_step)
+
+    @property
+    def rechecks(self) -> bool:
+        """Whether a due probe is checked against the budget again (:meth:`recheck`): a budget
+        applies and the last probe's cost was placed."""
+        return self.budgeted and self.last_cost is not None and self.pending_cost is None
+
+    def recheck(self, step: int, spend: Spend) -> None:
+        """At a step where a probe is due, check the budget again with the time really spent
+        (``spend``, with no cost of its own): the step was placed by projecting the mean step
+        time so far, which slow first steps (warm-up, a busy machine) inflate. When the probe,
+        taken to cost what the last one did, no longer fits, it waits for the budget's step."""
+        if not self.rechecks:
+            return
+        assert self.budget is not None and self.last_cost is not None
+        k = budget_wait(self.budget, dataclasses.replace(spend, cost=self.last_cost))
+        if not k:  # it fits (or nothing is measured): the probe runs now
+            return
+        self.budget_step = step + budget_grid(k, self.base)
+        self.next_step = max(self.next_step, self.budget_step)
 
     def place_pending(self, step: int, spend: Spend) -> None:
         """At a step where a probe is due, place the cost of a probe that ran before any
@@ -458,7 +479,7 @@ class ProbeSchedule:
         k = budget_wait(self.budget, dataclasses.replace(spend, cost=self.pending_cost))
         if k is None:  # still nothing measured: the probe runs, and its own cost waits
             return
-        self.pending_cost = None
+        self.pending_cost, self.last_cost = None, self.pending_cost
         self.budget_step = step + budget_grid(k, self.base)
         self.next_step = max(self.next_step, self.budget_step)
 
