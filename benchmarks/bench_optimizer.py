@@ -240,7 +240,12 @@ def training(
             break
         if (i + 1) % every == 0 or i + 1 == steps:
             curve.append((i + 1, setup.eval_loss()))
+            paused = time.perf_counter()
             yield i + 1
+            if auto and opt.recorder.clock_start is not None:
+                # the other runs' turns are not this run's training time: the probe budget,
+                # which reads the optimizer's training clock, must not count them
+                opt.recorder.clock_start += time.perf_counter() - paused
     final = math.inf if diverged else curve[-1][1]
     if not math.isfinite(final):
         final, diverged = math.inf, True

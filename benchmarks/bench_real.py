@@ -305,14 +305,18 @@ def render(
     threads: int,
     seconds: float,
     quick: bool,
+    others: dict[int, dict[str, dict[str, RunResult]]] | None = None,
 ) -> str:
-    """The markdown section."""
+    """The markdown section; ``others`` holds the same runs from more seeds, by seed."""
+    others = others or {}
     wrapped = [s for s in runs if s.wrapped]
     models = {k: build(k, seed) for k in keys}
     lines = [
         SECTION,
         "",
-        f"Regenerate: `{COMMAND}` ({steps} steps per run, seed {seed}, {threads} torch "
+        f"Regenerate: `{COMMAND}"
+        + (f" --more-seeds {len(others)}" if others else "")
+        + f"` ({steps} steps per run, seed {seed}, {threads} torch "
         f"thread{'s' if threads != 1 else ''}"
         + ("; a `--quick` smoke run" if quick else "")
         + ").",
@@ -349,7 +353,8 @@ def render(
         "learning-rate search of its switch), and that in training steps, over the run's median "
         "wall time of a step without probing. Probe share: `opt.probe_share` at the end. CPU: "
         "the process's CPU seconds over the wall seconds of the training loop; well below "
-        "100% means the run waited for a core and its times are inflated. One seed.",
+        "100% means the run waited for a core and its times are inflated. One seed"
+        + (f", and {len(others)} more in [Other seeds](#other-seeds)." if others else "."),
         "",
         "### Summary",
         "",
@@ -418,6 +423,8 @@ def render(
             f"The first probe (with its search) cost {steps_lo:.0f} to {steps_hi:.0f} training "
             f"steps; after {steps} steps the probe share is {share_lo:.0%} to {share_hi:.0%}.",
         ]
+    if others:
+        lines += _other_seeds(keys, wrapped, seed, results, others, models)
     lines.append("")
     for k in keys:
         r, m = results[k], models[k]
@@ -491,6 +498,57 @@ def render(
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _other_seeds(
+    keys: Sequence[str],
+    wrapped: Sequence[RunSpec],
+    seed: int,
+    results: dict[str, dict[str, RunResult]],
+    others: dict[int, dict[str, dict[str, RunResult]]],
+    models: dict[str, RealModel],
+) -> list[str]:
+    """The ratios of the runs from more seeds, and how often the target holds over all."""
+    seeds = [seed, *others]
+    every = {seed: results, **others}
+    lines = [
+        "",
+        "### Other seeds",
+        "",
+        f"The same runs from seeds {', '.join(map(str, others))} (other initial weights, batches "
+        "and probe batches): each wrapped run's final loss over the plain run's.",
+        "",
+        "| model | seed | " + " | ".join(s.label for s in wrapped) + " | target |",
+        "|---|---|" + "---|" * len(wrapped) + "---|",
+    ]
+    for k in keys:
+        for sd, res in others.items():
+            ok, _ = verdict(res[k], wrapped)
+            lines.append(
+                f"| {models[k].title} | {sd} | "
+                + " | ".join(f"{ratio(res[k], s):.3f}" for s in wrapped)
+                + f" | {'holds' if ok else '**does not hold**'} |"
+            )
+    pairs = len(keys) * len(seeds)
+    held = sum(verdict(every[sd][k], wrapped)[0] for sd in seeds for k in keys)
+    by_run = [
+        f"{s.label} on {sum(ratio(every[sd][k], s) <= 1 + TOLERANCE for sd in seeds for k in keys)}"
+        for s in wrapped
+    ]
+    medians = [
+        f"{models[k].title} "
+        + ", ".join(
+            f"{statistics.median(ratio(every[sd][k], s) for sd in seeds):.3f}" for s in wrapped
+        )
+        for k in keys
+    ]
+    lines += [
+        "",
+        f"Over seeds {', '.join(map(str, seeds))}, the target holds on {held} of {pairs} "
+        f"(model, seed) pairs; within {TOLERANCE:.0%}, of {pairs}: " + ", ".join(by_run) + ". "
+        "Median ratios over the seeds, in the order of the columns: " + "; ".join(medians) + ".",
+    ]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -505,6 +563,12 @@ def main(argv: list[str] | None = None) -> int:
         "--runs", nargs="*", choices=tuple(BY_RUN), default=None, help="default: all six"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--more-seeds",
+        type=int,
+        default=0,
+        help="also run the next N seeds and report their ratios (default 0)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -529,12 +593,20 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - begin:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
+    if args.more_seeds < 0:
+        parser.error("--more-seeds must be a non-negative integer")
     results = {k: run_model(k, runs, steps, args.seed, log) for k in keys}
+    others = {
+        sd: {k: run_model(k, runs, steps, sd, log) for k in keys}
+        for sd in range(args.seed + 1, args.seed + 1 + args.more_seeds)
+    }
     import transformers
 
     meta = {"transformers": transformers.__version__}
     elapsed = time.perf_counter() - begin
-    text = render(keys, runs, results, meta, steps, args.seed, args.threads, elapsed, args.quick)
+    text = render(
+        keys, runs, results, meta, steps, args.seed, args.threads, elapsed, args.quick, others
+    )
     print(text)
     if args.json is not None:
         raw = {

@@ -127,3 +127,29 @@ def test_quick_run_prints_the_tables_and_writes_nothing(
     for runs in raw["models"].values():
         assert runs["wrap_sgd"]["first_probe_seconds"] > 0
         assert math.isfinite(runs["wrap_sgd"]["ratio"])
+
+
+def test_more_seeds_add_their_ratios_and_the_count_over_all_seeds(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench_real, "write_section", lambda *_a, **_k: None)
+    args = ["--quick", "--steps", "2", "--models", "resnet", "--runs", "wrap_sgd"]
+    assert bench_real.main([*args, "--more-seeds", "2", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "`python benchmarks/bench_real.py --more-seeds 2`" in out
+    assert "One seed, and 2 more in [Other seeds](#other-seeds)." in out
+    section = out.split("\n### Other seeds\n", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| ResNet \(BatchNorm\), digits \| (\d) \| (\d+\.\d{3}) \| (.+) \|$",
+                      section, re.M)  # fmt: skip
+    assert [r[0] for r in rows] == ["1", "2"]
+    ratios = {}
+    for sd in (0, 1, 2):  # each seed's ratio is its own runs' ratio
+        plain = bench_real.train("resnet", bench_real.BY_RUN["sgd"], 2, sd).final
+        ratios[sd] = bench_real.train("resnet", bench_real.BY_RUN["wrap_sgd"], 2, sd).final / plain
+    for sd, shown, target in rows:
+        assert shown == f"{ratios[int(sd)]:.3f}"
+        assert target == ("holds" if ratios[int(sd)] <= 1.02 else "**does not hold**")
+    held = sum(r <= 1.02 for r in ratios.values())
+    assert f"Over seeds 0, 1, 2, the target holds on {held} of 3 (model, seed) pairs" in section
+    with pytest.raises(SystemExit):
+        bench_real.main([*args, "--more-seeds", "-1", "--no-write"])
