@@ -18,6 +18,7 @@ import json
 import platform
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -83,7 +84,12 @@ def existing_parts(out: Path) -> dict[str, Kept]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="output directory")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: docs/, or a new scratch directory with --quick)",
+    )
     parser.add_argument(
         "--only", nargs="*", help="rerun only these parts (e.g. a b); keep the others as they are"
     )
@@ -92,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.only or ()) - set(keys))
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; the parts are {', '.join(keys)}")
+    if args.out is None:  # a smoke run never writes over (or merges into) the real page
+        args.out = Path(tempfile.mkdtemp(prefix="blockopt-repro-")) if args.quick else ROOT / "docs"
     fig_dir = args.out / "figures"
     kept = existing_parts(args.out) if args.only else {}
     body, data, runs = [], {}, {}

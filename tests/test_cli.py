@@ -294,6 +294,12 @@ def test_probe_of_no_measurable_block_recommends_nothing(factory_dir, tmp_path):
     assert "heterogeneity score: -, the score keeps no block: all 2 left out" in run.stderr
     assert "recommended mode: none (a score over no block says nothing of the mode)" in run.stderr
     assert "recommended mode: sgd" not in run.stderr
+    assert saved["heterogeneity"]["score"] is None and saved["heterogeneity"]["spread"] is None
+    out = tmp_path / "lrs.json"
+    run = run_cli(["tune", "tinyfactory:linear_probe", "--steps", "3", "--base-lr", "0.1",
+                   "--out", str(out)], factory_dir, tmp_path)  # fmt: skip
+    assert run.returncode == 2 and not out.exists()
+    assert "no per-block rates to suggest and nothing was written" in run.stderr
 
 
 def test_probe_json_matches_the_api(factory_dir, tmp_path, tinyfactory):

@@ -567,19 +567,62 @@ def test_the_budget_state_survives_a_checkpoint(clock):
 def test_a_checkpoint_saved_before_the_budget_still_loads(clock):
     opt, _ = _budget_run(clock, 60, probe_budget=0.25)
     state = opt.state_dict()
-    for key in ("budget", "budget_step", "pending_cost"):
+    for key in ("budget", "budget_step", "pending_cost", "last_cost"):
         del state["blockopt"]["schedule"][key]
     del state["blockopt"]["train_seconds"]
     model, *_ = _task()
     fresh = blockopt.BlockOptimizer(model, None, lr=0.05, monitor_only=True, probe_budget=0.5)
     fresh.schedule.budget_step = 77  # left from its own use: the state replaces it
+    fresh.schedule.last_cost = 3.0  # likewise
     fresh.load_state_dict(state)
     assert fresh.schedule.budget == 0.5  # this optimizer's budget, unspent
     assert (fresh.schedule.budget_step, fresh.schedule.pending_cost) == (0, None)
+    assert fresh.schedule.last_cost is None and not fresh.schedule.rechecks
     assert fresh.schedule.next_step == opt.schedule.next_step
     # the training time is taken as what the saved probe time would have kept within budget
     assert fresh.state_dict()["blockopt"]["train_seconds"] == 8.0 / 0.5
     assert fresh.probe_share == 0.5
+
+
+def test_a_checkpoint_with_a_negative_probe_cost_is_refused(clock):
+    opt, _ = _budget_run(clock, 60, probe_budget=0.25)
+    state = opt.state_dict()
+    assert state["blockopt"]["schedule"]["last_cost"] == PROBE_SECONDS
+    state["blockopt"]["schedule"]["last_cost"] = -5.0
+    model, *_ = _task()
+    fresh = blockopt.BlockOptimizer(model, None, lr=0.05, monitor_only=True, probe_budget=0.25)
+    with pytest.raises(ValueError, match=r"'schedule'\['last_cost'\] is -5.0, not seconds >= 0"):
+        fresh.load_state_dict(state)
+
+
+def test_ranks_agree_on_every_option_that_changes_a_probes_collectives():
+    """The settings ranks compare before a probe differ between optimizers built with any
+    option that changes which collectives a probe runs (here in one process)."""
+    from blockopt.distributed.reductions import canonical
+
+    model, _x, _y, probe = _task()
+    base = dict(lr=0.05, steps=4)
+
+    def settings(**options):
+        opt = blockopt.BlockOptimizer(model, probe, **{**base, **options})
+        return opt._rank_settings(opt._blocks_now())
+
+    ref = settings()
+    cases = {
+        "probe_budget": ({"probe_budget": None}, "schedule"),
+        "probe_every": ({"probe_every": 10}, "schedule"),
+        "monitor_only": ({"monitor_only": True}, "hold"),
+        "modes": ({"modes": ("sgd", "adam")}, "modes"),
+        "guard_steps": ({"guard_steps": None}, "guard_steps"),
+        "steps": ({"steps": 5}, "steps"),
+        "thresholds": ({"thresholds": blockopt.Thresholds(block_ratio=2)}, "thresholds"),
+    }
+    for what, (options, key) in cases.items():
+        other = settings(**options)
+        assert [k for k in ref if ref[k] != other[k]] == [key], what
+    same = settings(thresholds=blockopt.Thresholds(sgd_below=1, adam_above=np.float64(1.5)))
+    assert same == ref  # 1 and 1.0, numpy and Python floats: the same setting
+    assert canonical({"b": 1, "a": (2, None)}) == canonical({"a": [2.0, None], "b": 1.0})
 
 
 @pytest.mark.parametrize("budget", [0.03, np.float64(0.03), np.float32(0.5), None])

@@ -61,3 +61,15 @@ def test_only_refuses_an_unknown_part(tmp_path: Path, capsys: pytest.CaptureFixt
     assert exit_info.value.code == 2
     assert "unknown part(s) f; the parts are a, b, c, d, e, calibration" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_quick_run_writes_to_a_scratch_directory(tmp_path: Path, monkeypatch) -> None:
+    """--quick without --out never touches docs/: it writes into a new scratch directory."""
+    scratch = tmp_path / "scratch"
+    monkeypatch.setattr(
+        reproduce.tempfile, "mkdtemp", lambda prefix: str(scratch.mkdir() or scratch)
+    )
+    before = (ROOT / "docs" / "REPRODUCTION.md").read_bytes()
+    assert reproduce.main(["--quick", "--only", "calibration"]) == 0
+    assert (ROOT / "docs" / "REPRODUCTION.md").read_bytes() == before
+    assert (scratch / "REPRODUCTION.md").is_file() and (scratch / "reproduction.json").is_file()

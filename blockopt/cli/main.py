@@ -501,7 +501,14 @@ def _report(args: argparse.Namespace, model, spectra) -> dict[str, Any]:
         )
     return {
         "score": score,
-        "heterogeneity": h.to_dict(),
+        # a score over no block is undefined: null, not the 0 it computes to
+        "heterogeneity": h.to_dict()
+        if score is not None
+        else {
+            **h.to_dict(),
+            "score": None,
+            "spread": None,
+        },
         "recommended_mode": mode,
         "reason": reason,
         "base_lr": base_lr,
@@ -605,7 +612,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     with _report_stream(args.out):  # what the factory or probe prints, too
         model, spectra = _measure(args)
     with _report_stream(args.out):
-        lrs = _report(args, model, spectra)["suggested_lrs"]
+        report = _report(args, model, spectra)
+    if report["score"] is None:
+        raise UsageError(
+            f"{report['reason']}: no block's curvature was measured, so there are no per-block "
+            "rates to suggest and nothing was written; probe a loss with curvature (a real "
+            "batch through the model, not a loss linear in its parameters)"
+        )
+    lrs = report["suggested_lrs"]
     if args.out is None:
         return 0
     with _atomic_outputs() as stage:

@@ -41,6 +41,7 @@ __all__ = [
     "agree_settings",
     "agree_status",
     "agree_value",
+    "canonical",
     "failed_alike",
     "fault_kind",
     "reduced_matvec",
@@ -92,21 +93,36 @@ class RankSettingsError(ValueError):
     collectives would not pair up, so the probe would hang or crash in the process group."""
 
 
-_HASH_BITS = 12  # two hashes of this many bits per setting: exact in float64 means of squares
+_HASHES, _HASH_BITS = 3, 8  # small hashes keep their mean of squares exact to ~1e-11 per rank
 
 
-def _hashes(value: str) -> tuple[float, float]:
-    """Two independent small hashes of ``value`` (the same in every process, unlike hash())."""
+def canonical(value: Any) -> str:
+    """``value`` as text that equal settings share on every rank: numbers as floats (so that
+    1 and 1.0 agree), mappings by sorted key, sequences element by element."""
+    if value is None or isinstance(value, (bool, str)):
+        return repr(value)
+    if isinstance(value, (int, float)):
+        return repr(float(value))
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {canonical(value[k])}" for k in sorted(value)) + "}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(canonical(v) for v in value) + ")"
+    return repr(value)
+
+
+def _hashes(value: str) -> tuple[float, ...]:
+    """Small independent hashes of ``value`` (the same in every process, unlike hash())."""
     digest = zlib.crc32(value.encode())
     mask = (1 << _HASH_BITS) - 1
-    return float(digest & mask), float((digest >> _HASH_BITS) & mask)
+    return tuple(float((digest >> (_HASH_BITS * i)) & mask) for i in range(_HASHES))
 
 
 def agree_settings(settings: Mapping[str, str], reduce: Reduce, device: torch.device) -> None:
     """Check that every rank gives the same ``settings`` (name -> canonical text) before a probe:
-    each setting's two hashes and their squares are averaged over the ranks in one reduction,
-    and a setting whose hashes vary over the ranks (a variance above zero, which every rank
-    computes alike) raises :class:`RankSettingsError` on every rank, naming the settings."""
+    each setting's three 8-bit hashes and their squares are averaged over the ranks in one
+    reduction, and a setting whose hashes vary over the ranks (a variance above zero, which
+    every rank computes alike; at least about 1/world when they differ) raises
+    :class:`RankSettingsError` on every rank, naming the settings."""
     names = list(settings)
     if not names:
         return
@@ -115,7 +131,8 @@ def agree_settings(settings: Mapping[str, str], reduce: Reduce, device: torch.de
     mean = reduce(t).cpu()
     n = len(values)
     variance = mean[n:] - mean[:n] ** 2
-    differ = [n for i, n in enumerate(names) if float(variance[2 * i : 2 * i + 2].max()) > 1e-7]
+    k = _HASHES
+    differ = [n for i, n in enumerate(names) if float(variance[k * i : k * i + k].max()) > 1e-6]
     if differ:
         raise RankSettingsError(
             f"the ranks differ in {', '.join(differ)} at this probe, so their collectives would "

@@ -47,7 +47,7 @@ from blockopt.curvature.blocks import Block, Partition, Strategy, partition
 from blockopt.curvature.fd_hvp import whole_tensors
 from blockopt.curvature.layouts import LayoutWarning
 from blockopt.curvature.spectra import BACKENDS
-from blockopt.distributed.reductions import RankSettingsError, Reduce, agree_settings
+from blockopt.distributed.reductions import RankSettingsError, Reduce, agree_settings, canonical
 from blockopt.distributed.wrappers import (
     ddp_of,
     fully_sharded,
@@ -778,15 +778,24 @@ class BlockOptimizer(Optimizer):
         return self._act(outcome)
 
     def _rank_settings(self, blocks: list[Block]) -> dict[str, str]:
-        """What every rank must agree on before a probe, as canonical text: the probe's and the
-        search's settings, the thresholds, the step, the mode and the blocks."""
+        """What every rank must agree on before a probe, as canonical text: the probe's,
+        schedule's, search's and guard's settings, the thresholds, the modes allowed and
+        refused, the hold, the step, the mode and the blocks: anything that changes which
+        collectives the probe runs."""
         search, probe = self.search_settings, self.probe_settings
+        schedule = {k: getattr(self.schedule, k) for k in ckpt.SCHEDULE_SETTINGS}
         return {
-            **{f.name: repr(getattr(probe, f.name)) for f in dataclasses.fields(probe)},
-            "thresholds": repr(self.policy.thresholds),
-            "lr_search": repr((search.enabled, search.steps, sorted(search.fixed), search.clip)),
-            "holdout": repr(self.holdout is not None),
-            "step": repr(self.step_count),
+            **{f.name: canonical(getattr(probe, f.name)) for f in dataclasses.fields(probe)},
+            "schedule": canonical(schedule),
+            "thresholds": canonical(dataclasses.asdict(self.policy.thresholds)),
+            "modes": canonical((self.policy.allowed, sorted(self.policy.refused))),
+            "hold": canonical(self._hold()),
+            "lr_search": canonical(
+                (search.enabled, search.steps, sorted(search.fixed), search.clip)
+            ),
+            "guard_steps": canonical(self.guard_steps),
+            "holdout": canonical(self.holdout is not None),
+            "step": canonical(self.step_count),
             "mode": self._active.mode,
             "blocks": "\n".join(b.name for b in blocks),
         }

@@ -69,7 +69,7 @@ STATE_KEYS = (
     "blocks",
 )
 # The budget's state in a fresh schedule, for states saved without it.
-_BUDGET_STATE = {"budget_step": 0, "pending_cost": None}
+_BUDGET_STATE = {"budget_step": 0, "pending_cost": None, "last_cost": None}
 # Per-parameter state that torch.optim classes keep in the parameter's shape.
 _MOMENT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -241,10 +241,9 @@ def schedule_state(current: ProbeSchedule, state: Any) -> dict[str, Any]:
     budget = state.get("budget")
     if budget is not None and not is_share(budget):
         raise bad_state(f"'schedule'['budget'] is {budget!r}, not a share in (0, 1) or None")
-    if (state.get("pending_cost") or 0.0) < 0:
-        raise bad_state(
-            f"'schedule'['pending_cost'] is {state['pending_cost']!r}, not seconds >= 0 or None"
-        )
+    for key in ("pending_cost", "last_cost"):
+        if (state.get(key) or 0.0) < 0:
+            raise bad_state(f"'schedule'[{key!r}] is {state[key]!r}, not seconds >= 0 or None")
     if state.get("interval", 1) < 1:
         raise bad_state(f"'schedule'['interval'] is {state['interval']!r}, not a step count >= 1")
     if state.get("loss_scale", 0.0) < 0:
