@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 import textwrap
@@ -662,5 +663,6 @@ def test_a_probe_whose_score_keeps_no_block_does_not_switch(base):
             "stay: the score keeps no block: all 2 left out (negligible curvature), so it says "
             "nothing of the mode"
         )
+        assert math.isnan(d.score) and math.isnan(d.max_ratio)  # no reading, not a score of 0
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)

@@ -131,6 +131,23 @@ def test_schedule_grows_while_stable_and_resets_after_a_switch():
     assert s.next_step == 130
 
 
+def test_schedule_takes_a_nan_score_for_no_reading():
+    """A probe whose score keeps no block records NaN: never a stable score, so the interval
+    starts over at base, and the next real score is compared with nothing."""
+    s = ProbeSchedule(base=10, max_interval=40, growth=2.0, stable_tol=0.1)
+    s.after_probe(0, 1.0, switched=False)
+    s.after_probe(10, 1.0, switched=False)
+    assert s.next_step == 30
+    s.after_probe(30, float("nan"), switched=False)
+    assert s.next_step == 40
+    s.after_probe(40, float("nan"), switched=False)
+    assert s.next_step == 50
+    s.after_probe(50, 1.0, switched=False)
+    assert s.next_step == 60
+    s.after_probe(60, 1.0, switched=False)
+    assert s.next_step == 80
+
+
 def test_fixed_interval_and_loss_spike():
     fixed = ProbeSchedule(every=7)
     fixed.after_probe(0, 1.0, switched=True)

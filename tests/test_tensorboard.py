@@ -492,3 +492,24 @@ def test_current_values_are_logged_every_10_steps(tmp_path):
     (at_20,) = [e.value for e in ea.Scalars("blockopt.train/score") if e.step == 20]
     last = [s for step, s in opt.spectra_history if step < 20][-1]  # the probe at step 16
     assert at_20 == pytest.approx(blockopt.heterogeneity(last).spread, rel=1e-6)
+
+
+def test_a_score_over_no_block_draws_no_score_point(tmp_path):
+    """A probe whose every block is left out (a loss linear in the parameters) has no score:
+    the score, max_ratio and JS curves get no point (not a 0 that reads as 'homogeneous'), and
+    the probe's summary text says why."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    spectra = blockopt.block_spectra(model, lambda: model(x).sum(), steps=4)
+    score = blockopt.heterogeneity(spectra)
+    assert score.empty_reason is not None
+    logger = TensorBoardLogger(tmp_path, figures=False)
+    logger.log_probe(3, spectra, score, "sgd", {}, ProbeCost(seconds=0.1, hvps=8, share=0.01))
+    logger.close()
+    ea = read(tmp_path)
+    tags = ea.Tags()["scalars"]
+    assert "blockopt/mode" in tags and "blockopt/probe_seconds" in tags
+    assert not {"blockopt/score", "blockopt/max_ratio", "blockopt/js"} & set(tags)
+    (summary,) = ea.Tensors("blockopt/summary/text_summary")
+    text = summary.tensor_proto.string_val[0].decode()
+    assert text.startswith(f"**no score**: {score.empty_reason}, mode **sgd**")

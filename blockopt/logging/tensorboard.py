@@ -310,9 +310,10 @@ class TensorBoardLogger:
         cost: ProbeCost,
     ) -> None:
         w = self.writer
-        w.add_scalar("blockopt/score", float(score.spread), step)
-        w.add_scalar("blockopt/max_ratio", float(score.max_ratio), step)
-        w.add_scalar("blockopt/js", float(score.js), step)
+        if score.empty_reason is None:  # a score over no block is no reading: no point drawn
+            w.add_scalar("blockopt/score", float(score.spread), step)
+            w.add_scalar("blockopt/max_ratio", float(score.max_ratio), step)
+            w.add_scalar("blockopt/js", float(score.js), step)
         w.add_scalar("blockopt/mode", float(MODES.index(mode)), step)
         w.add_scalar("blockopt/probe_seconds", float(cost.seconds), step)
         w.add_scalar("blockopt/probe_hvps", float(cost.hvps), step)
@@ -591,9 +592,14 @@ def summary_text(
     """The probe as Markdown for TensorBoard's Text tab: the score, mode and cost, then a table
     of every block's exact values, included blocks from the stiffest down, left-out ones last
     with the reason. Unsmoothed, so short series read exactly."""
+    empty = score.empty_reason
+    reading = (
+        f"**score {score.spread:.3g} decades** (max ratio {score.max_ratio:.3g}, JS {score.js:.3g})"
+        if empty is None
+        else f"**no score**: {empty}"
+    )
     head = (
-        f"**score {score.spread:.3g} decades** (max ratio {score.max_ratio:.3g}, "
-        f"JS {score.js:.3g}), mode **{mode}**; {len(score.blocks)} of {len(spectra)} blocks "
+        f"{reading}, mode **{mode}**; {len(score.blocks)} of {len(spectra)} blocks "
         f"included; probe {cost.seconds:.3g} s, {cost.hvps} HVPs, "
         f"{100 * cost.share:.3g}% of training time"
     )

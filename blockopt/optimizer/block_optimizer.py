@@ -882,7 +882,8 @@ class BlockOptimizer(Optimizer):
             self.recorder.probe_seconds += logged
             seconds += logged
         spend = self._spend(seconds) if self.schedule.budgeted else None
-        self.schedule.after_probe(outcome.step, float(outcome.score), decision.switched, spend)
+        # an empty score (NaN) is no stable reading: the interval starts over at its base
+        self.schedule.after_probe(outcome.step, decision.score, decision.switched, spend)
         return decision
 
     def _watch_of(self, step: int, mode: str) -> Watch:
@@ -1001,11 +1002,14 @@ class BlockOptimizer(Optimizer):
         }
 
     def metrics(self) -> dict[str, float]:
-        """blockopt's values now, as floats for any logger: the latest score, the mode (its
-        index in ``MODES``), the switches so far, the probe share and the learning rate the
-        first group steps at."""
+        """blockopt's values now, as floats for any logger: the latest score (NaN before any
+        probe, or when the last one kept no block), the mode (its index in ``MODES``), the
+        switches so far, the probe share and the learning rate the first group steps at."""
+        score = self.last_score
         return {
-            "blockopt/score": float(self.last_score) if self.last_score else 0.0,
+            "blockopt/score": (
+                float(score) if score is not None and score.empty_reason is None else math.nan
+            ),
             "blockopt/mode": float(MODES.index(self.mode)),
             "blockopt/switches": float(sum(d.switched for d in self.history)),
             "blockopt/probe_share": self.probe_share,

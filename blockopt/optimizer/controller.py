@@ -10,6 +10,7 @@ here (:func:`blockopt.analysis.tuning.held_factors`), so the outcome is what the
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -272,7 +273,9 @@ def decide(
     empty = score.empty_reason
     if hold is not None or empty is not None:
         reason = hold if hold is not None else f"stay: {empty}, so it says nothing of the mode"
-        decision = Decision(step, float(score), active.mode, active.mode, reason, score.max_ratio)
+        # a score over no block is no reading at all: NaN, not the 0 it is computed as
+        value, ratio = (float(score), score.max_ratio) if empty is None else (math.nan, math.nan)
+        decision = Decision(step, value, active.mode, active.mode, reason, ratio)
     else:
         # Cap a grossly unstable SGD learning rate first, so that a switch matches the step
         # SGD would really take; then the new mode's, if it is an SGD mode.

@@ -413,7 +413,8 @@ class ProbeSchedule:
     def after_probe(
         self, step: int, score: float | None, switched: bool, spend: Spend | None = None
     ) -> None:
-        """Set the next probe step; ``score`` is None when the probe failed (then back off).
+        """Set the next probe step; ``score`` is None when the probe failed (then back off),
+        NaN when it measured no block (no reading: the interval starts over at ``base``).
         ``spend`` (the time spent so far) lets the budget defer it; without it, or without a
         budget, or with ``every``, the normal schedule alone decides."""
         if score is None:
