@@ -549,6 +549,22 @@ def _other_seeds(
     return lines
 
 
+def raw_results(results: dict[str, dict[str, RunResult]]) -> dict[str, Any]:
+    """One seed's results as plain data: every run's fields, its probe cost in training steps
+    and, for a wrapped run, its ratio to the plain run it wraps."""
+    return {
+        k: {
+            name: {
+                **asdict(x),
+                "probe_cost_steps": x.probe_cost_steps,
+                "ratio": ratio(per_model, BY_RUN[name]) if BY_RUN[name].wrapped else None,
+            }
+            for name, x in per_model.items()
+        }
+        for k, per_model in results.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -615,17 +631,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "seconds": elapsed,
             **meta,
-            "models": {
-                k: {
-                    name: {
-                        **asdict(x),
-                        "probe_cost_steps": x.probe_cost_steps,
-                        "ratio": ratio(results[k], BY_RUN[name]) if BY_RUN[name].wrapped else None,
-                    }
-                    for name, x in results[k].items()
-                }
-                for k in keys
-            },
+            "models": raw_results(results),
+            "more_seeds": {str(sd): raw_results(per_seed) for sd, per_seed in others.items()},
         }
         args.json.write_text(json.dumps(raw, indent=1, default=str))
     if not (args.no_write or args.quick):

@@ -130,11 +130,12 @@ def test_quick_run_prints_the_tables_and_writes_nothing(
 
 
 def test_more_seeds_add_their_ratios_and_the_count_over_all_seeds(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(bench_real, "write_section", lambda *_a, **_k: None)
     args = ["--quick", "--steps", "2", "--models", "resnet", "--runs", "wrap_sgd"]
-    assert bench_real.main([*args, "--more-seeds", "2", "--no-write"]) == 0
+    raw_path = tmp_path / "raw.json"
+    assert bench_real.main([*args, "--more-seeds", "2", "--no-write", "--json", str(raw_path)]) == 0
     out = capsys.readouterr().out
     assert "`python benchmarks/bench_real.py --more-seeds 2`" in out
     assert "One seed, and 2 more in [Other seeds](#other-seeds)." in out
@@ -149,6 +150,11 @@ def test_more_seeds_add_their_ratios_and_the_count_over_all_seeds(
     for sd, shown, target in rows:
         assert shown == f"{ratios[int(sd)]:.3f}"
         assert target == ("holds" if ratios[int(sd)] <= 1.02 else "**does not hold**")
+    raw = json.loads(raw_path.read_text())  # the raw results hold every seed's runs
+    assert set(raw["more_seeds"]) == {"1", "2"}
+    seen = {0: raw["models"], **{int(sd): runs for sd, runs in raw["more_seeds"].items()}}
+    for sd, runs in seen.items():
+        assert runs["resnet"]["wrap_sgd"]["ratio"] == pytest.approx(ratios[sd], rel=1e-12)
     held = sum(r <= 1.02 for r in ratios.values())
     assert f"Over seeds 0, 1, 2, the target holds on {held} of 3 (model, seed) pairs" in section
     with pytest.raises(SystemExit):
