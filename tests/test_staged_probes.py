@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,12 @@ from torch import nn
 from blockopt import BlockOptimizer, block_spectra, partition
 from blockopt.analysis.heterogeneity import heterogeneity, spread_lower_bound
 from blockopt.curvature.spectra import BlockSpectrum, Spectra
-from blockopt.optimizer.controller import STAGE_SHARES, split_by_size, stages_by_size
+from blockopt.optimizer.controller import (
+    STAGE_SHARES,
+    next_probe_cost,
+    split_by_size,
+    stages_by_size,
+)
 
 
 def _block(name: str, numel: int, rho: float, kind: str = "real") -> BlockSpectrum:
@@ -354,3 +360,37 @@ def test_staged_is_a_flag():
     with pytest.raises(TypeError, match="staged"):
         BlockOptimizer(model, loss, staged="yes")
     assert BlockOptimizer(model, loss).hparams()["staged"] is True
+
+
+def test_the_budget_prices_the_probe_after_a_staged_one_with_the_blocks_it_left_out():
+    """The probe after a staged one measures the blocks it left out, so the budget takes it to
+    cost this probe's seconds plus those blocks' products at this probe's seconds per block
+    (taken alike, it would place that probe several times too early on the tiny GPT)."""
+    model, loss = _task(30.0)
+    opt = BlockOptimizer(model, loss, lr=0.05, staged=True)  # the budget's schedule
+    _step_all(opt, loss, 1)
+    spectra = opt.spectra_history[0][1]
+    skipped = [b.name for b in opt.blocks if b.name not in spectra]
+    assert len(spectra) == 2 and len(skipped) == 4  # the probe at step 0 stopped early
+    # the first probe ran before any training step was timed: its cost waits to be placed
+    expected = opt.probe_seconds + spectra.seconds * len(skipped) / len(spectra)
+    assert opt.schedule.pending_cost == pytest.approx(expected, rel=1e-12)
+    assert opt.schedule.pending_cost > opt.probe_seconds
+
+
+class _Measured(dict):
+    """What next_probe_cost reads of a probe's spectra: how many blocks, and their seconds."""
+
+    def __init__(self, blocks: int, seconds: float) -> None:
+        super().__init__({f"b{i}": None for i in range(blocks)})
+        self.seconds = seconds
+
+
+def test_next_probe_cost_adds_the_left_out_blocks_only():
+    def outcome(blocks: int, seconds: float, skipped: tuple[str, ...]):
+        return SimpleNamespace(spectra=_Measured(blocks, seconds), skipped=skipped)
+
+    assert next_probe_cost(1.0, outcome(3, 0.6, ())) == 1.0  # every block measured
+    # 6 left out at 0.2 s per measured block: 1.2 s more
+    assert next_probe_cost(1.0, outcome(3, 0.6, tuple("abcdef"))) == pytest.approx(2.2)
+    assert next_probe_cost(1.0, outcome(0, 0.0, ("a",))) == 1.0  # nothing to scale from

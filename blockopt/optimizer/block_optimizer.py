@@ -63,6 +63,7 @@ from blockopt.optimizer.controller import (
     ProbeSettings,
     decide,
     measure,
+    next_probe_cost,
 )
 from blockopt.optimizer.faults import fault_text, probe_fault_kind
 from blockopt.optimizer.guard import GUARD_WINDOW, Watch, judge, median_after
@@ -176,9 +177,10 @@ class BlockOptimizer(Optimizer):
             re-checks (failed probes too) may take, in (0, 1), default 3%; ``None``: no budget.
             After each probe the next waits, beyond the adaptive interval and even beyond its
             1000-step cap, until probing again would keep ``opt.probe_share`` within the
-            budget, the next probe taken to cost what this one did (the wait is rounded up to
-            50, 100, 200, ... steps, so that timing noise rarely moves it); a loss spike brings
-            the next probe forward only as far as the budget allows. The first probe always
+            budget, the next probe taken to cost what this one did, plus the products of the
+            blocks a staged probe left out, which the next one measures (the wait is rounded
+            up to 50, 100, 200, ... steps, so that timing noise rarely moves it); a loss spike
+            brings the next probe forward only as far as the budget allows. The first probe always
             runs, whatever it costs (it picks the starting mode), and counts: later probes wait
             until the share is back within the budget. Ignored with ``probe_every``. With a
             budget the probe steps depend on measured time, so two runs of one seed may probe
@@ -881,7 +883,7 @@ class BlockOptimizer(Optimizer):
             logged = time.perf_counter() - start
             self.recorder.probe_seconds += logged
             seconds += logged
-        spend = self._spend(seconds) if self.schedule.budgeted else None
+        spend = self._spend(next_probe_cost(seconds, outcome)) if self.schedule.budgeted else None
         # an empty score (NaN) is no stable reading: the interval starts over at its base
         self.schedule.after_probe(outcome.step, decision.score, decision.switched, spend)
         return decision

@@ -43,6 +43,7 @@ __all__ = [
     "Verdict",
     "decide",
     "measure",
+    "next_probe_cost",
     "split_by_size",
     "staged_spectra",
     "stages_by_size",
@@ -221,6 +222,17 @@ def measure(
         kept = held_factors(factors, previous)
         held, factors = sum(kept[b] < factors[b] for b in factors), kept
     return ProbeOutcome(step, spectra, score, factors, held, tuple(blocks), skipped, bound)
+
+
+def next_probe_cost(seconds: float, outcome: ProbeOutcome) -> float:
+    """The seconds the budget takes the next probe to cost, after one that took ``seconds``
+    (its search and logging included): as much, plus, when this one was staged and left
+    blocks out, the products of those blocks, which the next probe measures (taken to cost
+    what this probe's products did per block)."""
+    measured = len(outcome.spectra)
+    if not outcome.skipped or measured == 0:
+        return seconds
+    return seconds + outcome.spectra.seconds * len(outcome.skipped) / measured
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,10 @@ class SearchSettings:
     norm the trials clip to, as training does."""
 
     enabled: bool = True
+    # 10 trial steps: 5 halve a search's cost but favour larger rates more (on the real-models
+    # benchmark, seeds 0-4, the target held on 19 of 30 model-seed pairs against 24 with 10:
+    # the held-out search climbed to rates at which GPT-2 and BERT ended up to 29% above plain
+    # SGD's final loss)
     steps: int = 10
     fixed: frozenset[str] = frozenset()
     clip: float | None = None  # the gradient-norm clipping training applies, in trials too
