@@ -51,7 +51,15 @@ from repro_quadratic import BlockQuadratic, make_problem
 import blockopt
 from blockopt.optimizer.modes import BlockSGD
 from blockopt.workloads import tasks
-from blockopt.workloads.tasks import BENCH_TASKS, MOMENTUM, Workload
+from blockopt.workloads.tasks import (
+    BENCH_TASKS,
+    CONTEXT,
+    IMAGE_BATCH,
+    MOMENTUM,
+    PROBE_SHARE,
+    TEXT_BATCH,
+    Workload,
+)
 
 SECTION = "## Optimizer"
 COMMAND = "python benchmarks/bench_optimizer.py"
@@ -483,8 +491,10 @@ def render(
         + f", margin {t.margin:g}, at least {t.min_interval} steps between switches, the adaptive "
         "probe schedule, the learning-rate search at a switch; it is told the training loss "
         "through `observe_loss`. Learning rates "
-        "are constant (no schedule). The probe is the loss on one fixed training batch (64 "
-        "images; 16 text windows of 32 characters).",
+        "are constant (no schedule). The probe is the loss on one fixed batch of training "
+        f"examples, half a training batch ({IMAGE_BATCH // PROBE_SHARE} of "
+        f"{IMAGE_BATCH} images; {TEXT_BATCH // PROBE_SHARE} of "
+        f"{TEXT_BATCH} text windows of {CONTEXT} characters).",
         "",
         "Final loss: the relative gap `(L - L*)/(L0 - L*)` for the quadratics (3 blocks of "
         f"{QUAD_DIM} coordinates, κ = 5000; gaps below 1e-12 are round-off and count as equal), "

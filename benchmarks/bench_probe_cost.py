@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from blockopt.analysis.tuning import block_lr_factors
 from blockopt.curvature.blocks import Block
 from blockopt.optimizer.controller import STAGE_SHARES, staged_spectra
 from blockopt.optimizer.policy import SwitchPolicy
-from blockopt.workloads.tasks import DEMO_TASKS, TextTask
+from blockopt.workloads.tasks import DEMO_TASKS, PROBE_SHARE, TextTask
 
 SECTION = "## Probe cost"
 COMMAND = "python benchmarks/bench_probe_cost.py"
@@ -60,7 +60,10 @@ REPEATS, QUICK_REPEATS = 3, 1
 # for about MIN_SECONDS, at most MAX_REPEATS times, so that their medians are not timer noise.
 MIN_SECONDS, MAX_REPEATS = 2.0, 15
 REFERENCE_STEPS = 40
-QUARTER = 4  # the small-batch setting probes the first 1/QUARTER of the probe's batch
+# The small-batch settings probe the first 1/share of a training-size batch: a half (the demo's
+# probe batch, tasks.PROBE_SHARE) and a quarter.
+SHARES = (PROBE_SHARE, 4)
+BATCH_NAMES = {1: "full", 2: "half", 4: "quarter"}
 # The acceptance bar: "equal decisions" to the reference, and the cost goal.
 SCORE_TOL = 0.1  # decades
 FACTOR_TOL = 0.25  # relative
@@ -69,7 +72,7 @@ GOAL = 5.0  # times cheaper than setting 1 (the optimizer's previous default)
 
 @dataclass(frozen=True)
 class Setting:
-    """One probe configuration. ``quarter``: probe a quarter of the batch; ``workers``: block
+    """One probe configuration. ``share``: probe the first 1/share of the batch; ``workers``: block
     products run on this many threads (2 means two cores, the rest run on one); ``staged``:
     the optimizer's staged probe from SGD at step 0 (the largest blocks first, the rest only
     when the bound on the score they leave does not settle Adam)."""
@@ -77,7 +80,7 @@ class Setting:
     label: str
     steps: int
     tol: float | None
-    quarter: bool = False
+    share: int = 1
     workers: int = 1
     staged: bool = False
 
@@ -88,10 +91,18 @@ SETTINGS = (
     Setting("3. tol 0.05", 10, 0.05),
     Setting("4. tol 0.1", 10, 0.1),
     Setting("5. 5 steps", 5, None),
-    Setting("6. quarter batch, tol 0.02", 10, 0.02, quarter=True),
+    Setting("6. quarter batch, tol 0.02", 10, 0.02, share=4),
     Setting("7. tol 0.02, 2 cores", 10, 0.02, workers=2),
     Setting("8. staged, tol 0.02", 10, 0.02, staged=True),
     Setting("9. staged, tol 0.02, 2 cores (default)", 10, 0.02, workers=2, staged=True),
+    Setting(
+        "10. half batch, staged, tol 0.02, 2 cores (the demo's probe)",
+        10,
+        0.02,
+        share=PROBE_SHARE,
+        workers=2,
+        staged=True,
+    ),
 )
 BASELINE, DEFAULT_SETTING, TWO_CORES = SETTINGS[0], SETTINGS[1], SETTINGS[6]
 STAGED = SETTINGS[7]
@@ -101,14 +112,14 @@ REFERENCE = Setting("reference", REFERENCE_STEPS, None)
 @dataclass
 class Case:
     """A model state to probe: its model, training loss, full-batch probe and (for the demo
-    tasks) the probe on a quarter of the batch."""
+    tasks) the probes on the first 1/share of the batch, by share."""
 
     key: str
     title: str
     model: nn.Module
     train_loss: Callable[[int], torch.Tensor]
     probe: Callable[[], torch.Tensor]
-    quarter_probe: Callable[[], torch.Tensor] | None
+    part_probes: dict[int, Callable[[], torch.Tensor]]
     batch: str  # the probe batch in words
     state: str = "fixed curvature"
 
@@ -177,14 +188,19 @@ class Table:
 
 
 def demo_case(key: str, seed: int) -> Case:
-    """Demo task ``key`` at initialisation, with its probe and a quarter-batch probe on the first
-    quarter of the probe's batch."""
-    task = DEMO_TASKS[key]
+    """Demo task ``key`` at initialisation, probed on a training-size batch, and on the first
+    1/share of it for each of ``SHARES``."""
+    task = replace(DEMO_TASKS[key], probe_size=DEMO_TASKS[key].batch)
     work = task.build(seed)
     assert work.probe_batch is not None and work.batch_loss is not None
     x, y = work.probe_batch
-    n = x.shape[0] // QUARTER
-    qx, qy, loss = x[:n], y[:n], work.batch_loss
+    loss = work.batch_loss
+
+    def part(n: int) -> Callable[[], torch.Tensor]:
+        px, py = x[:n], y[:n]
+        return lambda: loss(px, py)
+
+    sizes = {share: x.shape[0] // share for share in SHARES}
     unit = f"windows of {task.context} characters" if isinstance(task, TextTask) else "images"
     return Case(
         key,
@@ -192,8 +208,8 @@ def demo_case(key: str, seed: int) -> Case:
         work.model,
         work.train_loss,
         work.probe,
-        lambda: loss(qx, qy),
-        f"{x.shape[0]} {unit} (quarter: {n})",
+        {share: part(n) for share, n in sizes.items()},
+        f"{x.shape[0]} {unit} ({', '.join(f'{BATCH_NAMES[k]}: {n}' for k, n in sizes.items())})",
         "at initialisation",
     )
 
@@ -208,7 +224,7 @@ def quadratic_case(case: str, seed: int) -> Case:
         work.model,
         work.train_loss,
         work.probe,
-        None,
+        {},
         "none (exact loss)",
     )
 
@@ -244,8 +260,7 @@ def step_times(case: Case, n: int, offset: int = 0) -> list[float]:
 def probe(case: Case, blocks: Sequence[Block], s: Setting) -> tuple[float, Row, blockopt.Spectra]:
     """One probe with setting ``s``: its wall time, what the optimizer would decide, and the
     spectra."""
-    closure = case.quarter_probe if s.quarter else case.probe
-    assert closure is not None
+    closure = case.probe if s.share == 1 else case.part_probes[s.share]
 
     def spectra_of(
         some: Sequence[Block], stages: Sequence[Sequence[int]], until: Callable[..., bool]
@@ -283,7 +298,7 @@ def measure(case: Case, settings: Sequence[Setting], repeats: int) -> Table:
     the machine falls on all settings alike), and compare each with the reference (its numbers
     do not depend on timing, so it is timed once, or ``REPEATS`` times where probes are cheap)."""
     blocks = blockopt.partition(case.model)
-    usable = [s for s in settings if not (s.quarter and case.quarter_probe is None)]
+    usable = [s for s in settings if s.share == 1 or s.share in case.part_probes]
     step_times(case, 3)  # warm-up
     probe(case, blocks, usable[0])
     step_seconds = step_times(case, TIMED_STEPS)
@@ -352,7 +367,7 @@ def _setting_of(label: str) -> Setting:
 
 def _levers(s: Setting) -> str:
     tol = "none" if s.tol is None else f"{s.tol:g}"
-    return f"{s.steps} | {tol} | {'quarter' if s.quarter else 'full'} | {s.workers}"
+    return f"{s.steps} | {tol} | {BATCH_NAMES[s.share]} | {s.workers}"
 
 
 def _products(row: Row, t: Table) -> str:

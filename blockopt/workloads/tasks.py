@@ -32,6 +32,7 @@ __all__ = [
     "IMAGE_BATCH",
     "LR_GRID",
     "MOMENTUM",
+    "PROBE_SHARE",
     "TEXT_BATCH",
     "TUNED_LRS",
     "VOCAB",
@@ -45,8 +46,12 @@ __all__ = [
     "fixed_optimizer",
 ]
 
-IMAGE_BATCH = 64  # digits per training and probe batch
+IMAGE_BATCH = 64  # digits per training batch
 TEXT_BATCH, CONTEXT, VOCAB = 16, 32, 64  # text windows per batch, characters per window, tokens
+# The probe's fixed batch is half a training batch: its products cost about half as much, and on
+# the demo's models (seeds 0-2) the probes chose the same modes and learning rates as on a full
+# batch (docs/BENCHMARKS.md, "Probe cost", measures what the scores and factors move).
+PROBE_SHARE = 2
 EVAL_WINDOWS = 256  # text windows in each fixed evaluation batch
 HELD_OUT_TEXT = 0.1  # the demo never trains on the last 10% of the text
 MOMENTUM = 0.9  # fixed SGD's momentum (and fixed block SGD's, in the benchmark)
@@ -162,6 +167,7 @@ class DigitsTask(Task):
 
     factory: Callable[[], nn.Module]
     batch: int = IMAGE_BATCH
+    probe_size: int | None = IMAGE_BATCH // PROBE_SHARE  # images in the probe's batch
     eval_images: int | None = None  # the first this many training digits for eval_loss; None: all
 
     def build(self, seed: int) -> Workload:
@@ -169,6 +175,7 @@ class DigitsTask(Task):
         torch.manual_seed(seed)
         model = self.factory()
         batches, fixed = data.seeded_batches(len(d.y_train), self.batch, seed)
+        fixed = fixed[: self.probe_size]
         px, py = d.x_train[fixed], d.y_train[fixed]
         n = self.eval_images
         ex, ey = (d.x_train, d.y_train) if n is None else (d.x_train[:n], d.y_train[:n])
@@ -210,6 +217,7 @@ class TextTask(Task):
     the first ``1 - held_out`` of the text; the held-out metrics on the rest, if any."""
 
     batch: int = TEXT_BATCH
+    probe_size: int | None = TEXT_BATCH // PROBE_SHARE  # windows in the probe's batch
     context: int = CONTEXT
     vocab: int = VOCAB
     held_out: float = HELD_OUT_TEXT  # the share of the text at its end never trained on
@@ -222,7 +230,7 @@ class TextTask(Task):
         torch.manual_seed(seed)
         model = models.TinyGPT(vocab_size=len(full.vocab), context=self.context)
         gen = torch.Generator().manual_seed(seed)
-        px, py = self._windows(train, self.batch, 10_000 + seed)
+        px, py = self._windows(train, self.probe_size or self.batch, 10_000 + seed)
         tx, ty = self._windows(train, self.eval_windows, 20_000)
 
         def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
