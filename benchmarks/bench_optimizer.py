@@ -50,6 +50,7 @@ from repro_quadratic import BlockQuadratic, make_problem
 
 import blockopt
 from blockopt.optimizer.modes import BlockSGD
+from blockopt.optimizer.tuner import SEARCH_BACKOFF
 from blockopt.workloads import tasks
 from blockopt.workloads.tasks import (
     BENCH_TASKS,
@@ -641,7 +642,9 @@ def render(
         f"{AUTO['lr']:g} times the root mean square of the first gradient), then auto searches: "
         f"{AUTO['search_steps']}-step trials of the new mode on the probe's batch on the round "
         "rates 10^(k/2) (..., 0.001, 0.0032, 0.01, ...), from the one nearest that match, at most "
-        "one step up and down for as long as the trials keep improving; later probes re-check a "
+        "one step up and down for as long as the trials keep improving, and a switch into "
+        f"Adam takes {SEARCH_BACKOFF:.3g} times the best trial's rate (a quarter decade below: "
+        "ten steps reward the largest rate still stable on them); later probes re-check a "
         "searched rate downwards, to a rate that lowers the probe's loss by at least 1%, and in "
         "the SGD modes only when a trial shows the rate unstable (the loss more than doubled, "
         "by more than 1% of the first training loss). A probe that finds "

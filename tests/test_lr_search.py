@@ -4,6 +4,7 @@ optimizer does with them."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import random
@@ -27,7 +28,7 @@ from blockopt.optimizer.lr_search import (
     search_multiplier,
 )
 from blockopt.optimizer.lr_trials import trial_loss
-from blockopt.optimizer.tuner import SEARCH_MAX_UP
+from blockopt.optimizer.tuner import SEARCH_BACKOFF, SEARCH_MAX_UP, SearchSettings
 
 # -- the walk --------------------------------------------------------------------------------
 
@@ -368,8 +369,8 @@ def _replay_trial(lr, steps=10):
 def test_a_switch_searches_the_new_modes_learning_rate():
     """At the step-0 switch to Adam the learning rate moves from the step-norm match (0.0082) to
     the nearest round rate (0.01), then half a decade up (0.0316), the most a search may raise
-    it, because that trial ends lower (checked by replaying the trials by hand); the decision's
-    reason says so."""
+    it, because that trial ends lower (checked by replaying the trials by hand), and takes a
+    quarter decade below that best trial (0.0178); the decision's reason says so."""
     _loss, matched = _quadratic_run(1, lr_search=False)
     _loss, searched = _quadratic_run(1)
     assert matched.mode == searched.mode == "adam"
@@ -380,16 +381,45 @@ def test_a_switch_searches_the_new_modes_learning_rate():
     assert base == pytest.approx(1e-6 * g.norm().item() / math.sqrt(g.numel()), rel=1e-6)
     start = base * grid_start(base)
     assert start == pytest.approx(0.01, rel=1e-12) and 0.008 < base < 0.009
+    best = start * DEFAULT_FACTOR**SEARCH_MAX_UP
     lr = searched.mode_lrs["adam"]
-    assert lr == pytest.approx(start * DEFAULT_FACTOR**SEARCH_MAX_UP, rel=1e-12)
-    assert _replay_trial(lr) < _replay_trial(start) < _replay_trial(start / DEFAULT_FACTOR)
-    assert "10-step trials on the probe's batch" in searched.history[0].text
+    assert lr == pytest.approx(best * SEARCH_BACKOFF, rel=1e-12)  # a quarter decade below
+    assert _replay_trial(best) < _replay_trial(start) < _replay_trial(start / DEFAULT_FACTOR)
+    text = searched.history[0].text
+    assert "10-step trials on the probe's batch" in text
+    assert "adam learning rate 0.0178 (2.16 times the previous, 0.562 times" in text
+    assert "0.562 times the best trial's rate) from 10-step" in text
     assert "10-step" not in matched.history[0].text
 
 
+def test_without_the_backoff_a_switch_takes_the_best_trials_rate():
+    """``backoff=1`` keeps the best trial's rate, and the note says nothing of a backoff; any
+    other backoff scales it by exactly that much."""
+    lrs = {}
+    for backoff in (1.0, 0.25):
+        model = StiffQuadratic()
+        opt = blockopt.BlockOptimizer(model, model, lr=1e-6)
+        opt.search_settings = dataclasses.replace(opt.search_settings, backoff=backoff)
+        opt.zero_grad()
+        model().backward()
+        opt.step()
+        assert opt.mode == "adam"
+        lrs[backoff] = opt.mode_lrs["adam"]
+        assert ("times the best trial's rate" in opt.history[0].text) == (backoff != 1.0)
+    assert lrs[1.0] == pytest.approx(0.01 * DEFAULT_FACTOR**SEARCH_MAX_UP, rel=1e-12)
+    assert lrs[0.25] == pytest.approx(0.25 * lrs[1.0], rel=1e-12)
+
+
+@pytest.mark.parametrize("backoff", [0.0, -0.5, 1.5, float("nan"), "0.5", None])
+def test_search_settings_refuse_a_backoff_outside_zero_to_one(backoff):
+    with pytest.raises(ValueError, match=r"backoff must be a number in \(0, 1\]"):
+        SearchSettings(backoff=backoff)
+
+
 def test_the_search_pays_off_on_the_stiff_quadratic():
-    searched_loss, _opt = _quadratic_run(600)
-    plain_loss, _plain = _quadratic_run(600, lr_search=False)
+    # 650 steps: at the backed-off rate the searched run is at 1.4e-9 after 600 steps
+    searched_loss, _opt = _quadratic_run(650)
+    plain_loss, _plain = _quadratic_run(650, lr_search=False)
     assert searched_loss < 1e-9 < 1.0 < plain_loss
 
 
@@ -403,6 +433,8 @@ def test_adam_rechecks_lower_a_rate_that_stalls_near_the_minimum():
     first_lr = float(opt.history[0].text.split("adam learning rate ")[1].split()[0])
     lowered = [d for d in list(opt.history)[1:] if "trials" in d.text]
     assert lowered and all("times the previous" in d.text for d in lowered)
+    # a re-check moves by its trials alone: the backoff belongs to switches
+    assert not any("best trial's rate" in d.text for d in lowered)
     assert opt.mode_lrs["adam"] < first_lr / 3 and loss < 1e-12
 
 
@@ -446,7 +478,9 @@ def _bowl_run(stiffen_at: int | None, monkeypatch) -> tuple[blockopt.BlockOptimi
 
 def test_a_recheck_lowers_a_rate_the_curvature_made_unstable(monkeypatch):
     steady, steady_calls = _bowl_run(None, monkeypatch)
+    # the switch into SGD takes its best trial's rate: no backoff outside Adam's family
     assert steady.mode == "sgd" and steady.mode_lrs["sgd"] == pytest.approx(10**-0.5)
+    assert "best trial's rate" not in steady.history[0].text
     assert len(steady_calls) == 3 and all(found.multiplier == 1.0 for *_, found in steady_calls)
     first_loss = 0.5 * float(((_Bowl().t) ** 2).sum())
     for baseline, kwargs, found in steady_calls:

@@ -15,7 +15,8 @@ state is carried over (:func:`.modes.transfer_state`) and, unless the user fixed
 learning rate, its factor starts where the first step in the new mode has the same norm as a
 step in the old one would have had. When a probe made the switch, a short search then walks the
 round rates 10^(k/2) from the one nearest it, at most one step up (more with ``holdout``) and
-down as far as trial runs on the probe's batch keep ending lower (up to 8 trials); later
+down as far as trial runs on the probe's batch keep ending lower (up to 8 trials), and a
+switch into Adam takes a quarter decade below the best (:data:`.tuner.SEARCH_BACKOFF`); later
 probes re-check it downwards, in the SGD modes only when a trial shows it unstable. An SGD
 learning rate far beyond SGD's stability limit on the largest block curvature is cut first
 (:func:`.tuner.cap_lr`), so that the size carried over is one SGD could take. A probe's
@@ -192,7 +193,8 @@ class BlockOptimizer(Optimizer):
         lr_search, search_steps: when a probe switches to a mode whose learning rate is not
             fixed in ``lrs``, search its learning rate: trials of ``search_steps`` steps on the
             probe's batch on round rates half a decade apart, from the one nearest the step-norm
-            match, at most one step up and down while the trials improve, up to 8 trials
+            match, at most one step up and down while the trials improve, up to 8 trials;
+            a switch into Adam takes ``SEARCH_BACKOFF`` (0.56) times the best trial's rate
             (see module doc);
             later probes lower it to a rate whose trial gains at least 1%, in the SGD modes only
             if a trial shows it unstable (the probe's loss more than doubled).
